@@ -1,0 +1,81 @@
+"""A magicgui form built from a step's config dataclass, so the widget and the CLI share defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+from magicgui.widgets import Container, create_widget
+
+from ...config import field_type
+
+
+class ConfigForm(Container):
+    """One control per config field (fields with metadata `widget=False` are left out).
+
+    `value()` returns a config instance; `set(**values)` fills controls from code (e.g. from the
+    files the previous step wrote).
+    """
+
+    def __init__(self, cls: type, skip: tuple[str, ...] = (), **overrides: Any) -> None:
+        super().__init__(labels=True)
+        self._cls = cls
+        self._controls: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name in skip or f.metadata.get("widget", True) is False:
+                continue
+            typ, optional = field_type(cls, f)
+            default = overrides.get(f.name, f.default if f.default is not dataclasses.MISSING else
+                                    (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                                     else None))
+            options: dict[str, Any] = {}
+            if f.metadata.get("choices"):
+                options["choices"] = list(f.metadata["choices"])
+                widget_type = "ComboBox"
+            else:
+                widget_type = None
+            if typ is Path:
+                options["mode"] = f.metadata.get("path_mode", "r")
+            annotation = typ
+            if typing.get_origin(typ) in (tuple, list):
+                annotation = str
+                default = ",".join(str(v) for v in default) if default else ""
+            if optional and default is None:
+                annotation = typing.Optional[typ] if typ in (int, float) else annotation
+            label = f.metadata.get("label", f.name.replace("_", " "))
+            if f.metadata.get("unit"):
+                label += f" ({f.metadata['unit']})"
+            kwargs = dict(value=default, annotation=annotation, label=label, options=options,
+                          name=f.name)
+            if widget_type:
+                kwargs["widget_type"] = widget_type
+            w = create_widget(**kwargs)
+            w.tooltip = f.metadata.get("help", "")
+            self._controls[f.name] = w
+            self.append(w)
+
+    def __getitem__(self, name):  # type: ignore[override]
+        if isinstance(name, str) and name in self._controls:
+            return self._controls[name]
+        return super().__getitem__(name)
+
+    def set(self, **values: Any) -> None:
+        for k, v in values.items():
+            if k in self._controls:
+                self._controls[k].value = v
+
+    def value(self, **extra: Any) -> Any:
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(self._cls):
+            if f.name not in self._controls:
+                continue
+            v = self._controls[f.name].value
+            typ, _ = field_type(self._cls, f)
+            if typing.get_origin(typ) in (tuple, list):
+                inner = typing.get_args(typ)[0]
+                v = tuple(inner(s) for s in str(v).split(",") if s.strip())
+            values[f.name] = v
+        values.update(extra)
+        return self._cls(**values)

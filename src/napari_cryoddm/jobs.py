@@ -1,0 +1,104 @@
+"""Jobs: generators that yield progress events and return their result.
+
+One implementation serves both faces: the CLI drains a job into a tqdm bar (`run_job`), a dock
+widget runs the same generator in a napari thread worker. Cancellation is cooperative: a job
+checks its `CancelToken` between items (tile, batch, micrograph) and stops cleanly, leaving
+whatever it has finished in a consistent state.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+R = TypeVar("R")
+
+
+@dataclass
+class Progress:
+    """One progress event. `total` None means unknown; `payload` carries e.g. a loss or a file."""
+
+    done: int
+    total: int | None = None
+    message: str = ""
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+Job = Generator[Progress, None, R]
+
+
+class Cancelled(Exception):
+    """Raised inside a job by `CancelToken.raise_if_cancelled` when the user stopped it."""
+
+
+class CancelToken:
+    """A thread-safe stop flag shared by the job and whoever runs it."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("cancelled by the user")
+
+
+def collect(job: Job[R]) -> R:
+    """Drain a job without showing anything; return its result."""
+    while True:
+        try:
+            next(job)
+        except StopIteration as stop:
+            return stop.value
+
+
+def run_job(job: Job[R], desc: str = "", cancel: CancelToken | None = None, quiet: bool = False) -> R:
+    """Drain a job into a tqdm progress bar on stderr and return its result.
+
+    The first Ctrl-C sets `cancel` (when given) so the job can finish its current item and save
+    what it has; a second Ctrl-C interrupts at once.
+    """
+    from tqdm.auto import tqdm
+
+    bar = None if quiet else tqdm(desc=desc, unit="it", dynamic_ncols=True, leave=True)
+    previous = None
+    interrupts = 0
+
+    def on_sigint(signum, frame):  # pragma: no cover - exercised by hand
+        nonlocal interrupts
+        interrupts += 1
+        if cancel is None or interrupts > 1:
+            raise KeyboardInterrupt
+        cancel.cancel()
+        if bar is not None:
+            bar.write("stopping after the current item (Ctrl-C again to abort at once)")
+
+    if cancel is not None and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        while True:
+            try:
+                event = next(job)
+            except StopIteration as stop:
+                return stop.value
+            if bar is not None:
+                if event.total is not None and bar.total != event.total:
+                    bar.total = event.total
+                bar.n = event.done
+                if event.message:
+                    bar.set_postfix_str(event.message, refresh=False)
+                bar.refresh()
+    finally:
+        if bar is not None:
+            bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
