@@ -1,0 +1,215 @@
+"""npe2 readers: micrographs as one lazy stack layer, coordinates as a boxes Points layer.
+
+Micrographs (`*.mrc *.mrcs *.mrc.gz *.mrcs.gz *.st *.map *.rec`, a folder, or several files)
+open as one Image layer `[i, y, x]` built from `io/stack.py`: headers only plus a bounded
+contrast sample, pixels read per slice when shown, a pyramid for large micrographs, the voxel
+size as the layer scale, and the per-slice metadata every widget uses.
+
+Coordinates (`*.star *.cbox *noise*.txt`) open as a Points layer `(i, y, x)` whose
+`features["micrograph"]` holds the name the file gives. A reader sees a path, not the viewer, so
+the leading index is provisional (the order of first appearance) until the points are attached
+to a micrograph stack: the Attach widget, or at once when the viewer holds exactly one micrograph
+stack that every name matches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..attach import attach_coordinates
+from ..errors import InputError
+from ..io.mrc import MRC_PATTERNS, is_mrc_name
+from ..io.noise import read_noise_txt
+from ..io.star import read_coordinates
+from ..io.stack import open_stack, voxel_sizes_differ
+from .layers import DEFAULT_BOX_SIZE, boxes_layer_kwargs, micrograph_layers, micrograph_names
+
+log = logging.getLogger(__name__)
+
+PathOrPaths = str | Sequence[str]
+LayerData = tuple[Any, dict, str]
+
+_ZARR_MARKERS = (".zarray", ".zgroup", "zarr.json", ".zattrs")
+_COORD_SUFFIXES = (".star", ".cbox", ".txt", ".box", ".cs", ".json", ".md", ".log")
+
+
+def _as_list(path: PathOrPaths) -> list[str]:
+    return [str(path)] if isinstance(path, (str, os.PathLike)) else [str(p) for p in path]
+
+
+# ---- micrographs ---------------------------------------------------------------------------
+
+def _folder_claim(folder: Path) -> bool | None:
+    """True: holds MRC files; False: empty or only files no image reader wants (we explain why
+    nothing opens); None: leave it to other readers (zarr, a folder of TIFFs, …)."""
+    if folder.name.lower().endswith(".zarr") or any((folder / m).exists() for m in _ZARR_MARKERS):
+        return None
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if any(is_mrc_name(p) for p in files):
+        return True
+    if all(p.name.lower().endswith(_COORD_SUFFIXES) for p in files):
+        return False
+    return None
+
+
+def get_micrograph_reader(path: PathOrPaths) -> Callable[[PathOrPaths], list[LayerData]] | None:
+    """The npe2 reader hook: our reader for MRC files and folders holding them, else None."""
+    paths = _as_list(path)
+    if not paths:
+        return None
+    for p in paths:
+        q = Path(p)
+        if q.is_dir():
+            claim = _folder_claim(q)
+            if claim is None:
+                return None
+        elif not is_mrc_name(q):
+            return None
+    return read_micrographs
+
+
+def _layer_name(paths: list[str]) -> str:
+    if len(paths) == 1:
+        p = Path(paths[0].rstrip("/\\"))
+        return p.name or str(p)
+    parents = {str(Path(p).parent) for p in paths}
+    return f"{Path(parents.pop()).name} ({len(paths)} files)" if len(parents) == 1 else \
+        f"micrographs ({len(paths)} files)"
+
+
+def micrograph_layer_data(path: PathOrPaths, pyramid_min: int | None = None) -> LayerData:
+    """One Image LayerData for a file, folder or list (the reader's work, callable directly)."""
+    paths = _as_list(path)
+    kwargs = {} if pyramid_min is None else {"pyramid_min": pyramid_min}
+    stack = open_stack(paths if len(paths) > 1 else paths[0], **kwargs)
+    vs = stack.voxel_size or 1.0
+    axis0 = vs if stack.is_volume and stack.voxel_size else 1.0
+    differ = voxel_sizes_differ(stack)
+    if differ:
+        log.warning("%d micrographs have another voxel size than %.4f Å/px (e.g. %s); the layer "
+                    "uses one scale", len(differ), vs, differ[0])
+    meta = stack.metadata()
+    meta.update({"voxel_size": stack.voxel_size, "volume": stack.is_volume,
+                 "source": paths[0] if len(paths) == 1 else paths,
+                 "padded": len({tuple(s.shape) for s in stack.slices}) > 1})
+    kw = {
+        "name": _layer_name(paths),
+        "scale": (axis0, vs, vs),
+        "contrast_limits": stack.contrast_limits,
+        "colormap": "gray",
+        "multiscale": stack.multiscale,
+        "metadata": {"cryoddm": meta},
+    }
+    data = stack.levels if stack.multiscale else stack.levels[0]
+    return (data, kw, "image")
+
+
+def read_micrographs(path: PathOrPaths, stack: bool = False) -> list[LayerData]:
+    """Reader function: always one layer (a single micrograph is a stack of one)."""
+    paths = _as_list(path)
+    for p in paths:
+        q = Path(p)
+        if q.is_dir() and _folder_claim(q) is False:
+            what = ", ".join(sorted(x.name for x in q.iterdir())[:5]) or "nothing"
+            raise InputError(q, f"folder holds no MRC files ({' '.join(MRC_PATTERNS)}); "
+                                f"it holds {what}")
+    return [micrograph_layer_data(paths)]
+
+
+# ---- coordinates ---------------------------------------------------------------------------
+
+def get_coordinate_reader(path: PathOrPaths) -> Callable[[PathOrPaths], list[LayerData]] | None:
+    paths = _as_list(path)
+    if not paths or any(Path(p).is_dir() for p in paths):
+        return None
+    for p in paths:
+        name = Path(p).name.lower()
+        if not (name.endswith((".star", ".cbox")) or (name.endswith(".txt") and "noise" in name)):
+            return None
+    return read_coordinate_files
+
+
+def read_coordinate_table(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, str]:
+    """(table `micrograph, x, y, …`, kind): noise `.txt` → noise, STAR/CBOX → particles."""
+    p = Path(path)
+    if p.name.lower().endswith(".txt"):
+        return read_noise_txt(p), "noise"
+    return read_coordinates(p), "particles"
+
+
+def _features(table: pd.DataFrame) -> pd.DataFrame:
+    """Per-point features: the micrograph name plus the file's scalar columns."""
+    keep = {}
+    for col in table.columns:
+        if col in ("x", "y"):
+            continue
+        series = table[col]
+        if series.dtype == object:
+            series = series.astype(str)
+        keep[col] = series.to_numpy()
+    return pd.DataFrame(keep)
+
+
+def _box_size(table: pd.DataFrame) -> int:
+    for col in ("Width", "rlnImageSize"):
+        if col in table.columns:
+            v = pd.to_numeric(table[col], errors="coerce").median()
+            if np.isfinite(v) and v > 0:
+                return int(round(v))
+    return DEFAULT_BOX_SIZE
+
+
+def _auto_attach_target():
+    """The viewer's only micrograph stack, if there is exactly one (else None)."""
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:  # no Qt, no viewer: nothing to attach to
+        return None
+    if viewer is None:
+        return None
+    layers = micrograph_layers(viewer)
+    return layers[0] if len(layers) == 1 else None
+
+
+def coordinate_layer_data(path: str | os.PathLike[str], image_layer: Any = None) -> LayerData:
+    """A boxes Points LayerData for one coordinate file; attached to `image_layer` when given
+    (or found) and every name matches, else with a provisional leading index."""
+    table, kind = read_coordinate_table(path)
+    box = _box_size(table)
+    target = image_layer if image_layer is not None else _auto_attach_target()
+    attached = None
+    if target is not None:
+        names = micrograph_names(target)
+        shapes = [m.get("shape") for m in target.metadata["cryoddm"]["micrographs"]]
+        result = attach_coordinates(table, names, shapes, require_match=False)
+        if not result.unmatched and result.n_points == len(table):
+            attached = result
+    if attached is not None:
+        data, features = attached.points, attached.features
+        scale = tuple(target.scale)
+        extra = {"attached_to": target.name, "micrograph_names": micrograph_names(target)}
+    else:
+        order = {n: i for i, n in enumerate(dict.fromkeys(table["micrograph"].astype(str)))}
+        idx = table["micrograph"].astype(str).map(order).to_numpy(np.float64)
+        data = np.column_stack([idx, table["y"].to_numpy(np.float64), table["x"].to_numpy(np.float64)])
+        features = _features(table)
+        scale = None
+        extra = {"attached_to": None}
+    name = Path(path).name
+    kw = boxes_layer_kwargs(kind, box, str(path), scale, name, features, **extra)
+    if attached is not None:
+        kw["translate"] = tuple(target.translate)
+    return (data.reshape(-1, 3), kw, "points")
+
+
+def read_coordinate_files(path: PathOrPaths, stack: bool = False) -> list[LayerData]:
+    return [coordinate_layer_data(p) for p in _as_list(path)]
