@@ -1,0 +1,67 @@
+"""`cryoddm forward MICROGRAPHS… --particles STAR --noise NOISE --diameter D -o OUT`: training pairs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import warnings
+
+from ..config import add_config_arguments, config_from_args
+from ..errors import CryoDDMError
+from ..forward import PRESETS, ForwardConfig, run_forward
+from ..jobs import CancelToken, run_job
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "forward",
+        help="diffuse real particle crops with real noise patches into training pairs",
+        description="Cut particle crops and noise patches from micrographs (each read once, binned "
+                    "first when asked, normalised) and run the CryoDDM forward chain "
+                    "x_k = [√α_k + √(1−α_k)(√α_k − 1)]·x_{k−1} + (1−α_k)·n_k, α_k = 1 − β·k. "
+                    "Writes OUT/s1/particles.mrcs, s2/{input,label}.mrcs, val/{input,label}.mrcs, "
+                    "s3/noise.mrcs, forward.json and pairs.npz (label = the noisier member).",
+        epilog="example: cryoddm forward mics/*.mrc --particles autopick.star --noise noise.txt "
+               "--diameter 200 -o forward_out",
+    )
+    p.add_argument("micrographs", nargs="+", help="micrograph files, folders or globs")
+    p.add_argument("--particles", nargs="+", required=True, metavar="STAR",
+                   help="particle coordinates: one STAR file, or RELION's per-micrograph files "
+                        "(x = column, y = row, pixels of the raw micrographs)")
+    p.add_argument("--noise", nargs="+", required=True, metavar="NOISE",
+                   help="noise boxes: the `name x y` text from `cryoddm pick-noise` (or the "
+                        "original program), or a STAR file")
+    p.add_argument("-o", "--out", required=True, help="output folder (written as OUT.partial/, "
+                                                      "renamed when complete)")
+    p.add_argument("--preset", choices=(*PRESETS, "custom"), default=None,
+                   help="noise schedule: config1 (β 0.1288, T 5, start 2; the default), config2 "
+                        "(β 0.1, T 6, start 2); giving --beta/--steps/--start means custom")
+    add_config_arguments(p, ForwardConfig)
+    p.set_defaults(func=run)
+
+
+def config_from(args: argparse.Namespace) -> ForwardConfig:
+    """The preset is config1 unless β, T or start are given (then custom, the rest from Config 1)."""
+    custom = any(getattr(args, n, None) is not None for n in ("beta", "steps", "start"))
+    preset = args.preset or ("custom" if custom else "config1")
+    if custom and preset != "custom":
+        raise CryoDDMError(f"--preset {preset} fixes the schedule; drop it to use "
+                           f"--beta/--steps/--start (or say --preset custom)")
+    return config_from_args(ForwardConfig, args, preset=preset)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from(args)
+    cancel = CancelToken()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # shown once through logging instead
+        result = run_job(run_forward(args.micrographs, args.particles, args.noise, args.out,
+                                     config, cancel), desc="forward", cancel=cancel)
+    c = result.counts
+    beta, steps, start = config.schedule
+    print(f"{result.out}: {c['crops']} crops ({c['skipped_outside']} left the image, "
+          f"{c['skipped_limit']} over the limits), {c['noise']} noise patches, W = {result.window} px, "
+          f"β {beta}, T {steps}, start {start}: {c['s2_pairs']} s2 pairs, {c['val_pairs']} val pairs")
+    return 0
