@@ -146,9 +146,17 @@ def micrograph_names_of(layer: Any) -> list[str]:
 
 
 def set_feature_defaults(layer: Any) -> None:
-    """Points drawn by hand get an empty micrograph name (filled from their slice on export)."""
-    if "micrograph" in layer.features.columns:
-        layer.feature_defaults = {"micrograph": ""}
+    """Points drawn by hand get an empty micrograph name (filled from their slice on export) and
+    neutral values in the other feature columns."""
+    features = layer.features
+    if "micrograph" not in features.columns:
+        return
+    defaults: dict[str, Any] = {}
+    for col in features.columns:
+        kind = features[col].dtype.kind
+        defaults[col] = "" if kind in "OSUb" or col == "micrograph" else (
+            np.nan if kind == "f" else 0)
+    layer.feature_defaults = defaults
 
 
 def sync_micrograph_feature(points_layer: Any, image_layer: Any) -> None:

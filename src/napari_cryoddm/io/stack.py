@@ -23,7 +23,7 @@ from ..errors import CryoDDMError, InputError
 from .mrc import MrcInfo, list_micrographs, read_header, read_slice
 
 PYRAMID_MIN_SIZE = 2048  # build a multiscale pyramid when a micrograph side reaches this
-PYRAMID_SMALLEST = 512  # the coarsest level's longer side is at most about this
+PYRAMID_SMALLEST = 512  # the coarsest level's longer side is between this and twice this
 CONTRAST_SLICES = 4  # contrast limits look at no more than this many images …
 CONTRAST_ROWS = 32  # … and this many whole rows of each
 CONTRAST_PERCENTILES = (0.5, 99.5)
@@ -110,12 +110,12 @@ def _slices(infos: Sequence[MrcInfo]) -> list[StackSlice]:
 
 def level_shapes(shape: tuple[int, int], pyramid_min: int = PYRAMID_MIN_SIZE,
                  smallest: int = PYRAMID_SMALLEST) -> list[tuple[int, int]]:
-    """Level k is shape // 2**k; levels stop once the longer side is ≤ `smallest`."""
+    """Level k is shape // 2**k; the coarsest level's longer side lies in [smallest, 2·smallest)."""
     ny, nx = shape
     shapes = [(ny, nx)]
     if max(ny, nx) < pyramid_min:
         return shapes
-    while max(shapes[-1]) > smallest and min(shapes[-1]) >= 4:
+    while max(shapes[-1]) // 2 >= smallest and min(shapes[-1]) >= 8:
         ny, nx = shapes[-1]
         shapes.append((ny // 2, nx // 2))
     return shapes

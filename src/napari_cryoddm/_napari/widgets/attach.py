@@ -16,7 +16,7 @@ from magicgui.widgets import ComboBox, Container, Label, PushButton, SpinBox
 from ...attach import AttachResult, attach_coordinates
 from ...errors import CryoDDMError
 from ..layers import (DEFAULT_BOX_SIZE, boxes_layer_kwargs, cryoddm_metadata, micrograph_layers,
-                      micrograph_names, micrographs)
+                      micrograph_names, micrographs, set_feature_defaults)
 from ..workers import notify, report_error
 
 
@@ -59,7 +59,7 @@ def attach_layer(points_layer: Any, image_layer: Any, box_size: int) -> AttachRe
     points_layer.border_width_is_relative = True
     points_layer.border_width = kw["border_width"]
     points_layer.metadata = {**dict(points_layer.metadata), "cryoddm": kw["metadata"]["cryoddm"]}
-    points_layer.feature_defaults = {"micrograph": ""}
+    set_feature_defaults(points_layer)
     points_layer.refresh()
     return result
 
