@@ -1,0 +1,246 @@
+"""The Forward dock widget: the face of `forward.run_forward` and `forward.preview_chain`.
+
+Inputs come from the viewer (a micrograph stack layer, particle and noise boxes layers) or from
+files; parameters from the same `ForwardConfig` the CLI uses. "Preview" shows one particle's
+chain x_0…x_T as a small image stack (slide through the steps); "Run" writes the dataset with a
+progress bar, and "Stop" cancels it (a cancelled run leaves only `OUT.partial/`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, SpinBox
+
+from ...errors import CryoDDMError
+from ...forward import PRESETS, ForwardConfig, ForwardResult, preview_chain, run_forward
+from ...jobs import Cancelled, CancelToken, Progress
+from ..layers import micrograph_layers, micrograph_paths, points_layers, points_table
+from ..workers import JobHandle, notify, report_error, start_job
+from ._form import ConfigForm
+
+PREVIEW_LAYER = "forward chain x0…xT"
+_SCHEDULE = ("beta", "steps", "start")
+_OPTIONAL = ("diameter", "diameter_A", "window", "bin", "target_apix")  # 0 in the form = None
+
+
+def _nonempty(path: Any) -> Path | None:
+    """A FileEdit value, or None when the field is empty."""
+    if path is None:
+        return None
+    if isinstance(path, (tuple, list)):
+        paths = [Path(p) for p in path if str(p) not in ("", ".")]
+        return paths or None  # type: ignore[return-value]
+    return None if str(path) in ("", ".") else Path(path)
+
+
+class ForwardWidget(Container):
+    """Forward process: micrographs + particles + noise boxes → CryoDDM training pairs."""
+
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self._micrographs = ComboBox(label="micrographs", nullable=True,
+                                     choices=lambda _w: [(lay.name, lay) for lay in micrograph_layers(self.viewer)],
+                                     tooltip="a micrograph stack opened with napari-cryoddm")
+        self._micrograph_files = FileEdit(label="or micrograph files", mode="rm",
+                                          filter="*.mrc *.mrcs *.mrc.gz *.st *.map *.rec",
+                                          tooltip="used when no micrograph layer is chosen")
+        self._particles = ComboBox(label="particles", nullable=True,
+                                   choices=lambda _w: self._points_choices("particles"),
+                                   tooltip="a particles boxes layer (x = column, y = row)")
+        self._particles_file = FileEdit(label="or particle STAR", mode="r", filter="*.star *.cbox",
+                                        tooltip="used when no particles layer is chosen")
+        self._noise = ComboBox(label="noise boxes", nullable=True,
+                               choices=lambda _w: self._points_choices("noise"),
+                               tooltip="a noise boxes layer (from the noise picker)")
+        self._noise_file = FileEdit(label="or noise file", mode="r", filter="*.txt *.star",
+                                    tooltip="`name x y` text or STAR; used when no noise layer is chosen")
+        self.form = ConfigForm(ForwardConfig)
+        self.form["beta"].step = 0.0001  # four decimals: Config 1's β is 0.1288
+        for name in _OPTIONAL:
+            self.form[name].tooltip = f"{self.form[name].tooltip} (0: not given, automatic)"
+        self._output = FileEdit(label="output folder", mode="d",
+                                tooltip="written as OUT.partial/ and renamed when complete")
+        self._preview_crop = SpinBox(label="preview crop", value=0, min=0, max=100000,
+                                     tooltip="which planned crop the preview shows")
+        self._preview_button = PushButton(text="Preview one chain")
+        self._run_button = PushButton(text="Run")
+        self._stop_button = PushButton(text="Stop", enabled=False)
+        self._status = Label(value="")
+        self.extend([self._micrographs, self._micrograph_files, self._particles, self._particles_file,
+                     self._noise, self._noise_file, self.form, self._output, self._preview_crop,
+                     self._preview_button, self._run_button, self._stop_button, self._status])
+        self._handle: JobHandle | None = None
+        self._cancel: CancelToken | None = None
+        self.result: ForwardResult | None = None
+        self.preview: np.ndarray | None = None
+        self._preview_button.changed.connect(self.run_preview)
+        self._run_button.changed.connect(self.run)
+        self._stop_button.changed.connect(self.stop)
+        self.form["preset"].changed.connect(self._on_preset)
+        self._on_preset(self.form["preset"].value)
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
+                      self.viewer.layers.events.moved):
+            event.connect(self._refresh)
+        self._refresh()
+
+    # ------------------------------------------------------------------ inputs
+
+    def _points_choices(self, kind: str) -> list[tuple[str, Any]]:
+        layers = points_layers(self.viewer, kind)
+        if not layers:  # plain points layers with a micrograph feature also do
+            layers = [lay for lay in points_layers(self.viewer) if "micrograph" in lay.features]
+        return [(lay.name, lay) for lay in layers]
+
+    def _refresh(self, *_: Any) -> None:
+        for combo in (self._micrographs, self._particles, self._noise):
+            combo.reset_choices()
+            if combo.value is None and combo.choices[1:]:
+                combo.value = combo.choices[1]
+
+    def _on_preset(self, preset: str) -> None:
+        """The schedule fields are editable only for the custom preset (they show its values)."""
+        beta, steps, start = PRESETS.get(preset, PRESETS["config1"])
+        custom = preset == "custom"
+        for name, value in zip(_SCHEDULE, (beta, steps, start)):
+            control = self.form[name]
+            if not custom or control.value in (None, 0):
+                control.value = value
+            control.enabled = custom
+
+    def inputs(self) -> tuple[list[str], Any, Any]:
+        """(micrograph paths, particles, noise) from the chosen layers, else the chosen files."""
+        image = self._micrographs.value
+        files = _nonempty(self._micrograph_files.value)
+        if image is not None:
+            mics = micrograph_paths(image)
+        elif files:
+            mics = [str(p) for p in files]
+        else:
+            raise CryoDDMError("choose a micrograph layer or micrograph files")
+        particles = self._table_or_file(self._particles.value, self._particles_file.value,
+                                        image, "particles")
+        noise = self._table_or_file(self._noise.value, self._noise_file.value, image, "noise")
+        return mics, particles, noise
+
+    @staticmethod
+    def _table_or_file(layer: Any, path: Any, image: Any, kind: str) -> pd.DataFrame | Path:
+        if layer is not None:
+            table = points_table(layer, image)
+            if table.empty:
+                raise CryoDDMError(f"layer {layer.name!r} holds no {kind} boxes")
+            return table.loc[:, ["micrograph", "x", "y"]]
+        p = _nonempty(path)
+        if p is None:
+            raise CryoDDMError(f"choose a {kind} layer or a {kind} file")
+        return p
+
+    def config(self) -> ForwardConfig:
+        """The form's config; an optional number left at 0 means "not given" (automatic)."""
+        preset = self.form["preset"].value
+        extra: dict[str, Any] = {} if preset == "custom" else dict.fromkeys(_SCHEDULE)
+        for name in _OPTIONAL:
+            if not self.form[name].value:
+                extra[name] = None
+        return self.form.value(**extra)
+
+    def output(self) -> Path:
+        out = _nonempty(self._output.value)
+        if out is None:
+            raise CryoDDMError("choose an output folder")
+        return out
+
+    # ------------------------------------------------------------------ actions
+
+    def run_preview(self, *_: Any) -> None:
+        """x_0…x_T of one crop as an image stack (the job reads one micrograph and some noise)."""
+        try:
+            mics, particles, noise = self.inputs()
+            config = self.config()
+        except CryoDDMError as exc:
+            report_error(exc)
+            self._status.value = str(exc)
+            return
+        crop = int(self._preview_crop.value)
+
+        def job(cancel):
+            yield Progress(0, 1, "previewing one chain")
+            return preview_chain(mics, particles, noise, config, crop=crop)
+
+        start_job(job, "forward preview", on_done=self._show_preview, on_error=self._failed)
+
+    def _show_preview(self, result: tuple[np.ndarray, Any]) -> None:
+        xs, plan = result
+        self.preview = xs
+        beta, steps, start = plan.schedule
+        lo, hi = (float(v) for v in np.percentile(xs[0], [1, 99]))
+        meta = {"cryoddm": {"kind": "forward_preview", "window": plan.window, "schedule":
+                            {"beta": beta, "steps": steps, "start": start}}}
+        if PREVIEW_LAYER in self.viewer.layers:
+            layer = self.viewer.layers[PREVIEW_LAYER]
+            layer.data = xs
+            layer.metadata = meta
+            layer.contrast_limits = (lo, hi if hi > lo else lo + 1)
+        else:
+            self.viewer.add_image(xs, name=PREVIEW_LAYER, colormap="gray", metadata=meta,
+                                  contrast_limits=(lo, hi if hi > lo else lo + 1))
+        self._status.value = (f"preview: crop {int(self._preview_crop.value)} of "
+                              f"{plan.counts['crops']}, W = {plan.window} px, steps 0…{steps} "
+                              f"(pairs saved from k = {start})")
+
+    def run(self, *_: Any) -> JobHandle | None:
+        """Write the dataset (threaded, with progress; inline under CRYODDM_NAPARI_NOTHREADS)."""
+        if self._handle is not None and self._handle.running:
+            return self._handle
+        try:
+            mics, particles, noise = self.inputs()
+            config = self.config()
+            out = self.output()
+        except CryoDDMError as exc:
+            report_error(exc)
+            self._status.value = str(exc)
+            return None
+        self.result = None
+        self._set_running(True)
+        self._status.value = "running…"
+
+        def job(cancel: CancelToken):
+            self._cancel = cancel  # known before the first item, also when run inline
+            return run_forward(mics, particles, noise, out, config, cancel)
+
+        self._handle = start_job(job, "forward", on_done=self._done, on_error=self._failed,
+                                 on_finish=lambda: self._set_running(False))
+        return self._handle
+
+    def stop(self, *_: Any) -> None:
+        if self._cancel is not None:
+            self._cancel.cancel()
+            self._status.value = "stopping after the current micrograph or block of crops…"
+
+    def _set_running(self, running: bool) -> None:
+        self._run_button.enabled = not running
+        self._stop_button.enabled = running
+
+    def _done(self, result: ForwardResult) -> None:
+        self.result = result
+        c = result.counts
+        msg = (f"{result.out}: {c['crops']} crops, {c['noise']} noise patches, W = {result.window} px, "
+               f"{c['s2_pairs']} s2 + {c['val_pairs']} val pairs"
+               + (f"; {c['skipped_outside']} crops left the image" if c["skipped_outside"] else ""))
+        for w in result.warnings:
+            msg += f"\nwarning: {w}"
+        self._status.value = msg
+        notify(msg)
+
+    def _failed(self, exc: BaseException) -> None:
+        if isinstance(exc, Cancelled):
+            self._status.value = "stopped: nothing finished was written (only OUT.partial/ remains)"
+            notify(self._status.value)
+            return
+        self._status.value = f"{type(exc).__name__}: {exc}" if not isinstance(exc, CryoDDMError) else str(exc)
+        report_error(exc)
+
