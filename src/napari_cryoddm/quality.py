@@ -339,6 +339,45 @@ def paired_accuracy(correct: np.ndarray, correct_raw: np.ndarray) -> Accuracy:
     return Accuracy(n, float(c.mean()), se(c), float(r.mean()), se(r), float(d.mean()), se(d))
 
 
+def sample_references(table: Any, molecule: Any, config: Any, box: int
+                      ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Both conformations' clean CTF-modulated projections at each particle's true pose and
+    defocus, from the sample generator (`sample.particle_reference`): computed once, reused for
+    every method scored on the same particles."""
+    from .sample import particle_reference, rotation_from_relion
+
+    refs = []
+    for row in table.itertuples(index=False):
+        rot = rotation_from_relion(float(row.rot), float(row.tilt), float(row.psi))
+        refs.append(tuple(particle_reference(molecule, rot, float(row.defocus), config, box, k)
+                          for k in (1, 2)))
+    return refs  # type: ignore[return-value]
+
+
+def conformation_correct(denoised: Sequence[np.ndarray], clean: Sequence[np.ndarray], table: Any,
+                         references: Sequence[tuple[np.ndarray, np.ndarray]], box: int) -> np.ndarray:
+    """Per particle of `table` (columns index, x, y, conformation ∈ {1, 2}): 1 when the call from
+    F (the ice-band fit of the denoised micrograph to its clean signal) is right, 0 when wrong,
+    -1 when the box leaves the micrograph."""
+    index = np.asarray(table["index"], dtype=np.int64)
+    xs = np.asarray(table["x"], dtype=np.float64)
+    ys = np.asarray(table["y"], dtype=np.float64)
+    truth = np.asarray(table["conformation"], dtype=np.int64) - 1
+    out = np.full(index.size, -1, dtype=np.int8)
+    for mi in np.unique(index):
+        sel = np.flatnonzero(index == mi)
+        f, _ = ice_fit(denoised[mi], clean[mi])
+        calls = conformation_calls(f, zip(ys[sel], xs[sel]), (references[i] for i in sel), box)
+        out[sel] = np.where(calls < 0, -1, (calls == truth[sel]).astype(np.int8))
+    return out
+
+
+def conformation_accuracy(correct: np.ndarray, correct_raw: np.ndarray) -> Accuracy:
+    """`paired_accuracy` over the particles both methods could score."""
+    keep = (np.asarray(correct) >= 0) & (np.asarray(correct_raw) >= 0)
+    return paired_accuracy(np.asarray(correct)[keep], np.asarray(correct_raw)[keep])
+
+
 # ----------------------------------------------------------------------------------------------
 # Peers that need no training
 # ----------------------------------------------------------------------------------------------
