@@ -56,3 +56,15 @@ def to_binned(coords: np.ndarray, factor: float) -> np.ndarray:
 
 def to_unbinned(coords: np.ndarray, factor: float) -> np.ndarray:
     return np.asarray(coords, dtype=np.float64) * factor
+
+
+def effective_factors(shape: tuple[int, int], factor: float) -> tuple[float, float]:
+    """(fy, fx) actually applied: n / round(n / factor) per axis. Equal to `factor` when it divides
+    the size; otherwise within 1/m of it (e.g. 1000 px ÷ 3 → 333 px, 3.003×)."""
+    m = binned_shape(shape, factor)
+    return (shape[0] / m[0], shape[1] / m[1])
+
+
+def binned_voxel_size(apix: float, shape: tuple[int, int], factor: float) -> float:
+    """The voxel size (Å/px) after `fourier_bin(image, factor)` (x axis, as MRC headers keep)."""
+    return float(apix) * effective_factors(shape, factor)[1]

@@ -56,9 +56,12 @@ def read_coordinates(path: str | os.PathLike[str]) -> pd.DataFrame:
             chosen = block
             break
     if chosen is None:
-        found = {n: list(b.columns)[:8] for n, b in blocks.items()}
-        raise InputError(path, f"no coordinate columns (rlnCoordinateX/rlnCoordinateY); "
-                               f"blocks and columns found: {found}")
+        found = "; ".join(f"data_{n}: " + ", ".join(map(str, list(b.columns)[:6]))
+                          + (" …" if len(b.columns) > 6 else "") for n, b in blocks.items())
+        hint = (" (a list of particle images, not coordinates)"
+                if any("rlnImageName" in b.columns for b in blocks.values()) else "")
+        raise InputError(path, f"no coordinate columns (rlnCoordinateX and rlnCoordinateY){hint}; "
+                               f"it holds {found}")
     df = chosen.copy()
     xcol, ycol = _first(df.columns, _X), _first(df.columns, _Y)
     x = pd.to_numeric(df[xcol], errors="coerce").to_numpy(np.float64)
@@ -93,10 +96,21 @@ def write_coordinates_star(path: str | os.PathLike[str], df: pd.DataFrame, overw
 
 
 def write_particles_star(path: str | os.PathLike[str], particles: pd.DataFrame,
-                         optics: pd.DataFrame | None = None, overwrite: bool = False) -> Path:
-    """RELION 3.1 (`data_optics` + `data_particles`), or one `data_particles` block without optics."""
+                         optics: pd.DataFrame | None = None, overwrite: bool = False,
+                         header: str | None = None) -> Path:
+    """RELION 3.1 (`data_optics` + `data_particles`), or one `data_particles` block without optics.
+
+    `header` replaces starfile's first line (a comment with the time of writing) by `# <header>`,
+    so seeded outputs (the sample data) are byte-identical from run to run.
+    """
     path = Path(path)
     blocks = {"optics": optics, "particles": particles} if optics is not None else {"particles": particles}
     with atomic_write(path, overwrite=overwrite) as tmp:
         starfile.write(blocks, tmp, overwrite=True, float_format="%.6f")
+        if header is not None:
+            text = tmp.read_text()
+            first, sep, rest = text.partition("\n")
+            if first.startswith("#"):
+                text = rest
+            tmp.write_text(f"# {header}\n" + text)
     return path
