@@ -57,6 +57,7 @@ PRESETS: dict[str, tuple[float, int, int]] = {
 }
 STACKS = ("s1/particles.mrcs", "s2/input.mrcs", "s2/label.mrcs", "val/input.mrcs",
           "val/label.mrcs", "s3/noise.mrcs")
+SUSPECT_NOISE_LEVEL = 3.0  # |patch median − micrograph median| in robust SDs that flags a patch
 _BLOCK = 32  # crops per chain block: ~32·(T+2)·W² floats in memory (≈ 130 MB at W = 384, T = 5)
 
 
@@ -513,6 +514,7 @@ def run_forward(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLik
     spec = config.normalisation
     coef = schedule_coefficients(beta, steps)
     stats: dict[int, list[float]] = {}
+    suspect: list[int] = []  # noise patches whose level is far from their micrograph's
 
     with atomic_dir(out, overwrite=config.overwrite) as tmp:
         vs = plan.voxel_size
@@ -538,9 +540,13 @@ def run_forward(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLik
                 for i in crop_rows.get(mi, ()):
                     r = plan.crops.iloc[i]
                     writers["s1"].write(int(i), _cut(image, int(r.x), int(r.y), w))
+                centre, spread = _background_level(image)
                 for i in noise_rows.get(mi, ()):
                     r = plan.noise.iloc[i]
-                    writers["s3"].write(int(i), _cut(image, int(r.x), int(r.y), w))
+                    patch = _cut(image, int(r.x), int(r.y), w)
+                    writers["s3"].write(int(i), patch)
+                    if abs(float(np.median(patch)) - centre) > SUSPECT_NOISE_LEVEL * spread:
+                        suspect.append(int(i))
                 del image
 
             # pass 3: the chains, a block of crops at a time, noise read back from s3
@@ -576,13 +582,33 @@ def run_forward(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLik
             np.savez(fh, crop=pair_crop, k=pair_k, set=pair_set.astype("U3"),
                      index=pair_index.astype(np.int64), noise=noise_index[pair_crop].astype(np.int64),
                      beta=np.float64(beta), steps=np.int64(steps), start=np.int64(start))
-        manifest = _manifest(plan, stats)
+        suspect.sort()
+        plan.counts["noise_suspect"] = len(suspect)
+        if suspect:
+            msg = (f"{len(suspect)} of {m} noise patches (s3 indices {suspect[:8]}"
+                   f"{' …' if len(suspect) > 8 else ''}) sit more than {SUSPECT_NOISE_LEVEL:g} "
+                   f"robust SDs from their micrograph's median — likely contamination, carbon or "
+                   f"ice edges, not background; check those boxes")
+            log.warning(msg)
+            warnings.warn(msg, UserWarning, stacklevel=2)
+            plan.warnings.append(msg)
+        manifest = _manifest(plan, stats, suspect)
         (tmp / "forward.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     yield Progress(total, total, f"wrote {n} crops, {plan.counts['s2_pairs']} s2 pairs")
     return ForwardResult(out, plan.counts, w, manifest, plan.warnings)
 
 
-def _manifest(plan: ForwardPlan, stats: dict[int, list[float]]) -> dict[str, Any]:
+def _background_level(image: np.ndarray) -> tuple[float, float]:
+    """A normalised micrograph's median and robust SD (1.4826·MAD) from a strided subsample."""
+    step = max(1, int(np.ceil(np.sqrt(image.size / (1 << 18)))))
+    sample = image[::step, ::step]
+    centre = float(np.median(sample))
+    spread = 1.4826 * float(np.median(np.abs(sample - centre)))
+    return centre, spread or float(sample.std()) or 1.0
+
+
+def _manifest(plan: ForwardPlan, stats: dict[int, list[float]],
+              suspect: Sequence[int] = ()) -> dict[str, Any]:
     beta, steps, start = plan.schedule
     c = plan.config
     coef = schedule_coefficients(beta, steps)
@@ -619,6 +645,7 @@ def _manifest(plan: ForwardPlan, stats: dict[int, list[float]]) -> dict[str, Any
                   for r in plan.crops.itertuples(index=False)],
         "noise": [{"micrograph": int(r.micrograph), "x": int(r.x), "y": int(r.y)}
                   for r in plan.noise.itertuples(index=False)],
+        "noise_suspect": list(suspect),
         "package_version": __version__,
         "complete": True,
     })
