@@ -494,3 +494,40 @@ def test_cli_bad_input_exits_2_and_writes_nothing(synth, tmp_path, capsys):
     assert (m["schedule"]["beta"], m["schedule"]["steps"], m["schedule"]["start"]) == (0.05, 8, 3)
     assert m["counts"]["s2_pairs"] == 5 * m["counts"]["crops"]
 
+
+
+def test_sample_data_crops_are_centred_on_the_true_particles(tmp_path):
+    """The team's simulated sample: with jitter 0 the cross-correlation of each noisy crop with the
+    clean signal cut at the true particle position peaks at zero shift."""
+    sample = pytest.importorskip("napari_cryoddm.sample")
+    from napari_cryoddm.picking import auto_boxes_from_particles
+
+    cfg = sample.SampleConfig(n_micrographs=2, width=512, height=448, particles=5, snr=1.0, seed=3)
+    s = collect(sample.generate_sample(tmp_path / "sample", cfg))
+    _, truth = sample.read_truth(s.truth_json)
+    d = cfg.diameter_px
+    noise = []
+    for p in s.micrographs:
+        mine = truth[truth["micrograph"].map(lambda n: Path(str(n)).name) == p.name]
+        xy = auto_boxes_from_particles(cfg.shape, mine[["x", "y"]].to_numpy(), d, cfg.window, max_boxes=4)
+        noise += [(p.name, int(x), int(y)) for x, y in xy]
+    noise = pd.DataFrame(noise, columns=["micrograph", "x", "y"])
+    out = tmp_path / "fw"
+    collect(run_forward(s.micrographs, s.particles_star, noise, out,
+                        ForwardConfig(diameter_A=cfg.diameter, jitter=0.0)))
+    m = read_manifest(out)
+    w = m["window"]
+    assert w == cfg.window and m["counts"]["crops"] > 0
+    s1, _, _ = _stack(out / "s1/particles.mrcs")
+    for crop, e in zip(s1, m["crops"]):
+        name = m["micrographs"][e["micrograph"]]["name"]
+        mine = truth[truth["micrograph"].map(lambda n: Path(str(n)).name) == name]
+        j = int(np.argmin(np.hypot(mine["x"] - e["particle_x"], mine["y"] - e["particle_y"])))
+        tx, ty = int(np.floor(mine["x"].iloc[j] + 0.5)), int(np.floor(mine["y"].iloc[j] + 0.5))
+        assert (tx, ty) == (e["x"], e["y"])
+        clean = mrcfile.read(s.clean[[p.name for p in s.micrographs].index(name)])
+        ref = clean[ty - w // 2:ty + w // 2, tx - w // 2:tx + w // 2].astype(np.float64)
+        a, b = crop - crop.mean(), ref - ref.mean()
+        cc = np.fft.ifft2(np.fft.fft2(a) * np.conj(np.fft.fft2(b))).real
+        shift = np.unravel_index(np.argmax(cc), cc.shape)
+        assert shift == (0, 0), (name, e, shift)
