@@ -33,7 +33,8 @@ from scipy import ndimage
 from .binning import fourier_bin
 from .errors import CryoDDMError, InputError
 from .io.mrc import read_header, read_micrograph
-from .io.noise import empty_noise_table
+from .io.noise import empty_noise_table, read_noise_txt, write_noise_txt
+from .io.star import read_coordinates, write_coordinates_star
 from .jobs import CancelToken, Job, Progress
 from .names import match_names, micrograph_stem
 from .normalise import Normalisation, normalise
@@ -82,7 +83,7 @@ class PickConfig:
         "label": "empty threshold"})
     allow_unmatched: bool = field(default=False, metadata={
         "help": "accept particle files that also name micrographs not given (a subset run)",
-        "widget": False})
+        "label": "allow unmatched names"})
 
     def validate(self) -> None:
         if self.max_per_micrograph < 0:
@@ -398,7 +399,7 @@ def particles_by_micrograph(particles: pd.DataFrame, micrographs: Sequence[Micro
     if match.unmatched and not allow_unmatched:
         raise InputError(source, f"{len(match.unmatched)} micrograph name(s) in the particle file "
                          "match no micrograph given: " + match.describe_mismatch()
-                         + " (pass --allow-unmatched when you pick a subset on purpose)")
+                         + " (allow unmatched names / --allow-unmatched when you pick a subset on purpose)")
     xy = particles[["x", "y"]].to_numpy(np.float64)
     index = np.array([match.mapping.get(label, -1) for label in labels], dtype=np.int64)
     order = np.argsort(index, kind="stable")
@@ -430,6 +431,27 @@ def merge_boxes(existing: pd.DataFrame | None, new: pd.DataFrame) -> pd.DataFram
     out["x"] = np.round(out["x"].astype(np.float64)).astype(np.int64)
     out["y"] = np.round(out["y"].astype(np.float64)).astype(np.int64)
     return out.drop_duplicates().reset_index(drop=True)
+
+
+def read_boxes(path: str | os.PathLike[str], allow_empty: bool = False) -> pd.DataFrame:
+    """Noise boxes `micrograph, x, y` from `.star` (RELION) or the original `name x y` text."""
+    path = Path(path)
+    if path.suffix.lower() == ".star":
+        df = read_coordinates(path)
+        if len(df) == 0 and not allow_empty:
+            raise InputError(path, "holds no boxes")
+        return df.loc[:, ["micrograph", "x", "y"]]
+    return read_noise_txt(path, allow_empty=allow_empty)
+
+
+def write_boxes(path: str | os.PathLike[str], boxes: pd.DataFrame, overwrite: bool) -> Path:
+    """Atomically, as `.star` (RELION 3.1) or the original text format (by the suffix)."""
+    path = Path(path)
+    if path.suffix.lower() == ".star":
+        return write_coordinates_star(path, boxes.loc[:, ["micrograph", "x", "y"]], overwrite=overwrite)
+    if path.suffix.lower() != ".txt":
+        raise CryoDDMError(f"{path}: noise boxes are saved as .txt (name x y) or .star")
+    return write_noise_txt(path, boxes, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------------------------
@@ -530,6 +552,7 @@ def pick_noise(micrographs: Sequence[Micrograph | str | os.PathLike[str]], confi
     new_scores: list[np.ndarray] = []
     skipped: list[str] = []
     counts: dict[str, int] = {}
+    dirty = 0  # existing boxes a particle disc reaches into (kept, but the user should know)
     for k, m in enumerate(mics):
         if cancel is not None:
             cancel.raise_if_cancelled()
@@ -539,6 +562,10 @@ def pick_noise(micrographs: Sequence[Micrograph | str | os.PathLike[str]], confi
                 skipped.append(m.name)
                 xy = np.zeros((0, 2), np.int64)
             else:
+                if len(prior):
+                    dist = particle_box_distance(prior[:, 0], prior[:, 1], box,
+                                                 per_mic[k][:, 0], per_mic[k][:, 1])
+                    dirty += int((dist.min(axis=1) < diameter / 2).sum())
                 xy = auto_boxes_from_particles(m.shape, per_mic[k], diameter, box,
                                                config.max_per_micrograph, config.overlap,
                                                config.seed, prior, config.edge_margin,
@@ -566,6 +593,10 @@ def pick_noise(micrographs: Sequence[Micrograph | str | os.PathLike[str]], confi
         warnings.append(f"{len(skipped)} micrograph(s) have no particles in the coordinates and were "
                         f"skipped (boxes there could sit on unpicked particles): "
                         + ", ".join(skipped[:3]) + (" …" if len(skipped) > 3 else ""))
+    if dirty:
+        warnings.append(f"{dirty} existing box(es) hold part of a particle (kept, as every manual "
+                        "pick is; review and delete them, they would teach the denoiser particles "
+                        "are noise)")
     low = yield_warning(sum(counts.values()), len(mics), box, config.overlap)
     if low:
         warnings.append(low)

@@ -13,12 +13,11 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import add_config_arguments, config_from_args
-from ..errors import CryoDDMError, InputError, OutputExistsError
+from ..errors import CryoDDMError, OutputExistsError
 from ..io.mrc import list_micrographs
-from ..io.noise import read_noise_txt, write_noise_txt
-from ..io.star import read_coordinates, write_coordinates_star
+from ..io.star import read_coordinates
 from ..jobs import CancelToken, run_job
-from ..picking import PickConfig, pick_noise
+from ..picking import PickConfig, pick_noise, read_boxes, write_boxes
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +45,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar and no per-micrograph table")
     add_config_arguments(p, PickConfig)
     p.set_defaults(func=run)
-
-
-def read_boxes(path: Path, allow_empty: bool = False) -> pd.DataFrame:
-    """A noise table from `.txt` (name x y) or `.star`."""
-    if path.suffix.lower() == ".star":
-        df = read_coordinates(path)
-        if len(df) == 0 and not allow_empty:
-            raise InputError(path, "holds no boxes")
-        return df.loc[:, ["micrograph", "x", "y"]]
-    return read_noise_txt(path, allow_empty=allow_empty)
-
-
-def write_boxes(path: Path, boxes: pd.DataFrame, overwrite: bool) -> Path:
-    """Atomically, as `.star` (RELION) or the original text format."""
-    if path.suffix.lower() == ".star":
-        return write_coordinates_star(path, boxes, overwrite=overwrite)
-    return write_noise_txt(path, boxes, overwrite=overwrite)
 
 
 def read_particles(paths: list[Path]) -> pd.DataFrame:
