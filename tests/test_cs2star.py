@@ -521,3 +521,75 @@ def test_cli_files_and_job_dir(tmp_path, capsys):
     assert main(["cs2star", "--job-dir", str(job), "-o", str(tmp_path / "batch")]) == 0
     assert (tmp_path / "batch" / "class0" / "cleaned_particles_relion.star").is_file()
     assert main(["cs2star", "-o", str(tmp_path / "y.star")]) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# The sample data's .cs pair (known truth)
+
+
+@pytest.fixture(scope="module")
+def sample_set(tmp_path_factory):
+    from napari_cryoddm.sample import SampleConfig, generate_sample
+
+    out = tmp_path_factory.mktemp("sample") / "sample"
+    config = SampleConfig(n_micrographs=2, width=320, height=256, particles=4, pixel_size=3.0)
+    return collect(generate_sample(out, config))
+
+
+def _match_truth(particles: pd.DataFrame, truth: pd.DataFrame, factor: float = 1.0) -> np.ndarray:
+    """Distance (px) from each converted particle to the nearest truth particle of its micrograph;
+    also checks that no two converted particles claim the same truth particle."""
+    stems = particles["rlnMicrographName"].map(lambda s: re.sub(r"^\d{21}_", "", Path(s).stem))
+    distances, claimed = [], set()
+    for stem, x, y in zip(stems, particles.rlnCoordinateX, particles.rlnCoordinateY):
+        mine = truth[truth.micrograph.map(lambda m: Path(m).stem) == stem]
+        d = np.hypot(mine.x.to_numpy() * factor - x, mine.y.to_numpy() * factor - y)
+        k = int(np.argmin(d))
+        claimed.add((stem, k))
+        distances.append(d[k])
+    assert len(claimed) == len(particles) == len(truth)
+    return np.asarray(distances)
+
+
+def test_sample_pair_back_to_truth(sample_set, tmp_path):
+    from napari_cryoddm.sample import read_truth
+
+    _, truth = read_truth(sample_set.truth_json)
+    out = tmp_path / "s.star"
+    res = collect(convert(sample_set.particles_cs, [sample_set.passthrough_cs], out,
+                          Cs2StarConfig(strip_uid=True)))
+    p = _blocks(out)["particles"]
+    assert res.n_particles == len(truth) == 8 and res.n_micrographs == 2
+    assert p.rlnMicrographName.str.match(r"^J1/imported/mic_00[01]\.mrc$").all()
+    assert _match_truth(p, truth).max() <= 1.0
+    # poses: the sample's cryoSPARC pose is rotvec(R), RELION's angles R.as_euler("ZYZ")
+    for _, row in p.iterrows():
+        stem = Path(row.rlnMicrographName).stem
+        mine = truth[truth.micrograph.str.startswith(stem)]
+        t = mine.iloc[int(np.argmin(np.hypot(mine.x - row.rlnCoordinateX, mine.y - row.rlnCoordinateY)))]
+        ra = relion_euler_to_matrix(row.rlnAngleRot, row.rlnAngleTilt, row.rlnAnglePsi)
+        rb = relion_euler_to_matrix(t.rot, t.tilt, t.psi)
+        assert np.abs(ra - rb).max() < 1e-5
+        assert row.rlnClassNumber == t.conformation and row.rlnDefocusU == pytest.approx(t.defocus, rel=1e-6)
+
+
+def test_sample_pair_binned_by_two(sample_set, tmp_path):
+    """cryoSPARC saw the micrographs binned ×2 (half the shape, the same fractions)."""
+    from cryosparc.dataset import Dataset
+
+    from napari_cryoddm.sample import read_truth
+
+    _, truth = read_truth(sample_set.truth_json)
+    files = []
+    for src in (sample_set.particles_cs, sample_set.passthrough_cs):
+        ds = Dataset.load(src)
+        ds["location/micrograph_shape"] = ds["location/micrograph_shape"] // 2
+        if "blob/psize_A" in ds.fields():
+            ds["blob/psize_A"] = ds["blob/psize_A"] * 2
+        ds.save(tmp_path / src.name)
+        files.append(tmp_path / src.name)
+    binned = build_tables(load_cs(files[0]), [load_cs(files[1])], Cs2StarConfig())
+    assert _match_truth(binned.particles, truth, factor=0.5).max() <= np.sqrt(0.5) + 1e-6  # rounding per axis
+    back = build_tables(load_cs(files[0]), [load_cs(files[1])], Cs2StarConfig(denoised_apix=6.0, raw_apix=3.0))
+    assert back.scale == 2.0
+    assert _match_truth(back.particles, truth).max() <= 1.0
