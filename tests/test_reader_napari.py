@@ -67,8 +67,8 @@ def test_open_folder_and_star_attach_save(make_napari_viewer, folder, real_data,
 
     renders: list = []
     real_render = stackio._render
-    monkeypatch.setattr(stackio, "_render", lambda sl, full, f: (renders.append(sl.name),
-                                                                 real_render(sl, full, f))[1])
+    monkeypatch.setattr(stackio, "_render", lambda sl, shape, f: (renders.append(sl.name),
+                                                                 real_render(sl, shape, f))[1])
     (image,) = viewer.open(folder, plugin=PLUGIN)
     assert image.data.shape == (3, 927, 1200) and image.data.chunksize == (1, 927, 1200)
     assert not image.multiscale

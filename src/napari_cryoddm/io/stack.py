@@ -20,7 +20,7 @@ import dask.array as da
 import numpy as np
 
 from ..errors import CryoDDMError, InputError
-from .mrc import MrcInfo, list_micrographs, read_header, read_slice
+from .mrc import MrcInfo, list_micrographs, memmap, read_header, read_slice
 
 PYRAMID_MIN_SIZE = 2048  # build a multiscale pyramid when a micrograph side reaches this
 PYRAMID_SMALLEST = 512  # the coarsest level's longer side is between this and twice this
@@ -131,36 +131,57 @@ def _median(image: np.ndarray) -> float:
 def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
     """Mean over factor×factor blocks (the remainder rows/columns at the far edges are dropped)."""
     if factor == 1:
-        return image
+        return np.asarray(image, dtype=np.float32)
     ny, nx = image.shape[0] // factor, image.shape[1] // factor
     out = image[: ny * factor, : nx * factor].reshape(ny, factor, nx, factor)
     return out.mean(axis=(1, 3), dtype=np.float32)
 
 
-def _render(sl: StackSlice, full: tuple[int, int], factor: int) -> np.ndarray:
-    """One slice at one pyramid level: read, pad to the stack's size with its median, bin."""
-    image = sl.read()
-    if image.shape != full:
-        padded = np.full(full, _median(image), dtype=np.float32)
-        padded[: image.shape[0], : image.shape[1]] = image
-        image = padded
-    # halve repeatedly: each step reads a quarter of the previous one's pixels
-    while factor > 1:
-        image = block_mean(image, 2)
+def _halve(image: np.ndarray) -> np.ndarray:
+    """2×2 block mean as four strided adds (several times faster than reshape + mean), straight
+    from the file's dtype to float32, so a 4k uint16 map is never converted whole first."""
+    ny, nx = image.shape[0] // 2, image.shape[1] // 2
+    out = image[0: 2 * ny: 2, 0: 2 * nx: 2].astype(np.float32)
+    out += image[1: 2 * ny: 2, 0: 2 * nx: 2]
+    out += image[0: 2 * ny: 2, 1: 2 * nx: 2]
+    out += image[1: 2 * ny: 2, 1: 2 * nx: 2]
+    out *= np.float32(0.25)
+    return out
+
+
+def _raw(sl: StackSlice) -> np.ndarray:
+    """The slice as stored (memory-mapped, the file's dtype), for binning before converting."""
+    data = memmap(sl.info)
+    return data[sl.index] if data.ndim == 3 else data
+
+
+def _render(sl: StackSlice, shape: tuple[int, int], factor: int) -> np.ndarray:
+    """One slice at one pyramid level of size `shape`: read, bin by `factor` (repeated halving,
+    each step touching a quarter of the previous one's pixels), pad with the slice's median."""
+    if factor == 1:
+        image = sl.read()
+    else:
+        image = _halve(_raw(sl))
         factor //= 2
+        while factor > 1:
+            image = _halve(image)
+            factor //= 2
+    if image.shape != tuple(shape):
+        padded = np.full(shape, _median(image), dtype=np.float32)
+        h, w = min(shape[0], image.shape[0]), min(shape[1], image.shape[1])
+        padded[:h, :w] = image[:h, :w]
+        image = padded
     return image
 
 
-def _level_array(slices: list[StackSlice], full: tuple[int, int], shape: tuple[int, int],
-                 factor: int) -> da.Array:
+def _level_array(slices: list[StackSlice], shape: tuple[int, int], factor: int) -> da.Array:
     def chunk(block_info=None) -> np.ndarray:
         i = block_info[None]["chunk-location"][0]
-        image = _render(slices[i], full, factor)
-        return image[None, : shape[0], : shape[1]]
+        return _render(slices[i], shape, factor)[None]
 
     return da.map_blocks(chunk, chunks=((1,) * len(slices), (shape[0],), (shape[1],)),
                          dtype=np.float32, meta=np.empty((0, 0, 0), dtype=np.float32),
-                         name=f"cryoddm-level{factor}-{id(slices):x}-{full[0]}x{full[1]}")
+                         name=f"cryoddm-level{factor}-{id(slices):x}-{shape[0]}x{shape[1]}")
 
 
 def _read_rows(sl: StackSlice, rows: int) -> np.ndarray:
@@ -219,7 +240,7 @@ def open_stack(spec: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     slices = _slices(infos)
     full = (max(s.shape[0] for s in slices), max(s.shape[1] for s in slices))
     shapes = level_shapes(full, pyramid_min) if pyramid else [full]
-    levels = [_level_array(slices, full, shape, 2**k) for k, shape in enumerate(shapes)]
+    levels = [_level_array(slices, shape, 2**k) for k, shape in enumerate(shapes)]
     limits = contrast_limits(slices) if contrast else None
     voxel = next((s.info.voxel_size for s in slices if s.info.voxel_size > 0), 0.0)
     return MicrographStack(levels, slices, limits, float(voxel))
