@@ -593,3 +593,27 @@ def test_sample_pair_binned_by_two(sample_set, tmp_path):
     back = build_tables(load_cs(files[0]), [load_cs(files[1])], Cs2StarConfig(denoised_apix=6.0, raw_apix=3.0))
     assert back.scale == 2.0
     assert _match_truth(back.particles, truth).max() <= 1.0
+
+
+def test_binning_read_from_the_raw_micrographs_star(tmp_path):
+    """No --scale: the raw STAR's rlnMicrographPixelSize against location/micrograph_psize_A."""
+    p, t, truth = synthetic(tmp_path, bin_factor=2.0)
+    raw = _raw_micrographs_star(tmp_path / "mics.star", ["mic_0001", "mic_0002", "mic_0003"], [1.0, 2.0, 3.0])
+    tables = build_tables(load_cs(p), [load_cs(t)], Cs2StarConfig(raw_micrographs=raw, keep_image_names=True))
+    assert tables.scale == 2.0 and any("coordinates × 2" in n for n in tables.notes)
+    out = _by_name(tables, truth)
+    assert np.abs(out.rlnCoordinateX - truth.x).max() <= 1.0
+    assert np.abs(out.rlnCoordinateY - truth.y).max() <= 1.0
+    forced = build_tables(load_cs(p), [load_cs(t)], Cs2StarConfig(raw_micrographs=raw, scale=1.0))
+    assert forced.scale == 1.0
+
+
+def test_denoised_suffix_maps_back_to_raw_names(tmp_path):
+    """Prediction run with --suffix _denoised: the suffix goes, the raw names come back."""
+    p, t, truth = synthetic(tmp_path, mic_names=("a_denoised", "b_denoised", "c_denoised"))
+    tables = build_tables(load_cs(p), [load_cs(t)], Cs2StarConfig(denoised_suffix="_denoised", strip_uid=True,
+                                                                   micrograph_folder="Raw"))
+    assert set(tables.particles.rlnMicrographName) == {"Raw/a.mrc", "Raw/b.mrc", "Raw/c.mrc"}
+    raw = _raw_micrographs_star(tmp_path / "m.star", ["a", "b", "c"], [1.0, 2.0, 3.0])
+    joined = build_tables(load_cs(p), [load_cs(t)], Cs2StarConfig(raw_micrographs=raw))  # stems + suffix
+    assert set(joined.particles.rlnMicrographName) == {f"MotionCorr/job002/Movies/{m}.mrc" for m in "abc"}

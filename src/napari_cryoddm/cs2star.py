@@ -82,6 +82,10 @@ class Cs2StarConfig:
     strip_uid: bool = field(default=False, metadata={
         "help": "remove cryoSPARC's 21-digit 'NNN…_' prefixes from micrograph and image file names, "
                 "so names match the files you imported (e.g. the raw micrographs)"})
+    denoised_suffix: str = field(default="", metadata={
+        "help": "the --suffix prediction added to the denoised micrographs' names (e.g. "
+                "'_denoised'); removed from rlnMicrographName so names match the raw micrographs "
+                "(prediction keeps the input name by default, so usually empty)"})
     micrograph_folder: str | None = field(default=None, metadata={
         "help": "replace the folder of every rlnMicrographName (the file name is kept), e.g. the "
                 "folder of the raw micrographs in your RELION project"})
@@ -200,11 +204,6 @@ def matrix_to_relion_euler(r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
 # Names
 
 
-def natural_key(text: str) -> tuple:
-    """Sort key that orders `a2` before `a10` (pyem sorts particles this way)."""
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
-
-
 def clean_path(path: str, strip_uid: bool = False) -> str:
     """Remove cryoSPARC's `>` export prefix and, when asked, its 21-digit UID prefixes."""
     path = str(path).strip()
@@ -213,6 +212,17 @@ def clean_path(path: str, strip_uid: bool = False) -> str:
     if strip_uid:
         path = UID_PATTERN.sub("", path)
     return path
+
+
+def strip_name_suffix(path: str, suffix: str) -> str:
+    """`J1/imported/mic_007_denoised.mrc` − `_denoised` → `J1/imported/mic_007.mrc`."""
+    if not suffix:
+        return path
+    folder, _, name = path.replace("\\", "/").rpartition("/")
+    stem = micrograph_stem(name)
+    if stem.endswith(suffix) and len(stem) > len(suffix) and name.startswith(stem):
+        name = stem[: -len(suffix)] + name[len(stem):]
+    return f"{folder}/{name}" if folder else name
 
 
 def replace_folder(path: str, folder: str) -> str:
@@ -264,22 +274,51 @@ def join_passthroughs(primary: CsTable, passthroughs: Sequence[CsTable], notes: 
 # Mapping
 
 
-def _scale_factor(config: Cs2StarConfig, table: CsTable) -> float:
+def _micrograph_psize(table: CsTable) -> float | None:
+    """The pixel size of the micrographs cryoSPARC saw, when the file records a single one."""
+    name = "location/micrograph_psize_A"
+    if name in table and len(table):
+        values = np.unique(np.asarray(table[name], dtype=np.float64))
+        if len(values) == 1 and values[0] > 0:
+            return float(values[0])
+    return None
+
+
+def _raw_star_psize(path: Path) -> float | None:
+    """The single rlnMicrographPixelSize of a raw micrographs STAR (optics or rows), if any."""
+    for block in read_star_blocks(path).values():
+        if "rlnMicrographPixelSize" in block.columns:
+            values = np.unique(pd.to_numeric(block["rlnMicrographPixelSize"], errors="coerce"))
+            values = values[np.isfinite(values)]
+            if len(values) == 1 and values[0] > 0:
+                return float(values[0])
+    return None
+
+
+def _scale_factor(config: Cs2StarConfig, table: CsTable, notes: list[str]) -> float:
+    """Coordinate factor from the micrographs cryoSPARC saw to the raw ones: --scale, else
+    denoised Å/px ÷ raw Å/px (raw from --raw-apix or the raw micrographs STAR; denoised from
+    --denoised-apix or location/micrograph_psize_A)."""
     if config.scale is not None:
         return float(config.scale)
-    if config.raw_apix is None:
+    raw, raw_from = config.raw_apix, "--raw-apix"
+    if raw is None and config.raw_micrographs is not None:
+        raw, raw_from = _raw_star_psize(Path(config.raw_micrographs)), Path(config.raw_micrographs).name
+    if raw is None:
         return 1.0
-    denoised = config.denoised_apix
+    denoised = config.denoised_apix or _micrograph_psize(table)
     if denoised is None:
-        for name in ("location/micrograph_psize_A",):
-            if name in table and len(table):
-                values = np.unique(np.asarray(table[name], dtype=np.float64))
-                if len(values) == 1 and values[0] > 0:
-                    denoised = float(values[0])
-        if denoised is None:
+        if config.raw_apix is not None:
             raise CryoDDMError("--raw-apix needs --denoised-apix (this .cs has no single "
                                "location/micrograph_psize_A to take it from), or give --scale")
-    return float(denoised) / float(config.raw_apix)
+        notes.append(f"binning not checked: the .cs records no micrograph pixel size; give --scale "
+                     f"if cryoSPARC saw binned micrographs (raw: {raw:g} Å/px in {raw_from})")
+        return 1.0
+    scale = round(float(denoised) / float(raw), 5)  # float32 pixel sizes: 2.12/1.06 → 2
+    if scale != 1.0 and config.raw_apix is None and config.denoised_apix is None:
+        notes.append(f"coordinates × {scale:g}: cryoSPARC's micrographs have {denoised:.4g} Å/px, "
+                     f"the raw ones {raw:.4g} Å/px ({raw_from}); give --scale to override")
+    return scale
 
 
 def _pose_columns(table: CsTable, cols: dict[str, np.ndarray], notes: list[str]) -> None:
@@ -351,8 +390,9 @@ def map_fields(table: CsTable, config: Cs2StarConfig, scale: float, notes: list[
         cols["rlnImageName"] = np.array([f"{i:06d}@{p}" for i, p in zip(idx.tolist(), paths)],
                                         dtype=object)
     if "location/micrograph_path" in table:
-        cols["rlnMicrographName"] = np.array([clean_path(p, config.strip_uid)
-                                              for p in table["location/micrograph_path"]], dtype=object)
+        cols["rlnMicrographName"] = np.array(
+            [strip_name_suffix(clean_path(p, config.strip_uid), config.denoised_suffix)
+             for p in table["location/micrograph_path"]], dtype=object)
     heights = None
     missing = [f for f in LOCATION_FIELDS if f not in table]
     if not missing:
@@ -490,18 +530,14 @@ def build_tables(primary: CsTable, passthroughs: Sequence[CsTable] = (),
     config.validate()
     notes: list[str] = []
     table = join_passthroughs(primary, passthroughs, notes)
-    scale = _scale_factor(config, table)
+    scale = _scale_factor(config, table, notes)
     cols, heights = map_fields(table, config, scale, notes)
     n = len(table)
     df = pd.DataFrame({k: v for k, v in cols.items()}, index=pd.RangeIndex(n))
     if heights is not None:
         df["_height"] = heights
-    # pyem's record order: natural sort of image path + index; keeps micrographs together
-    if "blob/path" in table and "blob/idx" in table and n:
-        keys = [natural_key(f"{clean_path(p)}_{i}") for p, i in
-                zip(table["blob/path"], np.asarray(table["blob/idx"]).tolist())]
-        order = sorted(range(n), key=keys.__getitem__)
-        df = df.iloc[order].reset_index(drop=True)
+    # rows stay in the particle file's order (pyem re-sorts by stack path after a passthrough
+    # join and keeps the file's order otherwise; RELION does not care)
     if "rlnOpticsGroup" not in df.columns:
         df["rlnOpticsGroup"] = 1
     df["rlnImageDimensionality"] = 2
