@@ -261,12 +261,19 @@ def read_micrograph(path: str | os.PathLike[str]) -> tuple[np.ndarray, MrcInfo]:
 
 
 def write_mrc(path: str | os.PathLike[str], data: np.ndarray, voxel_size: float | None = None,
-              overwrite: bool = False, labels: Sequence[str] = (), dtype=np.float32) -> Path:
-    """Write `data` atomically (temporary file, then rename) as float32 unless told otherwise."""
+              overwrite: bool = False, labels: Sequence[str] = (), dtype=np.float32,
+              stamp: bool = True) -> Path:
+    """Write `data` atomically (temporary file, then rename) as float32 unless told otherwise.
+
+    `stamp=False` drops mrcfile's "Created by mrcfile.py <time>" label, so seeded outputs (the
+    sample data) are byte-identical from run to run."""
     path = Path(path)
     arr = np.ascontiguousarray(data, dtype=dtype)
     with atomic_write(path, overwrite=overwrite) as tmp:
         with mrcfile.new(tmp, overwrite=True) as mrc:
+            if not stamp:
+                mrc.header.label[0] = b""
+                mrc.header.nlabl = 0
             mrc.set_data(arr)
             if arr.ndim == 3 and path.name.lower().endswith((".mrcs", ".mrcs.gz")):
                 mrc.header.ispg = 0
