@@ -287,3 +287,19 @@ def test_add_boxes_layer_helper(make_napari_viewer, folder):
     assert layer.features["micrograph"].tolist() == ["mic_b.mrc.gz", ""]
     assert points_table(layer, image)["micrograph"].tolist() == ["mic_b.mrc.gz", "Ucsf_stack_1142_DW.mrc"]
     attach_layer  # the widget's core is importable for other widgets
+
+
+@pytest.mark.viewer
+def test_files_opened_as_stack_and_dock_widget_from_manifest(make_napari_viewer, folder):
+    viewer = make_napari_viewer()
+    # npe2 stacks only files of one extension (a folder mixes them freely)
+    files = [str(folder / "mic_a.mrc"), str(folder / "Ucsf_stack_1142_DW.mrc")]
+    (layer,) = viewer.open(files, stack=True, plugin=PLUGIN)
+    assert layer.data.shape == (2, 927, 1200)
+    assert micrograph_names(layer) == ["mic_a.mrc", "Ucsf_stack_1142_DW.mrc"]
+    # the smaller micrograph (800 rows) is padded with its own median to the stack's 927 rows
+    a = np.asarray(layer.data[0])
+    assert np.all(a[800:] == pytest.approx(np.median(a[:800]), abs=0.05))
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Attach coordinates")
+    assert isinstance(widget, AttachWidget)
+    assert [name for name, _ in widget._image_choices()] == [layer.name]
