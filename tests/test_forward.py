@@ -531,3 +531,12 @@ def test_sample_data_crops_are_centred_on_the_true_particles(tmp_path):
         cc = np.fft.ifft2(np.fft.fft2(a) * np.conj(np.fft.fft2(b))).real
         shift = np.unravel_index(np.argmax(cc), cc.shape)
         assert shift == (0, 0), (name, e, shift)
+
+
+def test_micrographs_with_the_same_stem_are_refused(synth, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mic_000.mrc").write_bytes(synth["mics"][0].read_bytes())
+    with pytest.raises(CryoDDMError, match="share a name stem"):
+        plan_forward([*synth["mics"], other / "mic_000.mrc"], synth["star"], synth["noise"],
+                     ForwardConfig(diameter=20))

@@ -42,7 +42,7 @@ from .io.mrc import MrcInfo, read_header, read_micrograph
 from .io.noise import read_noise_txt
 from .io.star import read_coordinates
 from .jobs import CancelToken, Job, Progress
-from .names import match_names
+from .names import match_names, micrograph_stem
 from .normalise import Normalisation, check_finite, normalisation_stats, normalise
 from .params import check_window, window_for_diameter
 from .params import diameter_px as _diameter_px
@@ -305,6 +305,11 @@ def plan_forward(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLi
                                      f"({m.shape[1]}×{m.shape[0]} px after binning ×{factor:g}); "
                                      f"give a smaller --window or --diameter, or bin less")
     names = [p.name for p in paths]
+    stems = [micrograph_stem(n) for n in names]
+    if len(set(stems)) < len(stems):
+        dup = sorted({str(p) for p, s in zip(paths, stems) if stems.count(s) > 1})
+        raise CryoDDMError(f"micrographs share a name stem, so coordinates cannot tell them apart: "
+                           f"{dup[:4]}")
     half = window // 2
     shapes = np.array([m.shape for m in mics], dtype=np.int64)
     seeds = np.random.SeedSequence(config.seed).spawn(2)
