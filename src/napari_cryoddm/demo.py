@@ -56,6 +56,9 @@ class DemoConfig:
         "help": "forward/training window W (default: the rule (⌊1.5·d⌋ // 128 + 1)·128)", "unit": "px"})
     max_noise: int = field(default=40, metadata={
         "help": "noise boxes picked per micrograph at most"})
+    init: Path | None = field(default=None, metadata={
+        "help": "start training from these weights (ours or the original's .pth) instead of "
+                "random ones"})
     device: str = field(default="auto", metadata={
         "help": "training/prediction device: auto, cpu, cuda, cuda:N, mps"})
     seed: int = field(default=0, metadata={"help": "seed of the sample, picking, forward and training"})
@@ -146,7 +149,8 @@ def run_demo(out: str | Path = "cryoddm-demo", config: DemoConfig | None = None,
                         pixel_size=cfg.pixel_size, particles=cfg.particles, snr=cfg.snr,
                         seed=cfg.seed)
     trained = yield from train_on_sample(out, scfg, TrainConfig(
-        epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, overwrite=ow),
+        epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
+        init=cfg.init, overwrite=ow),
         window=cfg.window, max_noise=cfg.max_noise, seed=cfg.seed, overwrite=ow, timings=timings,
         cancel=cancel)
     sample, noise_txt, fwd, checkpoint = (trained.sample, trained.noise_txt, trained.forward,
