@@ -20,8 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_cryoddm.cs2star import (Cs2StarConfig, convert, matrix_to_relion_euler,
+from napari_cryoddm.cs2star import (Cs2StarConfig, build_tables, convert, matrix_to_relion_euler,
                                     relion_euler_to_matrix, rotvec_to_relion_matrix)
+from napari_cryoddm.io.cryosparc import load_cs
+from napari_cryoddm.io.star import write_particles_star
 from napari_cryoddm.jobs import collect
 
 N_MICS = 2000
@@ -108,7 +110,14 @@ def main() -> None:
             dt = time.perf_counter() - t0
             assert res.n_particles == n
             size_mb = (folder / "out.star").stat().st_size / 1e6
-            rows.append((n, dt, n / dt, size_mb))
+            t0 = time.perf_counter()
+            tables_in = load_cs(pp), load_cs(tp)
+            t1 = time.perf_counter()
+            tables = build_tables(tables_in[0], [tables_in[1]], Cs2StarConfig(keep_image_names=True))
+            t2 = time.perf_counter()
+            write_particles_star(folder / "again.star", tables.particles, tables.optics)
+            t3 = time.perf_counter()
+            rows.append((n, dt, n / dt, size_mb, t1 - t0, t2 - t1, t3 - t2))
         rng = np.random.default_rng(1)
         pose = rng.normal(0, 1.5, (args.baseline_size, 3)).astype(np.float32)
         t0 = time.perf_counter()
@@ -118,10 +127,11 @@ def main() -> None:
         ours = np.column_stack(matrix_to_relion_euler(rotvec_to_relion_matrix(pose)))
         t_ours = time.perf_counter() - t0
         err = np.abs(relion_euler_to_matrix(*ours.T) - relion_euler_to_matrix(*base.T)).max()
-    print("| particles | end-to-end (s) | particles/s | STAR size (MB) |")
-    print("|---:|---:|---:|---:|")
-    for n, dt, rate, mb in rows:
-        print(f"| {n:,} | {dt:.2f} | {rate:,.0f} | {mb:.0f} |")
+    print("| particles | end-to-end (s) | particles/s | STAR size (MB) | read .cs (s) | join + map (s) "
+          "| write STAR (s) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for n, dt, rate, mb, tr, tm, tw in rows:
+        print(f"| {n:,} | {dt:.2f} | {rate:,.0f} | {mb:.0f} | {tr:.2f} | {tm:.2f} | {tw:.2f} |")
     print()
     print("| pose step, {:,} particles | time (s) | ratio |".format(args.baseline_size))
     print("|---|---:|---:|")

@@ -3,7 +3,6 @@ raw micrographs at their true positions; job folders; bad input shown, nothing w
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -17,7 +17,6 @@ Conventions (pyem's defaults, which are right for cryoSPARC fractions):
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from collections.abc import Sequence
@@ -27,14 +26,13 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_dir, atomic_write
+from .atomic import atomic_dir
 from .errors import CryoDDMError, InputError, OutputExistsError
 from .io.cryosparc import CsTable, load_cs
 from .io.star import read_star_blocks, write_particles_star
 from .jobs import CancelToken, Job, Progress
 from .names import match_names, micrograph_stem
 
-log = logging.getLogger(__name__)
 
 UID_PATTERN = re.compile(r"[0-9]{21}_")
 _JOB_NAME = re.compile(r"^J(\d+)$")
