@@ -174,3 +174,18 @@ def test_stop_cancels_the_job(make_napari_viewer, data, tmp_path, monkeypatch):
     w.run()
     assert "stopped" in w._status.value
     assert not (tmp_path / "fw").exists()
+
+
+def test_run_in_a_thread_worker(make_napari_viewer, data, tmp_path, qtbot, monkeypatch):
+    """The real threaded path: a napari worker runs the job; the widget is re-enabled at the end."""
+    monkeypatch.setenv("CRYODDM_NAPARI_NOTHREADS", "0")
+    viewer = _viewer_with_layers(make_napari_viewer, data)
+    w = _widget(viewer)
+    w.form["diameter"].value = 20
+    w._output.value = tmp_path / "fw"
+    handle = w.run()
+    assert handle.worker is not None and not w._run_button.enabled
+    qtbot.waitUntil(lambda: not handle.running, timeout=30000)
+    assert handle.error is None and w.result is not None
+    assert w.result.counts["crops"] == 5 and (tmp_path / "fw/forward.json").is_file()
+    assert w._run_button.enabled and not w._stop_button.enabled
