@@ -617,3 +617,75 @@ def test_denoised_suffix_maps_back_to_raw_names(tmp_path):
     raw = _raw_micrographs_star(tmp_path / "m.star", ["a", "b", "c"], [1.0, 2.0, 3.0])
     joined = build_tables(load_cs(p), [load_cs(t)], Cs2StarConfig(raw_micrographs=raw))  # stems + suffix
     assert set(joined.particles.rlnMicrographName) == {f"MotionCorr/job002/Movies/{m}.mrc" for m in "abc"}
+
+
+def test_multi_class_alignments_take_the_most_probable_class(tmp_path):
+    """Heterogeneous refinement outputs: alignments_class_K/*, no alignments3D."""
+    rng = np.random.default_rng(5)
+    n = 12
+    rots = Rotation.random(2 * n, random_state=6).as_rotvec().reshape(2, n, 3)
+    post = rng.uniform(0, 1, (2, n))
+    dtype = [("uid", "<u8"), ("blob/path", "S20"), ("blob/idx", "<u4"), ("blob/psize_A", "<f4")]
+    for k in range(2):
+        dtype += [(f"alignments_class_{k}/pose", "<f4", (3,)), (f"alignments_class_{k}/shift", "<f4", (2,)),
+                  (f"alignments_class_{k}/psize_A", "<f4"), (f"alignments_class_{k}/class_posterior", "<f4"),
+                  (f"alignments_class_{k}/class", "<u4")]
+    arr = np.zeros(n, dtype=dtype)
+    arr["uid"] = np.arange(1, n + 1)
+    arr["blob/path"] = b"J3/stack.mrc"
+    arr["blob/idx"] = np.arange(n)
+    arr["blob/psize_A"] = 1.0
+    for k in range(2):
+        arr[f"alignments_class_{k}/pose"] = rots[k]
+        arr[f"alignments_class_{k}/shift"] = k + 1
+        arr[f"alignments_class_{k}/psize_A"] = 1.0
+        arr[f"alignments_class_{k}/class_posterior"] = post[k]
+        arr[f"alignments_class_{k}/class"] = k
+    f = _save_cs(tmp_path / "J3_020_particles.cs", arr)
+    tables = build_tables(load_cs(f), [], Cs2StarConfig(keep_image_names=True))
+    best = np.argmax(post, axis=0)
+    p = tables.particles
+    np.testing.assert_array_equal(p.rlnClassNumber, best + 1)
+    np.testing.assert_allclose(p.rlnOriginXAngst, best + 1.0)
+    want = rotvec_to_relion_matrix(rots[best, np.arange(n)])
+    got = relion_euler_to_matrix(p.rlnAngleRot, p.rlnAngleTilt, p.rlnAnglePsi)
+    assert np.abs(want - got).max() < 1e-5
+    assert any("most probable of 2" in note for note in tables.notes)
+
+
+def test_filament_tube_ids(tmp_path):
+    arr = np.zeros(5, dtype=[("uid", "<u8"), ("filament/filament_uid", "<u8")])
+    arr["uid"] = np.arange(1, 6)
+    arr["filament/filament_uid"] = [900, 900, 17, 900, 17]
+    tables = build_tables(load_cs(_save_cs(tmp_path / "f.cs", arr)), [], Cs2StarConfig())
+    assert tables.particles.rlnHelicalTubeID.tolist() == [2, 2, 1, 2, 1]
+
+
+def test_raw_micrographs_star_without_optics_block(tmp_path):
+    """A RELION 3.0 micrographs STAR: optics values in the micrograph rows."""
+    p, t, truth = synthetic(tmp_path)
+    mics = pd.DataFrame({"rlnMicrographName": [f"Raw/mic_000{k}.mrc" for k in (1, 2, 3)],
+                         "rlnDefocusU": [1e4, 2e4, 3e4], "rlnDefocusV": [1e4, 2e4, 3e4],
+                         "rlnDefocusAngle": [0.0, 0.0, 0.0], "rlnVoltage": [200.0] * 3,
+                         "rlnSphericalAberration": [2.0] * 3, "rlnAmplitudeContrast": [0.07] * 3})
+    starfile.write(mics, tmp_path / "r30.star")
+    tables = build_tables(load_cs(p), [load_cs(t)], Cs2StarConfig(raw_micrographs=tmp_path / "r30.star"))
+    assert tables.optics.rlnVoltage.tolist() == [200.0] and tables.optics.rlnOpticsGroup.tolist() == [1]
+    assert set(tables.particles.rlnOpticsGroup) == {1}
+    assert tables.optics.rlnImagePixelSize.tolist() == [pytest.approx(1.06)]  # the cs value, scale 1
+    assert sorted(set(tables.particles.rlnDefocusU)) == [1e4, 2e4, 3e4]
+
+
+def test_legacy_invert_needs_coordinates(real_data, tmp_path):
+    out = tmp_path / "x.star"
+    with pytest.raises(CryoDDMError, match="legacy-invert needs particle coordinates"):
+        collect(convert(real_data / "cryosparc" / "empiar_10076_7.cs", (), out, Cs2StarConfig(legacy_invert=True)))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_real_micrograph_is_not_a_cs(real_data, tmp_path):
+    mrc = real_data / "micrographs" / "Ucsf_stack_1142_DW.mrc"
+    with pytest.raises(InputError, match="Ucsf_stack_1142_DW.mrc: is neither a numpy .cs nor"):
+        collect(convert(mrc, (), tmp_path / "x.star"))
+    with pytest.raises(InputError, match="is a folder"):
+        load_cs(real_data)
