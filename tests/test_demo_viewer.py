@@ -1,0 +1,51 @@
+"""The workflow in one napari window: five dock widgets in order on the sample data, no dialogs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _walk_module():
+    spec = importlib.util.spec_from_file_location("cryoddm_screenshots", REPO / "scripts" / "screenshots.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.viewer
+@pytest.mark.slow
+def test_walk_the_five_widgets(make_napari_viewer, tmp_path, monkeypatch):
+    pytest.importorskip("napari_cryoddm._napari.widgets.predict")
+    from napari_cryoddm.io.mrc import read_image
+    from napari_cryoddm.predict import PredictConfig, PredictModel, denoise_array
+    from napari_cryoddm.sample import SampleConfig
+
+    monkeypatch.setenv("CRYODDM_CACHE_DIR", str(tmp_path / "cache"))
+    viewer = make_napari_viewer(show=True)
+    tiny = SampleConfig(n_micrographs=2, width=384, height=384, particles=3, seed=4)
+    out = _walk_module().walk(viewer, tmp_path / "walk", epochs=1, max_noise=6, sample_config=tiny)
+
+    # predict: the denoised layer is core predict's output for the checkpoint train made
+    raw_paths = [m["path"] for m in out["raw_layer"].metadata["cryoddm"]["micrographs"]]
+    layer = out["denoised_layer"]
+    data = layer.data[0] if layer.multiscale else layer.data
+    pm = PredictModel.from_checkpoint(out["checkpoint"])
+    for i, path in enumerate(raw_paths):
+        expected = denoise_array(pm, read_image(path), PredictConfig(device="cpu"))
+        got = np.asarray(data[i])[: expected.shape[0], : expected.shape[1]]
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+    # cs2star: the converted particles sit on the sample's true positions (within 1 px)
+    truth = np.asarray(out["particles_layer"].data)
+    got = np.asarray(out["cs2star_layer"].data)
+    assert len(got) == len(truth) == 6
+    for i in np.unique(truth[:, 0]):
+        t, g = truth[truth[:, 0] == i, 1:], got[got[:, 0] == i, 1:]
+        d = np.hypot(*(t[:, None, :] - g[None, :, :]).transpose(2, 0, 1))
+        assert d.min(axis=1).max() <= 1.0 and d.min(axis=0).max() <= 1.0
