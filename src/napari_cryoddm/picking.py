@@ -47,6 +47,14 @@ MIN_TRAINING_BOXES = 300
 
 #: The coordinate-free statistic is computed on a copy binned so the particle is this wide (px).
 STRUCTURE_DIAMETER_PX = 24.0
+#: The background (ice, gradients) removed before measuring structure: a Gaussian of this many
+#: particle diameters (0.5 beat 1 and 2 on the sample data: `benchmarks/bench_picker.py`).
+BACKGROUND_SIGMA = 0.5
+#: Local energy is averaged over a square of this many diameters.
+ENERGY_WINDOW = 1.0
+#: A box's score looks this many diameters beyond its edges (a particle centred just outside
+#: still reaches in).
+REACH = 0.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,7 +85,7 @@ class PickConfig:
         "unit": "px"})
     grid_step: int | None = field(default=None, metadata={
         "help": "candidate grid step; default box/8", "unit": "px", "widget": False})
-    empty_threshold: float = field(default=1.0, metadata={
+    empty_threshold: float = field(default=0.9, metadata={
         "help": "coordinate-free mode: propose boxes whose structure score is at most this "
                 "multiple of the micrograph's median box score (lower = stricter)",
         "label": "empty threshold"})
@@ -281,16 +289,17 @@ def structure_map(image: np.ndarray, diameter: float, box: int, step: int | None
     """Score every candidate box by the structure it holds.
 
     The image is robustly normalised (hot pixels clipped) and Fourier-binned so the particle is
-    ~24 px wide; pixel noise is damped by a 1 px Gaussian and the ice background and gradients are
-    removed by subtracting a Gaussian of σ = one particle diameter. The local energy of that
-    band-passed image, averaged over a particle-sized window, is high wherever a particle (or its
-    CTF fringes) lies. A box's score is the *largest* local energy whose window centre falls inside
-    the box — a particle reaching into a corner counts as much as one in the middle (the box mean
-    would dilute it; measured in `benchmarks/bench_picker.py`). Scores are divided by the
-    micrograph's median box score, so thresholds carry across micrographs. Boxes whose mean
-    background level is > 3 robust σ from the micrograph's (carbon, vacuum, contamination) are
+    ~24 px wide; pixel noise is damped by a 1 px Gaussian, and ice, gradients and the slow parts
+    of carbon edges are removed by subtracting a Gaussian of σ = half a particle diameter. The
+    local energy of that band-passed image, averaged over a particle-sized square, is high
+    wherever a particle (or its CTF fringes) lies. A box's score is the *largest* local energy
+    within the box grown by half a diameter on each side — a particle reaching into a corner, or
+    centred just outside, counts as much as one in the middle (the box mean dilutes it). Each
+    choice was measured on the sample data (`benchmarks/bench_picker.py`). Scores are divided by
+    the micrograph's median box score, so a threshold carries across micrographs; boxes whose
+    mean background is > 3 robust σ from the micrograph's (carbon, vacuum, contamination) are
     flagged as outliers.
-    """
+    """"""
     shape = image.shape
     step = int(step or max(1, box // 8))
     ys, xs = candidate_grid(shape, box, step, margin)
@@ -299,11 +308,13 @@ def structure_map(image: np.ndarray, diameter: float, box: int, step: int | None
     small = fourier_bin(img, factor) if factor > 1.0 + 1e-6 else img
     d_b = diameter / factor
     low = ndimage.gaussian_filter(small, 1.0, mode="reflect")
-    background = ndimage.gaussian_filter(small, d_b, mode="reflect")
+    background = ndimage.gaussian_filter(small, BACKGROUND_SIGMA * d_b, mode="reflect")
     band = low - background
-    energy = ndimage.uniform_filter(band * band, size=max(3, int(round(d_b))), mode="reflect")
+    energy = ndimage.uniform_filter(band * band, size=max(3, int(round(ENERGY_WINDOW * d_b))),
+                                    mode="reflect")
     wb = max(1, int(round(box / factor)))
-    box_max = ndimage.maximum_filter(energy, size=wb, mode="nearest")
+    reach = int(round(REACH * d_b))
+    box_max = ndimage.maximum_filter(energy, size=wb + 2 * reach, mode="nearest")
     box_mean = ndimage.uniform_filter(background, size=wb, mode="nearest")
     # box centre in continuous pixel coordinates, then in the binned frame (x_b = x / f)
     cy = (ys - box // 2 + (box - 1) / 2.0) / factor
@@ -324,7 +335,7 @@ def structure_map(image: np.ndarray, diameter: float, box: int, step: int | None
 
 
 def rank_empty_boxes(image: np.ndarray, diameter: float, box: int, max_boxes: int = 100,
-                     overlap: float = 0.0, threshold: float = 1.0, existing_xy=(),
+                     overlap: float = 0.0, threshold: float = 0.9, existing_xy=(),
                      margin: int = 0, step: int | None = None,
                      name: str = "") -> tuple[np.ndarray, np.ndarray]:
     """The emptiest boxes first: ((n, 2) integer (x, y) centres, their scores).
