@@ -299,7 +299,7 @@ def structure_map(image: np.ndarray, diameter: float, box: int, step: int | None
     the micrograph's median box score, so a threshold carries across micrographs; boxes whose
     mean background is > 3 robust σ from the micrograph's (carbon, vacuum, contamination) are
     flagged as outliers.
-    """"""
+    """
     shape = image.shape
     step = int(step or max(1, box // 8))
     ys, xs = candidate_grid(shape, box, step, margin)
