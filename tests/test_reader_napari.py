@@ -22,8 +22,8 @@ from napari_cryoddm._napari.reader import (coordinate_layer_data, get_coordinate
                                            get_micrograph_reader, micrograph_layer_data)
 from napari_cryoddm._napari.layers import (add_boxes_layer, current_slice, micrograph_layers,
                                            micrograph_names, points_table)
-from napari_cryoddm._napari.widgets.attach import AttachWidget, attach_layer
-from napari_cryoddm._napari.writer import write_image, write_points
+from napari_cryoddm._napari.widgets.attach import AttachWidget
+from napari_cryoddm._napari.writer import points_to_table, write_image, write_points
 
 PLUGIN = "napari-cryoddm"
 VOXEL = 2.5
@@ -277,7 +277,9 @@ def test_add_boxes_layer_helper(make_napari_viewer, folder):
     (image,) = viewer.open(folder, plugin=PLUGIN)
     layer = add_boxes_layer(viewer, np.array([[2, 10, 20]]), "noise", 128, image_layer=image)
     assert layer.features["micrograph"].tolist() == ["mic_b.mrc.gz"]
-    assert layer.metadata["cryoddm"] == {"kind": "noise", "source": None, "box_size": 128}
+    assert layer.metadata["cryoddm"] == {"kind": "noise", "source": None, "box_size": 128,
+                                         "attached_to": image.name,
+                                         "micrograph_names": micrograph_names(image)}
     np.testing.assert_allclose(layer.scale, image.scale)
     assert micrograph_names(image)[2] == "mic_b.mrc.gz"
     with pytest.raises(CryoDDMError, match="kind must be one of"):
@@ -286,7 +288,9 @@ def test_add_boxes_layer_helper(make_napari_viewer, folder):
     layer.add([0, 5, 5])
     assert layer.features["micrograph"].tolist() == ["mic_b.mrc.gz", ""]
     assert points_table(layer, image)["micrograph"].tolist() == ["mic_b.mrc.gz", "Ucsf_stack_1142_DW.mrc"]
-    attach_layer  # the widget's core is importable for other widgets
+    # the writer names the hand-drawn box from the stored slice names, without the viewer
+    table = points_to_table(layer.data, layer._get_state())
+    assert table["micrograph"].tolist() == ["mic_b.mrc.gz", "Ucsf_stack_1142_DW.mrc"]
 
 
 @pytest.mark.viewer

@@ -85,8 +85,7 @@ def is_boxes_layer(layer: Any, kind: str | None = None) -> bool:
 
 def points_layers(viewer: Any, kind: str | None = None) -> list:
     """Points layers; with `kind`, only boxes layers of that kind."""
-    return [layer for layer in viewer.layers if is_boxes_layer(layer, kind)
-            and (kind is None or cryoddm_metadata(layer).get("kind") == kind)]
+    return [layer for layer in viewer.layers if is_boxes_layer(layer, kind)]
 
 
 def boxes_layer_kwargs(kind: str, box_size: int, source: str | None = None,
@@ -133,6 +132,9 @@ def add_boxes_layer(viewer: Any, data: np.ndarray | None, kind: str, box_size: i
             idx = np.clip(np.round(data[:, 0]).astype(int), 0, max(len(names) - 1, 0))
             features = pd.DataFrame({"micrograph": [names[i] for i in idx] if names else []})
     scale = tuple(image_layer.scale) if image_layer is not None else None
+    if image_layer is not None:  # lets the writer name boxes drawn by hand, without the viewer
+        extra_meta.setdefault("attached_to", image_layer.name)
+        extra_meta.setdefault("micrograph_names", micrograph_names_of(image_layer))
     kw = boxes_layer_kwargs(kind, box_size, source, scale, name, features, **extra_meta)
     layer = viewer.add_points(data, **kw)
     if image_layer is not None:
@@ -187,17 +189,20 @@ def points_table(layer: Any, image_layer: Any = None) -> pd.DataFrame:
     """The layer's boxes as a table: `micrograph`, `x` (column), `y` (row), features kept.
 
     Names come from `features["micrograph"]`; empty names (points drawn by hand) are filled from
-    `image_layer`'s slice names through the leading index."""
-    data = np.asarray(layer.data, dtype=float).reshape(-1, layer.data.shape[1] if len(
-        layer.data) else 3)
+    the slice names of `image_layer` (or those stored in the layer's metadata when it was
+    attached) through the leading index."""
+    data = np.asarray(layer.data, dtype=float)
+    if data.ndim != 2:
+        data = data.reshape(-1, 3)
     features = layer.features.reset_index(drop=True).copy() if len(layer.features) == len(
         data) else pd.DataFrame(index=range(len(data)))
     if data.shape[1] == 2:
         data = np.column_stack([np.zeros(len(data)), data])
     names = (features["micrograph"].astype(str).tolist() if "micrograph" in features.columns
              else [""] * len(data))
-    if image_layer is not None:
-        stack = micrograph_names(image_layer)
+    stack = (micrograph_names(image_layer) if image_layer is not None
+             else list(cryoddm_metadata(layer).get("micrograph_names") or []))
+    if stack:
         idx = np.round(data[:, 0]).astype(int)
         names = [n if n and n != "nan" else (stack[i] if 0 <= i < len(stack) else "")
                  for n, i in zip(names, idx)]
