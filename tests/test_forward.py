@@ -481,6 +481,10 @@ def test_cli_bad_input_exits_2_and_writes_nothing(synth, tmp_path, capsys):
     assert main(["forward", *args, "--preset", "config2", "--beta", "0.1"]) == 2
     assert "--preset config2 fixes the schedule" in capsys.readouterr().err
     assert main(["forward", *args, "--window", "100"]) == 2
+    assert main(["forward", *args, "--dry-run", "--diameter", "80", "--window", "128"]) == 0
+    said = capsys.readouterr().out
+    assert "would write 12 crops from 2 of 2 micrographs (1 leave the image" in said
+    assert "6 noise patches, W = 128 px" in said and "warning: the particle (d = 80 px)" in said
     _nothing_written(tmp_path)
     assert main(["forward", *args, "--preset", "config2", "--normalise", "minmax"]) == 0
     m = read_manifest(tmp_path / "fw")
@@ -540,3 +544,16 @@ def test_micrographs_with_the_same_stem_are_refused(synth, tmp_path):
     with pytest.raises(CryoDDMError, match="share a name stem"):
         plan_forward([*synth["mics"], other / "mic_000.mrc"], synth["star"], synth["noise"],
                      ForwardConfig(diameter=20))
+
+
+def test_fractional_binning_keeps_crops_centred(synth, tmp_path):
+    out = tmp_path / "fw"
+    _run(synth, out, BINNED_NOISE.assign(x=[180, 200], y=[170, 190]), jitter=0.0, bin=1.6,
+         window=128, diameter=32)
+    m = read_manifest(out)
+    assert m["bin_factor"] == 1.6 and m["micrographs"][0]["shape"] == [250, 280]
+    for e in m["crops"]:
+        assert (e["x"], e["y"]) == (int(np.floor(e["particle_x"] + 0.5)), int(np.floor(e["particle_y"] + 0.5)))
+    s1, _, _ = _stack(out / "s1/particles.mrcs")
+    assert len(s1) > 0
+    _assert_centred(s1, sigma=SIGMA / 1.6, reach=10)

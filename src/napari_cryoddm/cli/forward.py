@@ -8,7 +8,7 @@ import warnings
 
 from ..config import add_config_arguments, config_from_args
 from ..errors import CryoDDMError
-from ..forward import PRESETS, ForwardConfig, run_forward
+from ..forward import PRESETS, ForwardConfig, plan_forward, run_forward
 from ..jobs import CancelToken, run_job
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=(*PRESETS, "custom"), default=None,
                    help="noise schedule: config1 (β 0.1288, T 5, start 2; the default), config2 "
                         "(β 0.1, T 6, start 2); giving --beta/--steps/--start means custom")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the inputs and print what would be written (crops, noise patches, "
+                        "W, warnings) without reading pixels or writing anything")
     add_config_arguments(p, ForwardConfig)
     p.set_defaults(func=run)
 
@@ -54,6 +57,20 @@ def config_from(args: argparse.Namespace) -> ForwardConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from(args)
+    if args.dry_run:
+        plan = plan_forward(args.micrographs, args.particles, args.noise, config, args.out)
+        c = plan.counts
+        beta, steps, start = plan.schedule
+        gb = (c["crops"] * (1 + 2 * (steps - start) + 2) + c["noise"]) * plan.window ** 2 * 4 / 1e9
+        print(f"{args.out}: would write {c['crops']} crops from {len(set(plan.crops.micrograph))} of "
+              f"{len(plan.micrographs)} micrographs ({c['skipped_outside']} leave the image, "
+              f"{c['skipped_limit']} over the limits, {c['unmatched_particles']} match no micrograph), "
+              f"{c['noise']} noise patches, W = {plan.window} px, d = {plan.diameter_px:.1f} px, "
+              f"bin ×{plan.factor:g}, β {beta}, T {steps}, start {start}: {c['s2_pairs']} s2 pairs, "
+              f"{c['val_pairs']} val pairs, about {gb:.2f} GB")
+        for msg in plan.warnings:
+            print(f"warning: {msg}")
+        return 0
     cancel = CancelToken()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # shown once through logging instead
