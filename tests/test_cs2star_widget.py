@@ -137,3 +137,26 @@ def test_widget_from_the_manifest(make_napari_viewer):
     from napari_cryoddm._napari.widgets.cs2star import Cs2StarWidget
 
     assert isinstance(widget, Cs2StarWidget)
+
+
+def test_stop_leaves_nothing(viewer_with_micrographs, sample_set, tmp_path, monkeypatch):
+    """Stop (the job's cancel token set before its first item) reports and writes nothing."""
+    from napari_cryoddm._napari.widgets import cs2star as mod
+    from napari_cryoddm.jobs import CancelToken
+
+    viewer, _ = viewer_with_micrographs
+    widget = _widget(viewer)
+    widget._particles.value = sample_set.particles_cs
+    widget._output.value = tmp_path / "stopped.star"
+    real = mod.start_job
+
+    def cancelled_start(make_job, *args, **kwargs):
+        def job(cancel: CancelToken):
+            cancel.cancel()
+            return make_job(cancel)
+        return real(job, *args, **kwargs)
+
+    monkeypatch.setattr(mod, "start_job", cancelled_start)
+    widget.run()
+    assert widget._status.value == "stopped; nothing was written"
+    assert not (tmp_path / "stopped.star").exists() and widget._run_button.enabled

@@ -624,7 +624,7 @@ def legacy_invert_table(tables: StarTables) -> pd.DataFrame:
     return out
 
 
-_LEGACY_WARNING = ("invert.star flips Y back (Y' = height − Y), undoing the conversion's own Y "
+_LEGACY_WARNING = ("the legacy invert.star flips Y back (Y' = height − Y), undoing the conversion's own Y "
                    "inversion: its particles sit at mirrored rows unless your micrographs are "
                    "Y-flipped against cryoSPARC's. Check it with an overlay before using it.")
 

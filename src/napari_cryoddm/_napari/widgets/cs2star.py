@@ -18,6 +18,7 @@ from ...attach import AttachResult, attach_coordinates
 from ...cs2star import UID_PATTERN, Cs2StarConfig, Cs2StarResult, convert, convert_job_dirs
 from ...errors import CryoDDMError
 from ...io.star import read_coordinates, read_star_blocks
+from ...jobs import Cancelled
 from ..layers import DEFAULT_BOX_SIZE, add_boxes_layer, micrograph_layers, micrographs
 from ..workers import JobHandle, notify, report_error, start_job
 from ._form import ConfigForm
@@ -172,6 +173,10 @@ class Cs2StarWidget(Container):
         self._stop_button.enabled = False
 
     def _failed(self, exc: BaseException) -> None:
+        if isinstance(exc, Cancelled):  # Stop: outputs are written atomically, so none exist
+            self._status.value = "stopped; nothing was written"
+            notify("cs2star stopped; nothing was written")
+            return
         self._status.value = f"failed: {exc}"
         report_error(exc)
 
