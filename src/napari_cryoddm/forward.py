@@ -419,6 +419,8 @@ class StackWriter:
             warnings.simplefilter("ignore")
             with mrcfile.new_mmap(path, shape=(n, window, window), mrc_mode=2, overwrite=True) as mrc:
                 mrc.set_image_stack()
+                mrc.header.label[0] = b""  # no "Created by mrcfile.py <time>": seeded runs are
+                mrc.header.nlabl = 0       # byte-identical
                 if voxel_size:
                     mrc.voxel_size = float(voxel_size)
                 if label:
