@@ -307,3 +307,25 @@ def test_files_opened_as_stack_and_dock_widget_from_manifest(make_napari_viewer,
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Attach coordinates")
     assert isinstance(widget, AttachWidget)
     assert [name for name, _ in widget._image_choices()] == [layer.name]
+
+
+def test_attach_core_outside_unmatched_and_round_trip():
+    from napari_cryoddm.attach import attach_coordinates, detach_points
+
+    table = pd.DataFrame({"micrograph": ["Micrographs/a.mrc", "a_autopick", "b.mrc", "zz.mrc", "b.mrc"],
+                          "x": [10.0, 2000.0, 5.5, 1.0, -3.0], "y": [20.0, 30.0, 6.5, 1.0, 4.0],
+                          "rlnAutopickFigureOfMerit": [0.1, 0.2, 0.3, 0.4, 0.5]})
+    r = attach_coordinates(table, ["a.mrcs.gz", "b.mrc"], shapes=[[100, 1000], [50, 60]])
+    assert r.unmatched == ["zz.mrc"] and r.n_unmatched_points == 1
+    np.testing.assert_allclose(r.points, [[0, 20, 10], [0, 30, 2000], [1, 6.5, 5.5], [1, 4, -3]])
+    assert r.features["micrograph"].tolist() == ["a.mrcs.gz", "a.mrcs.gz", "b.mrc", "b.mrc"]
+    assert r.features["source_micrograph"].tolist()[:2] == ["Micrographs/a.mrc", "a_autopick"]
+    assert r.n_outside == 2  # x = 2000 beyond 1000 columns; x = −3
+    assert "attached 4 points to 2 micrographs" in r.summary() and "zz.mrc" in r.summary()
+    back = detach_points(r.points, r.features)
+    assert back.columns.tolist() == ["micrograph", "x", "y", "rlnAutopickFigureOfMerit"]
+    np.testing.assert_allclose(back["x"], [10, 2000, 5.5, -3])
+    with pytest.raises(CryoDDMError, match="none of the coordinates' micrographs is open"):
+        attach_coordinates(table.iloc[3:4], ["a.mrc"])
+    with pytest.raises(CryoDDMError, match="no micrographs to attach"):
+        attach_coordinates(table, [])
