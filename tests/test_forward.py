@@ -184,6 +184,10 @@ def test_run_layout_recurrence_and_manifest(synth, tmp_path):
     assert s2i.shape == s2l.shape == (3 * n, w, w) and vi.shape == vl.shape == (n, w, w)
     assert all(a.dtype == np.float32 for a in (s1, s3, s2i, s2l, vi, vl))
     assert vs == pytest.approx(1.5) and int(h1.ispg) == 0
+    import io
+    for f in ("s1/particles.mrcs", "s2/input.mrcs", "s2/label.mrcs", "val/input.mrcs",
+              "val/label.mrcs", "s3/noise.mrcs"):
+        assert mrcfile.validate(out / f, print_file=io.StringIO()), f
     assert float(h1.dmax) == pytest.approx(float(s1.max()), rel=1e-6)
     assert float(h1.dmean) == pytest.approx(float(s1.astype(np.float64).mean()), rel=1e-4, abs=1e-4)
 

@@ -81,4 +81,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{result.out}: {c['crops']} crops ({c['skipped_outside']} left the image, "
           f"{c['skipped_limit']} over the limits), {c['noise']} noise patches, W = {result.window} px, "
           f"β {beta}, T {steps}, start {start}: {c['s2_pairs']} s2 pairs, {c['val_pairs']} val pairs")
-    return 0
+    if c["unmatched_particles"] or c["unmatched_noise"]:
+        print(f"note: {c['unmatched_particles']} particles and {c['unmatched_noise']} noise boxes name "
+              f"micrographs that were not given (left out)")
+    return 0  # warnings went to the log (stderr) as they arose
