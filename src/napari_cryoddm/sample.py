@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -427,10 +426,11 @@ def ice_field(rng: np.random.Generator, shape: tuple[int, int], k_max: float = I
     kx = np.fft.rfftfreq(nx, 1.0 / nx)[None, :]
     support = (ky ** 2 + kx ** 2 <= k_max ** 2 + 1e-9) & ((ky != 0) | (kx != 0))
     n = int(support.sum())
-    spec = np.zeros((ny, nx // 2 + 1), dtype=np.complex128)
+    spec = np.zeros((ny, nx // 2 + 1), dtype=np.complex64)
     spec[support] = rng.standard_normal(n) + 1j * rng.standard_normal(n)
-    field_ = np.fft.irfft2(spec, s=shape)
-    return field_ / field_.std()
+    field_ = sfft.irfft2(spec, s=shape, workers=-1)
+    field_ /= np.float32(field_.std(dtype=np.float64))
+    return field_
 
 
 def particle_reference(molecule: Molecule, rotation: Rotation, defocus: float, config: SampleConfig,
@@ -487,7 +487,7 @@ def place_particles(rng: np.random.Generator, n: int, shape: tuple[int, int], di
 
 @dataclass(eq=False)
 class SimulatedMicrograph:
-    """One micrograph and everything known about it (all float64 until written)."""
+    """One micrograph and everything known about it (float32 images, as written)."""
 
     name: str
     noisy: np.ndarray
@@ -540,11 +540,13 @@ def simulate_micrograph(config: SampleConfig, molecule: Molecule, index: int) ->
                             pshape, shape), ENVELOPE_FRACTION)
     var_env = float(np.var(signal[mask], dtype=np.float64)) if mask.any() else 0.0
     scale = math.sqrt(config.snr / var_env) if var_env > 0 else 1.0   # makes the noise σ = 1
-    clean = signal.astype(np.float64) * scale
-    ice = ice_field(rng, shape) * config.ice
-    noise = rng.standard_normal(shape)
-    noisy = clean + ice + noise
-    snr = envelope_snr(clean, float(np.var(noise)), mask) if mask.any() else 0.0
+    clean = signal * np.float32(scale)
+    ice = ice_field(rng, shape) * np.float32(config.ice)
+    noisy = rng.standard_normal(shape).astype(np.float32)   # numpy's standard float64 draws
+    noise_var = float(np.var(noisy, dtype=np.float64))
+    noisy += clean
+    noisy += ice
+    snr = envelope_snr(clean, noise_var, mask) if mask.any() else 0.0
 
     angles = relion_angles(rotations) if n else np.zeros((0, 3))
     particles = pd.DataFrame({
@@ -561,8 +563,9 @@ def simulate_micrograph(config: SampleConfig, molecule: Molecule, index: int) ->
 
 
 def default_workers() -> int:
-    """Threads for simulating micrographs: FFTs and ufuncs release the GIL, so two help."""
-    return max(1, min(2, os.cpu_count() or 1))
+    """Threads simulating micrographs ahead. One: each micrograph's FFTs already use every core,
+    and on 2 busy cores a second thread measured slower (benchmarks/bench_sample.py)."""
+    return 1
 
 
 def iter_micrographs(config: SampleConfig, molecule: Molecule | None = None,
@@ -612,7 +615,7 @@ class SampleArrays:
 
 
 def sample_arrays(config: SampleConfig | None = None) -> SampleArrays:
-    """The whole set in memory (the same numbers `generate_sample` writes, before float32)."""
+    """The whole set in memory: the same float32 pixels `generate_sample` writes."""
     config = (config or SampleConfig()).validate()
     molecule = molecule_for(config)
     n, (ny, nx) = config.n_micrographs, config.shape
