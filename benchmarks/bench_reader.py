@@ -56,6 +56,23 @@ def _rss_mb() -> float:
 
 def phase(method: str, folder: Path, index: int) -> dict:
     """Runs in a child process; prints one JSON line."""
+    if method == "napari":
+        import napari
+
+        viewer = napari.Viewer(show=True)
+        base = _rss_mb()
+        t0 = time.perf_counter()
+        (layer,) = viewer.open(folder, plugin="napari-cryoddm")
+        viewer.screenshot(canvas_only=True, flash=False)  # forces the first draw
+        t_first = time.perf_counter() - t0
+        shown = int(viewer.dims.current_step[0])  # napari starts on the middle micrograph
+        t1 = time.perf_counter()
+        viewer.dims.set_point(0, (shown + 1) % layer.data[0].shape[0])
+        viewer.screenshot(canvas_only=True, flash=False)
+        t_next = time.perf_counter() - t1
+        viewer.close()
+        return {"open_and_draw_s": t_first, "draw_other_slice_s": t_next,
+                "peak_rss_mb": _rss_mb(), "base_rss_mb": base}
     if method == "lazy":
         from napari_cryoddm._napari.reader import micrograph_layer_data
 
@@ -97,8 +114,10 @@ def phase(method: str, folder: Path, index: int) -> dict:
 
 
 def run_child(method: str, folder: Path, index: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--phase", method, "--dir", str(folder),
-                          "--index", str(index)], capture_output=True, text=True)
+    cmd = [sys.executable, __file__, "--phase", method, "--dir", str(folder), "--index", str(index)]
+    if method == "napari" and not os.environ.get("DISPLAY") and shutil.which("xvfb-run"):
+        cmd = ["xvfb-run", "-a", *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{method} phase failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -111,7 +130,10 @@ def main() -> None:
     ap.add_argument("--synthetic", action="store_true", help="float32 noise instead of the real file")
     ap.add_argument("--dir", type=Path, help="folder for the files (default: a temporary one)")
     ap.add_argument("--index", type=int, default=None, help="the slice to show (default: the middle)")
-    ap.add_argument("--phase", choices=("lazy", "eager"), help=argparse.SUPPRESS)
+    ap.add_argument("--napari", action="store_true",
+                    help="also time napari itself: viewer.open + first draw, then another slice "
+                         "(needs a display or xvfb-run)")
+    ap.add_argument("--phase", choices=("lazy", "eager", "napari"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.phase:
         print(json.dumps(phase(args.phase, args.dir, args.index)))
@@ -153,6 +175,12 @@ def main() -> None:
               f"{eager['peak_rss_mb'] / lazy['peak_rss_mb']:.1f}× |")
         print(f"| peak RSS above the interpreter and imports (MB) | {la:.0f} | {ea:.0f} | "
               f"{ea / max(la, 1):.0f}× |")
+        if args.napari:
+            nap = run_child("napari", folder, index)
+            print(f"\nIn napari (Viewer shown, plugin reader): `viewer.open(folder)` + first draw "
+                  f"{nap['open_and_draw_s']:.2f} s; drawing another micrograph "
+                  f"{nap['draw_other_slice_s']:.2f} s; peak RSS {nap['peak_rss_mb']:.0f} MB "
+                  f"({nap['peak_rss_mb'] - nap['base_rss_mb']:.0f} MB above the viewer's own).")
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
