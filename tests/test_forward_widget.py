@@ -88,15 +88,29 @@ def test_preview_shows_one_chain_as_a_stack(make_napari_viewer, data):
     w._preview_crop.value = 1
     w.run_preview()
     layer = viewer.layers["forward chain x0…xT"]
-    assert layer.data.shape == (6, 128, 128)
-    x0 = ndi.gaussian_filter(np.asarray(layer.data[0], dtype=float), 3)
+    # a step axis before the micrograph axis; the chain sits on the crop's window (crop 1 is the
+    # particle at x 200, y 150 of micrograph 0)
+    assert layer.data.shape == (6, 1, 128, 128)
+    np.testing.assert_allclose(layer.translate, (0, 0, 150 - 64, 200 - 64))
+    assert viewer.dims.axis_labels[:2] == ("step k", "micrograph")
+    chain = np.asarray(layer.data)[:, 0]
+    # x_0 is the micrograph under the window, normalised (clipped, then a linear map)
+    raw = data[2][0, 150 - 64:150 + 64, 200 - 64:200 + 64]
+    assert np.corrcoef(chain[0].ravel(), raw.ravel())[0, 1] > 0.99  # (the blob top is clipped)
+    x0 = ndi.gaussian_filter(chain[0].astype(float), 3)
     near = x0[48:81, 48:81]
-    assert np.unravel_index(np.argmax(near), near.shape) in {(16, 16), (15, 16), (16, 15), (17, 16), (16, 17)}
+    py, px = np.unravel_index(np.argmax(near), near.shape)
+    assert abs(py - 16) <= 1 and abs(px - 16) <= 1
     # the particle fades along the chain: x_T keeps 6 % of x_0
-    c0 = np.corrcoef(layer.data[0].ravel(), layer.data[1].ravel())[0, 1]
-    c5 = np.corrcoef(layer.data[0].ravel(), layer.data[5].ravel())[0, 1]
-    assert c0 > 0.9 > 0.5 > c5
-    assert "crop 1 of 5" in w._status.value
+    c1 = np.corrcoef(chain[0].ravel(), chain[1].ravel())[0, 1]
+    c5 = np.corrcoef(chain[0].ravel(), chain[5].ravel())[0, 1]
+    assert c1 > 0.9 > 0.5 > c5
+    assert "crop 1 of 5 (mic_0.mrc, x 200, y 150)" in w._status.value
+    # a second preview replaces the layer; from files (no micrograph layer) it is a plain stack
+    w._preview_crop.value = 4
+    w.run_preview()
+    assert [lay.name for lay in viewer.layers].count("forward chain x0…xT") == 1
+    np.testing.assert_allclose(viewer.layers["forward chain x0…xT"].translate, (0, 1, 100 - 64, 230 - 64))
 
 
 def test_run_writes_the_dataset_from_layers(make_napari_viewer, data, tmp_path):

@@ -78,6 +78,7 @@ class ForwardWidget(Container):
         self._cancel: CancelToken | None = None
         self.result: ForwardResult | None = None
         self.preview: np.ndarray | None = None
+        self.preview_layer: Any = None
         self._preview_button.changed.connect(self.run_preview)
         self._run_button.changed.connect(self.run)
         self._stop_button.changed.connect(self.stop)
@@ -166,31 +167,52 @@ class ForwardWidget(Container):
             self._status.value = str(exc)
             return
         crop = int(self._preview_crop.value)
+        image = self._micrographs.value
 
         def job(cancel):
             yield Progress(0, 1, "previewing one chain")
             return preview_chain(mics, particles, noise, config, crop=crop)
 
-        start_job(job, "forward preview", on_done=self._show_preview, on_error=self._failed)
+        start_job(job, "forward preview", on_done=lambda r: self._show_preview(r, image, crop),
+                  on_error=self._failed)
 
-    def _show_preview(self, result: tuple[np.ndarray, Any]) -> None:
+    def _show_preview(self, result: tuple[np.ndarray, Any], image: Any = None, crop: int = 0) -> None:
+        """Add the chain as an image stack. Over a micrograph layer it gets its own leading "step"
+        axis and sits exactly on the crop's window in its micrograph (binned pixels scaled back),
+        so the micrograph slider and the step slider are independent."""
         xs, plan = result
         self.preview = xs
         beta, steps, start = plan.schedule
+        crop = int(np.clip(crop, 0, len(plan.crops) - 1))
+        row = plan.crops.iloc[crop]
         lo, hi = (float(v) for v in np.percentile(xs[0], [1, 99]))
-        meta = {"cryoddm": {"kind": "forward_preview", "window": plan.window, "schedule":
-                            {"beta": beta, "steps": steps, "start": start}}}
+        meta = {"cryoddm": {"kind": "forward_preview", "window": plan.window, "crop": crop,
+                            "micrograph": plan.micrographs[int(row.micrograph)].path.name,
+                            "x": int(row.x), "y": int(row.y), "bin_factor": plan.factor,
+                            "schedule": {"beta": beta, "steps": steps, "start": start}}}
+        kw: dict[str, Any] = {"name": PREVIEW_LAYER, "colormap": "gray", "metadata": meta,
+                              "contrast_limits": (lo, hi if hi > lo else lo + 1)}
+        data = xs
+        if image is not None and image.ndim == 3:
+            f, h, mi = plan.factor, plan.window // 2, int(row.micrograph)
+            si, sy, sx = (float(v) for v in image.scale)
+            ti, ty, tx = (float(v) for v in image.translate)
+            data = xs[:, None]  # (T+1, 1, W, W): step, micrograph, y, x
+            kw["scale"] = (1.0, si, sy * f, sx * f)
+            kw["translate"] = (0.0, ti + mi * si, ty + (int(row.y) - h) * f * sy,
+                               tx + (int(row.x) - h) * f * sx)
         if PREVIEW_LAYER in self.viewer.layers:
-            layer = self.viewer.layers[PREVIEW_LAYER]
-            layer.data = xs
-            layer.metadata = meta
-            layer.contrast_limits = (lo, hi if hi > lo else lo + 1)
-        else:
-            self.viewer.add_image(xs, name=PREVIEW_LAYER, colormap="gray", metadata=meta,
-                                  contrast_limits=(lo, hi if hi > lo else lo + 1))
-        self._status.value = (f"preview: crop {int(self._preview_crop.value)} of "
-                              f"{plan.counts['crops']}, W = {plan.window} px, steps 0…{steps} "
-                              f"(pairs saved from k = {start})")
+            self.viewer.layers.remove(PREVIEW_LAYER)
+        layer = self.viewer.add_image(data, **kw)
+        if data.ndim == 4:
+            self.viewer.dims.axis_labels = ("step k", "micrograph", "y", "x")
+            self.viewer.dims.set_point(1, kw["translate"][1])
+            self.viewer.dims.set_point(0, 0)
+        self.preview_layer = layer
+        self._status.value = (f"preview: crop {crop} of {plan.counts['crops']} "
+                              f"({meta['cryoddm']['micrograph']}, x {int(row.x)}, y {int(row.y)}"
+                              f"{'' if plan.factor == 1 else f' binned ×{plan.factor:g}'}), "
+                              f"W = {plan.window} px, steps 0…{steps} (pairs saved from k = {start})")
 
     def run(self, *_: Any) -> JobHandle | None:
         """Write the dataset (threaded, with progress; inline under CRYODDM_NAPARI_NOTHREADS)."""
