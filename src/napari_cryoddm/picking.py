@@ -178,23 +178,32 @@ def candidate_grid(shape: tuple[int, int], box: int, step: int | None = None,
 
 
 def particle_clear_mask(ys: np.ndarray, xs: np.ndarray, box: int, particles_xy: np.ndarray,
-                        diameter: float, chunk: int = 256) -> np.ndarray:
-    """(len(ys), len(xs)) True where no particle disc of `diameter` reaches into the box."""
+                        diameter: float) -> np.ndarray:
+    """(len(ys), len(xs)) True where no particle disc of `diameter` reaches into the box.
+
+    Each particle can only reach boxes whose centres lie in a small rectangle of the grid
+    (found by binary search); the exact disc-to-square distance is tested there only.
+    """
     clear = np.ones((len(ys), len(xs)), dtype=bool)
     pts = np.asarray(particles_xy, dtype=np.float64).reshape(-1, 2)
     if len(pts) == 0 or clear.size == 0:
         return clear
-    r2 = (diameter / 2.0) ** 2
-    for s in range(0, len(pts), chunk):
-        p = pts[s:s + chunk]
-        gx2 = _axis_gap(xs, p[:, 0], box) ** 2  # (P, nx)
-        gy2 = _axis_gap(ys, p[:, 1], box) ** 2  # (P, ny)
-        # only particles near an axis interval can hit; skip the (P, ny, nx) product where not
-        near = (gx2.min(axis=1) < r2) & (gy2.min(axis=1) < r2)
-        if not near.any():
-            continue
-        hit = (gy2[near][:, :, None] + gx2[near][:, None, :]) < r2
-        clear &= ~hit.any(axis=0)
+    r = diameter / 2.0
+    r2 = r * r
+    h = box // 2
+    # gap < r along an axis  ⇔  p − (box − h) + 0.5 − r < c < p + h + 0.5 + r
+    j0 = np.searchsorted(xs, pts[:, 0] - (box - h) + 0.5 - r, side="right")
+    j1 = np.searchsorted(xs, pts[:, 0] + h + 0.5 + r, side="left")
+    i0 = np.searchsorted(ys, pts[:, 1] - (box - h) + 0.5 - r, side="right")
+    i1 = np.searchsorted(ys, pts[:, 1] + h + 0.5 + r, side="left")
+    lo_x = xs.astype(np.float64) - h - 0.5  # box intervals [lo, lo + box] per grid column/row
+    lo_y = ys.astype(np.float64) - h - 0.5
+    for k in np.flatnonzero((j1 > j0) & (i1 > i0)).tolist():
+        a, b, c, d = int(i0[k]), int(i1[k]), int(j0[k]), int(j1[k])
+        px, py = pts[k]
+        gx = np.maximum(0.0, np.maximum(lo_x[c:d] - px, px - lo_x[c:d] - box))
+        gy = np.maximum(0.0, np.maximum(lo_y[a:b] - py, py - lo_y[a:b] - box))
+        clear[a:b, c:d] &= np.add.outer(gy * gy, gx * gx) >= r2
     return clear
 
 
@@ -221,21 +230,26 @@ def _blocked_by(ys: np.ndarray, xs: np.ndarray, boxes_xy: np.ndarray, box: int,
 
 def _greedy(order: np.ndarray, ys: np.ndarray, xs: np.ndarray, box: int, step: int,
             overlap: float, blocked: np.ndarray, limit: int) -> list[tuple[int, int]]:
-    """Accept cells in `order` (flat indices) unless blocked; each acceptance blocks its stencil."""
+    """Accept cells in `order` (flat indices) unless blocked; each acceptance blocks its stencil.
+
+    Sequential semantics, vectorised: after each acceptance the remaining order is filtered
+    at once, so the cost grows with the number accepted (≤ limit), not the grid size.
+    """
     stencil = _conflict_stencil(box, step, overlap)
     k = stencil.shape[0] // 2
     ny, nx = blocked.shape
     flat = blocked.reshape(-1)
     chosen: list[tuple[int, int]] = []
-    for f in order:
-        if len(chosen) >= limit:
-            break
-        if flat[f]:
-            continue
-        i, j = divmod(int(f), nx)
+    rest = np.asarray(order, dtype=np.int64)
+    rest = rest[~flat[rest]]
+    while len(rest) and len(chosen) < limit:
+        f = int(rest[0])
+        i, j = divmod(f, nx)
         chosen.append((int(xs[j]), int(ys[i])))
         i0, i1, j0, j1 = max(0, i - k), min(ny, i + k + 1), max(0, j - k), min(nx, j + k + 1)
         blocked[i0:i1, j0:j1] |= stencil[i0 - (i - k):i1 - (i - k), j0 - (j - k):j1 - (j - k)]
+        rest = rest[1:]
+        rest = rest[~flat[rest]]
     return chosen
 
 
