@@ -365,3 +365,25 @@ def test_cli_trains_and_reports_errors(fw, tmp_path, capsys):
     assert meta["seed"] == 7 and meta["augment"] is False
     rc = main(["train", str(tmp_path / "missing"), "-o", str(tmp_path / "x")])
     assert rc == 2 and "no such folder" in capsys.readouterr().err
+
+
+def test_init_from_an_original_pth_fine_tunes_from_its_weights(small, tmp_path, monkeypatch):
+    import importlib
+
+    from train_fixtures import UNET2D_SOURCE
+
+    (tmp_path / "orig").mkdir()
+    (tmp_path / "orig" / "unet2d.py").write_text(UNET2D_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path / "orig"))
+    sys.modules.pop("unet2d", None)
+    torch.manual_seed(11)
+    original = importlib.import_module("unet2d").UDenoiseNet()
+    torch.save(original, tmp_path / "71.pth")
+    sys.modules.pop("unet2d", None)
+    with pytest.warns(UserWarning, match="trained on minmax normalised data"):
+        res = collect(train(small["folder"], tmp_path / "ft",
+                            _cfg(epochs=1, batch_size=2, recipe="original", lr=1e-12, init=tmp_path / "71.pth")))
+    lc = load_checkpoint(res.last)
+    assert lc.metadata["init"]["kind"] == "original-module"
+    for k, v in original.state_dict().items():
+        torch.testing.assert_close(lc.model.state_dict()[k], v, rtol=0, atol=1e-6)

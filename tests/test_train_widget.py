@@ -107,3 +107,26 @@ def test_widget_from_the_manifest(make_napari_viewer):
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget("napari-cryoddm", "Train")
     assert isinstance(widget, TrainWidget)
+
+
+def test_training_in_a_thread_keeps_the_viewer_responsive(make_napari_viewer, data, tmp_path, qtbot,
+                                                          monkeypatch):
+    """With real threads the Qt event loop keeps running (a 20 ms timer keeps firing) while the
+    worker trains, and the plot receives the worker's progress."""
+    from qtpy.QtCore import QTimer
+
+    monkeypatch.setenv("CRYODDM_NAPARI_NOTHREADS", "0")
+    _viewer, widget = _widget(make_napari_viewer, data, tmp_path / "run")
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(widget._handle is not None and widget._handle.running))
+    timer.start(20)
+    handle = widget.start()
+    assert handle is not None and handle.worker is not None
+    assert not widget._train_button.enabled and widget._stop_button.enabled
+    qtbot.waitUntil(lambda: not handle.running, timeout=180_000)
+    timer.stop()
+    assert sum(ticks) >= 10  # the GUI thread ran the timer many times during training
+    assert widget.result is not None and widget.result.epochs_done == 2
+    assert list(widget.plot.epoch_lines["val"].get_data()[0]) == [1.0, 2.0]
+    assert widget._train_button.enabled
