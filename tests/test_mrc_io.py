@@ -67,6 +67,27 @@ def test_imod_unsigned_bytes_in_mode_0(tmp_path):
     assert read_image(plain)[0, 2] == -56
 
 
+def test_mode_101_four_bit_packed(tmp_path):
+    """SerialEM/IMOD 4-bit data: two pixels a byte, low nibble first, rows padded to a byte."""
+    nx, ny, nz = 5, 3, 2
+    pixels = (np.arange(nz * ny * nx) % 16).astype(np.uint8).reshape(nz, ny, nx)
+    padded = np.zeros((nz, ny, 6), np.uint8)
+    padded[..., :nx] = pixels
+    packed = (padded[..., 0::2] | (padded[..., 1::2] << 4)).astype(np.uint8)
+    path = _write(tmp_path / "frames.mrcs", packed.view(np.int8), stack=True)
+    raw = bytearray(path.read_bytes())
+    raw[0:4] = np.int32(nx).tobytes()
+    raw[12:16] = np.int32(101).tobytes()
+    path.write_bytes(bytes(raw))
+    info = read_header(path)
+    assert info.mode == 101 and info.shape == (nz, ny, nx)
+    np.testing.assert_array_equal(read_image(path, 1), pixels[1].astype(np.float32))
+    np.testing.assert_array_equal(open_stack(path).data[0].compute(), pixels[0])
+    path.write_bytes(bytes(raw[:-2]))
+    with pytest.raises(InputError, match="truncated"):
+        read_header(path)
+
+
 def test_big_endian_file(tmp_path):
     data = np.arange(12, dtype=">f4").reshape(3, 4)
     path = _write(tmp_path / "be.mrc", data)

@@ -113,7 +113,7 @@ def read_header(path: str | os.PathLike[str]) -> MrcInfo:
         nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
         mode = int(h.mode)
         try:
-            dtype = np.dtype(data_dtype_from_header(h))
+            dtype = np.dtype(np.uint8) if mode == 101 else np.dtype(data_dtype_from_header(h))
         except ValueError:
             raise InputError(path, f"not an MRC file (unknown data mode {mode}; "
                                    f"is it really an MRC image?)") from None
@@ -138,7 +138,7 @@ def read_header(path: str | os.PathLike[str]) -> MrcInfo:
             problem = "shorter than an MRC header (1024 bytes)"
         raise InputError(path, f"not a readable MRC file ({problem})") from None
     if not compressed:
-        expected = 1024 + nsymbt + nx * ny * nz * dtype.itemsize
+        expected = 1024 + nsymbt + _data_bytes(nx, ny, nz, mode, dtype)
         size = path.stat().st_size
         if size < expected:
             raise InputError(path, f"truncated: the header promises {expected} bytes "
@@ -148,6 +148,20 @@ def read_header(path: str | os.PathLike[str]) -> MrcInfo:
     shape = (ny, nx) if nz == 1 else (nz, ny, nx)
     return MrcInfo(path, shape, dtype.str, mode, vs if np.isfinite(vs) and vs > 0 else 0.0,
                    exttyp, nsymbt, is_stack, compressed, labels)
+
+
+def _data_bytes(nx: int, ny: int, nz: int, mode: int, dtype: np.dtype) -> int:
+    if mode == 101:  # 4-bit: two pixels a byte, each row padded to a whole byte
+        return (nx + 1) // 2 * ny * nz
+    return nx * ny * nz * dtype.itemsize
+
+
+def _unpack_4bit(packed: np.ndarray, nx: int) -> np.ndarray:
+    """Mode 101 (IMOD/SerialEM): the first pixel of each pair in the low 4 bits."""
+    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), dtype=np.uint8)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return out[..., :nx]
 
 
 def read_extended_header(path: str | os.PathLike[str]) -> np.ndarray | None:
@@ -189,7 +203,9 @@ def decompressed_path(info: MrcInfo) -> Path:
         if hit is not None and hit.exists():
             return hit
         target = _cache_dir() / f"{len(_gz_cache):06d}_{micrograph_stem_safe(info.path)}.mrc"
-        expected = 1024 + info.nsymbt + int(np.prod(info.shape)) * np.dtype(info.dtype).itemsize
+        ny, nx = info.image_shape
+        expected = 1024 + info.nsymbt + _data_bytes(nx, ny, info.n_images, info.mode,
+                                                    np.dtype(info.dtype))
         try:
             with _open_stream(info.path) as src, atomic_write(target, overwrite=True) as tmp:
                 with open(tmp, "wb") as dst:
@@ -212,13 +228,13 @@ def micrograph_stem_safe(path: Path) -> str:
 
 def memmap(info: MrcInfo) -> np.ndarray:
     """All pixels as a read-only memory map shaped like `info.shape` (`.gz` decompressed once)."""
-    if info.mode == 101:  # 4-bit packed: only mrcfile knows how to unpack it
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with mrcfile.open(info.path, mode="r", permissive=True) as mrc:
-                return np.array(mrc.data).reshape(info.shape)
     source = decompressed_path(info) if info.compressed else info.path
     try:
+        if info.mode == 101:  # unpacked into memory: 4-bit files are small
+            ny, nx = info.image_shape
+            packed = np.memmap(source, dtype=np.uint8, mode="r", offset=1024 + info.nsymbt,
+                               shape=(*info.shape[:-1], (nx + 1) // 2))
+            return _unpack_4bit(np.asarray(packed), nx)
         return np.memmap(source, dtype=np.dtype(info.dtype), mode="r",
                          offset=1024 + info.nsymbt, shape=info.shape)
     except (ValueError, OSError) as exc:
