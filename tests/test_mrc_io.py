@@ -67,6 +67,15 @@ def test_imod_unsigned_bytes_in_mode_0(tmp_path):
     assert read_image(plain)[0, 2] == -56
 
 
+def test_complex_mode_shows_amplitude(tmp_path):
+    data = (np.arange(12).reshape(3, 4) * (0.6 + 0.8j)).astype(np.complex64)
+    path = _write(tmp_path / "fft.mrc", data)
+    assert read_header(path).mode == 4
+    np.testing.assert_allclose(read_image(path), np.arange(12).reshape(3, 4), rtol=1e-6)
+    lo, hi = open_stack(path).contrast_limits
+    assert 0 <= lo < hi <= 11
+
+
 def test_mode_101_four_bit_packed(tmp_path):
     """SerialEM/IMOD 4-bit data: two pixels a byte, low nibble first, rows padded to a byte."""
     nx, ny, nz = 5, 3, 2

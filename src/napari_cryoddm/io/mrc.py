@@ -256,6 +256,8 @@ def read_slice(info: MrcInfo, index: int | None = None) -> np.ndarray:
     elif index not in (None, 0, -1):
         raise InputError(info.path, f"holds one image; there is no image {index}")
     try:
+        if np.iscomplexobj(data):  # modes 3 and 4 (Fourier transforms): show the amplitude
+            return np.abs(data).astype(np.float32)
         return np.array(data, dtype=np.float32)
     except OSError as exc:  # e.g. the file shrank after its header was read
         raise InputError(info.path, f"cannot read the pixels ({exc})") from None

@@ -203,7 +203,8 @@ def _read_rows(sl: StackSlice, rows: int) -> np.ndarray:
             buf = f.read(row_bytes)
             if len(buf) < row_bytes:
                 raise InputError(info.path, "truncated: a row of pixels is missing")
-            out[k] = np.frombuffer(buf, dtype=dtype)
+            row = np.frombuffer(buf, dtype=dtype)
+            out[k] = np.abs(row) if dtype.kind == "c" else row
     return out
 
 
