@@ -71,6 +71,7 @@ class ForwardWidget(Container):
         self._run_button = PushButton(text="Run")
         self._stop_button = PushButton(text="Stop", enabled=False)
         self._status = Label(value="")
+        self._status.native.setWordWrap(True)  # long results must not widen the dock
         self.extend([self._micrographs, self._micrograph_files, self._particles, self._particles_file,
                      self._noise, self._noise_file, self.form, self._output, self._preview_crop,
                      self._preview_button, self._run_button, self._stop_button, self._status])
