@@ -234,6 +234,7 @@ def test_fresh_noise_training_runs(tmp_path):
     f = make_forward(tmp_path, n=2, window=64, m=3, steps=3, start=2)
     res = collect(train(f["folder"], tmp_path / "run", _cfg(epochs=1, batch_size=2, fresh_noise=True)))
     assert res.history[0]["s2"] > 0 and load_checkpoint(res.last).metadata["fresh_noise"] is True
+    assert not (tmp_path / "run" / ".cache").exists()  # the re-cut noise pool is removed
 
 
 # ----------------------------------------------------------------------------- DDP

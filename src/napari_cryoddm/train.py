@@ -640,7 +640,7 @@ class TrainResult:
     best: Path | None = None
 
 
-def _dist() -> tuple[int, int, bool]:
+def _dist(device_spec: str = "auto") -> tuple[int, int, bool]:
     """(rank, world size, initialised here?) — joining a torchrun launch when there is one."""
     import torch.distributed as dist
 
@@ -648,7 +648,8 @@ def _dist() -> tuple[int, int, bool]:
         return dist.get_rank(), dist.get_world_size(), False
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and dist.is_available():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        on_gpu = torch.cuda.is_available() and device_spec.strip().lower() != "cpu"
+        backend = "nccl" if on_gpu else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
@@ -683,10 +684,17 @@ def train(forward_dir: str | os.PathLike[str], out: str | os.PathLike[str],
     cancel = cancel or CancelToken()
     out = Path(out)
     data = open_forward(forward_dir)
-    rank, world, own_group = _dist()
+    rank, world, own_group = _dist(config.device)
     try:
         return (yield from _train(data, out, config, cancel, rank, world))
     finally:
+        cache = out / ".cache" / f"rank{rank}"
+        if cache.is_dir():  # the re-cut noise pool (rebuilt by each run; can be GBs)
+            import shutil
+
+            shutil.rmtree(cache, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (out / ".cache").rmdir()
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -698,8 +706,7 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
     if config.fresh_noise and not (data.manifest and data.manifest.get("noise")):
         raise InputError(data.folder, "--fresh-noise needs forward.json (micrographs, noise centres "
                                       "and schedule); the original CryoDDM's folders have none")
-    if rank == 0:
-        _check_out(out, config)
+    _check_out(out, config)  # every rank: a refusal on rank 0 alone would leave the others waiting
     for note in data.warnings:
         log.warning(note)
         warnings.warn(note, UserWarning, stacklevel=3)
@@ -764,7 +771,8 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
         if not sched_info or sched_info.get("beta") is None:
             raise InputError(data.folder, "--fresh-noise needs the schedule in forward.json")
         coef = schedule_coefficients(float(sched_info["beta"]), int(sched_info["steps"]))
-        pool = yield from build_noise_pool(data, out / ".cache", config.max_shift, cancel)
+        cache = out / ".cache" / f"rank{rank}"  # each rank its own: no two writers of one file
+        pool = yield from build_noise_pool(data, cache, config.max_shift, cancel)
         fresh_s2 = data.counts["particles"] * (int(sched_info["steps"]) - int(sched_info["start"]))
     dataset = PairDataset(data, augment=config.augment, pool=pool, coefficients=coef)
     sampler = PlanBatchSampler(rank, world)
