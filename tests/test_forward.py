@@ -564,3 +564,19 @@ def test_fractional_binning_keeps_crops_centred(synth, tmp_path):
     s1, _, _ = _stack(out / "s1/particles.mrcs")
     assert len(s1) > 0
     _assert_centred(s1, sigma=SIGMA / 1.6, reach=10)
+
+
+def test_gzipped_micrographs_give_the_same_dataset(synth, tmp_path):
+    import gzip
+
+    gz = []
+    for p in synth["mics"]:
+        q = tmp_path / "gz" / (p.name + ".gz")
+        q.parent.mkdir(exist_ok=True)
+        q.write_bytes(gzip.compress(p.read_bytes()))
+        gz.append(q)
+    collect(run_forward(gz, synth["star"], synth["noise"], tmp_path / "a", ForwardConfig(diameter=20)))
+    _run(synth, tmp_path / "b")
+    for f in ("s1/particles.mrcs", "s2/label.mrcs", "s3/noise.mrcs", "pairs.npz"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert read_manifest(tmp_path / "a")["micrographs"][0]["name"] == "mic_000.mrc.gz"
