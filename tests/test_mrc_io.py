@@ -375,4 +375,12 @@ def test_every_real_file_opens_right(real_data):
             expected = np.asarray(m.data if m.data.ndim == 2 else m.data[n - 1], dtype=np.float32)
         np.testing.assert_array_equal(stack.data[n - 1].compute(), expected)
     assert open_stack(real_data / "particle_stacks/relion31.mrcs").names[0] == "000001@relion31.mrcs"
-    assert open_stack(real_data / "full_size").multiscale
+    big = open_stack(real_data / "full_size")
+    assert big.multiscale and big.shape == (2, 4096, 4096)
+    # fei-extended (3838×3710) at level 3: its binned pixels, then its median as padding
+    coarse = big.levels[3][1].compute()
+    true = big.slices[1].read()
+    np.testing.assert_allclose(coarse[:479, :463],
+                               true[:3832, :3704].reshape(479, 8, 463, 8).mean(axis=(1, 3)), rtol=1e-5)
+    pad = coarse[480:]
+    assert np.ptp(pad) == 0 and pad[0, 0] == pytest.approx(np.median(coarse[:479, :463]), rel=1e-3)
