@@ -256,6 +256,8 @@ def test_lazy_stack_one_chunk_per_image_and_padding(tmp_path):
     meta = stack.metadata()["micrographs"]
     assert meta[1] == {**meta[1], "name": "b.mrc", "shape": [30, 60], "voxel_size": pytest.approx(1.5)}
     assert meta[3]["index"] == 1
+    np.testing.assert_array_equal(stackio.read_entry(meta[1]), b)  # the file, not the padding
+    np.testing.assert_array_equal(stackio.read_entry(meta[3]), c[1])
 
 
 def test_volume_opens_alone(tmp_path):

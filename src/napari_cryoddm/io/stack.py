@@ -247,6 +247,13 @@ def open_stack(spec: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     return MicrographStack(levels, slices, limits, float(voxel))
 
 
+def read_entry(entry: dict) -> np.ndarray:
+    """The true-size float32 image of one `metadata["cryoddm"]["micrographs"]` entry, read from
+    its file (never the padded display): what processing steps should use."""
+    info = read_header(entry["path"])
+    return read_slice(info, entry.get("index"))
+
+
 def voxel_sizes_differ(stack: MicrographStack, rtol: float = 1e-3) -> list[str]:
     """Names of slices whose voxel size differs from the stack's (the layer has one scale)."""
     ref = stack.voxel_size
@@ -255,4 +262,4 @@ def voxel_sizes_differ(stack: MicrographStack, rtol: float = 1e-3) -> list[str]:
 
 
 __all__ = ["MicrographStack", "StackSlice", "open_stack", "contrast_limits", "level_shapes",
-           "block_mean", "voxel_sizes_differ"]
+           "block_mean", "read_entry", "voxel_sizes_differ"]
