@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.ndimage as ndi
+import starfile
 
 from napari_cryoddm.cli import main
 from napari_cryoddm.errors import CryoDDMError, OutputExistsError
@@ -580,3 +581,18 @@ def test_gzipped_micrographs_give_the_same_dataset(synth, tmp_path):
     for f in ("s1/particles.mrcs", "s2/label.mrcs", "s3/noise.mrcs", "pairs.npz"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     assert read_manifest(tmp_path / "a")["micrographs"][0]["name"] == "mic_000.mrc.gz"
+
+
+def test_a_folder_of_per_micrograph_star_files(synth, tmp_path):
+    """RELION autopick writes one `<micrograph>_autopick.star` per micrograph, without names."""
+    table = read_coordinates(synth["star"])
+    folder = tmp_path / "autopick"
+    for name, grp in table.groupby(table["micrograph"].map(lambda n: Path(n).name)):
+        stem = Path(name).stem
+        folder.mkdir(exist_ok=True)
+        starfile.write({"": pd.DataFrame({"rlnCoordinateX": grp.x, "rlnCoordinateY": grp.y})},
+                       folder / f"{stem}_autopick.star")
+    plan = plan_forward(synth["mics"], folder, synth["noise"], ForwardConfig(diameter=20))
+    assert plan.counts["crops"] == 12 and plan.counts["unmatched_particles"] == 0
+    with pytest.raises(CryoDDMError, match="holds no particle coordinate files"):
+        plan_forward(synth["mics"], tmp_path, synth["noise"], ForwardConfig(diameter=20))

@@ -245,6 +245,19 @@ def _as_table(source: Any, kind: str) -> tuple[pd.DataFrame, str]:
         sources = list(source)
     if not sources:
         raise CryoDDMError(f"no {kind} coordinates given")
+    expanded: list[Any] = []
+    for src in sources:  # a folder stands for its coordinate files (RELION's per-micrograph ones)
+        p = Path(src)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in (".star", ".cbox")
+                           or (kind == "noise" and q.suffix.lower() == ".txt"))
+            if not found:
+                raise InputError(p, f"folder holds no {kind} coordinate files (.star, .cbox"
+                                    f"{', .txt' if kind == 'noise' else ''})")
+            expanded.extend(found)
+        else:
+            expanded.append(src)
+    sources = expanded
     tables = []
     for s in sources:
         p = Path(s)
