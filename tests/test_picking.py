@@ -148,6 +148,10 @@ def test_box_tested_is_the_forward_window_not_a_smaller_box():
     """The original tested a 256 box while forward cut 384: here the default box is W."""
     cfg = PickConfig(diameter=200)
     assert cfg.resolve(None) == (200.0, 384)
+    # forward binning ×2 will crop W(100) = 256 binned px = 512 of these pixels
+    assert PickConfig(diameter=200, bin=2).resolve(None) == (200.0, 512)
+    assert PickConfig(diameter_A=200, target_apix=2.0).resolve(1.0) == (200.0, 512)
+    assert PickConfig(diameter=200, bin=2, box=300).resolve(None) == (200.0, 300)
     mic = Micrograph("m.mrc", (2048, 2048))
     particles = pd.DataFrame({"micrograph": ["m.mrc"] * 3, "x": [500.0, 1500, 1000],
                               "y": [500.0, 1500, 1000]})

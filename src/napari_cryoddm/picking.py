@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from .binning import bin_factor as _bin_factor
 from .binning import fourier_bin
 from .errors import CryoDDMError, InputError
 from .io.mrc import read_header, read_micrograph
@@ -74,6 +75,12 @@ class PickConfig:
     box: int | None = field(default=None, metadata={
         "help": "noise box side; default: the forward window W = (⌊1.5·d⌋ // 128 + 1)·128",
         "unit": "px", "widget": False})
+    bin: float | None = field(default=None, metadata={
+        "help": "the bin factor forward will use (--bin there): the default box is then the "
+                "binned window W scaled back to these micrographs' pixels", "widget": False})
+    target_apix: float | None = field(default=None, metadata={
+        "help": "the pixel size forward will bin to (--target-apix there), instead of --bin",
+        "unit": "Å/px", "widget": False})
     max_per_micrograph: int = field(default=100, metadata={
         "help": "most new boxes per micrograph", "label": "max per micrograph"})
     overlap: float = field(default=0.0, metadata={
@@ -108,10 +115,16 @@ class PickConfig:
             raise CryoDDMError(f"--empty-threshold must be positive, got {self.empty_threshold}")
 
     def resolve(self, apix: float | None) -> tuple[float, int]:
-        """(diameter in px, box side in px) for micrographs of pixel size `apix` (Å/px)."""
+        """(diameter, box side) in pixels of the micrographs given (pixel size `apix` Å/px).
+
+        Coordinates always stay in these pixels; when forward will bin by f, its window is
+        W(d / f) binned pixels, i.e. W(d / f)·f of these, and that is the box tested.
+        """
         d = _diameter_px(self.diameter, self.diameter_A, apix)
-        box = int(self.box) if self.box else window_for_diameter(d)
-        return d, box
+        if self.box:
+            return d, int(self.box)
+        factor = _bin_factor(apix, self.target_apix, self.bin)
+        return d, int(math.ceil(window_for_diameter(d / factor) * factor - 1e-9))
 
 
 # --------------------------------------------------------------------------------------------
