@@ -111,7 +111,7 @@ class ForwardConfig:
             if given:
                 raise CryoDDMError(f"preset {self.preset} fixes the schedule; "
                                    f"{', '.join(given)} can only be set with the custom preset")
-        self.schedule  # validates
+        _ = self.schedule  # validates the custom schedule
         if self.per_micrograph < 1:
             raise CryoDDMError(f"--per-micrograph must be at least 1, got {self.per_micrograph}")
         if self.max_crops < 1:
