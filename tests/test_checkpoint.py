@@ -108,6 +108,35 @@ def test_original_whole_module_pth_loads_with_equal_tensors(unet2d, tmp_path):
     assert m["window"] is None and "original" in m["source"]
 
 
+def _as_if_saved_on_cuda(src: Path, dst: Path) -> None:
+    """Rewrite a torch.save zip so its storages say `cuda:1`, as the original's N.pth files do
+    (trained on a GPU); only the pickled location string changes."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            if name.endswith("data.pkl"):
+                assert data.count(b"X\x03\x00\x00\x00cpu") == 1
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:1")
+            zout.writestr(name, data)
+
+
+def test_original_pth_saved_on_a_gpu_loads_on_the_cpu(unet2d, tmp_path):
+    original = unet2d.UDenoiseNet()
+    torch.save(original, tmp_path / "cpu.pth")
+    _as_if_saved_on_cuda(tmp_path / "cpu.pth", tmp_path / "10059.pth")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(tmp_path / "10059.pth", weights_only=False)  # what a plain load does here
+    _forget()
+    lc = load_checkpoint(tmp_path / "10059.pth")
+    assert lc.kind == "original-module"
+    assert all(p.device.type == "cpu" for p in lc.model.parameters())
+    for k, v in original.state_dict().items():
+        assert torch.equal(lc.model.state_dict()[k], v)
+
+
 def test_original_checkpoint_dict_and_bare_state_dict(unet2d, tmp_path):
     original = unet2d.UDenoiseNet()
     opt = torch.optim.SGD(original.parameters(), lr=1e-3)
