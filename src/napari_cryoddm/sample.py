@@ -200,7 +200,7 @@ def build_molecule(diameter: float = 135.0, atoms: int = 2000, hinge_angle: floa
     centres[0] = 0.0                                     # a core that every lobe touches
     axes = rng.uniform(0.2, 0.36, (n_lobes, 3)) * radius
     axes[0] = rng.uniform(0.36, 0.45, 3) * radius
-    frames = Rotation.random(n_lobes, random_state=rng).as_matrix()     # (L, 3, 3)
+    frames = Rotation.random(n_lobes, rng).as_matrix()     # (L, 3, 3)
     volumes = np.prod(axes, axis=1)
     pts: list[np.ndarray] = []
     have = 0
@@ -547,7 +547,7 @@ def micrograph_layout(config: SampleConfig, index: int) -> Layout:
     n = config.particles
     margin = max(int(math.ceil(config.diameter_px / 2 + 2)), config.window // 2)
     centres = place_particles(rng, n, config.shape, config.diameter_px, margin)
-    rotations = Rotation.random(n, random_state=rng) if n else None
+    rotations = Rotation.random(n, rng) if n else None
     if config.conformations == 2:
         n_a = n // 2 + (n % 2) * (index % 2)
         labels = np.array([1] * n_a + [2] * (n - n_a), dtype=np.int64)
@@ -600,7 +600,8 @@ def simulate_micrograph(config: SampleConfig, molecule: Molecule, index: int) ->
         "conformation": labels,
         "subset": subsets.astype(np.int64),
     })
-    return SimulatedMicrograph(name, noisy, clean, ctf_free, ice, defocus, scale, snr, particles)
+    return SimulatedMicrograph(name, noisy, clean, ctf_free.astype(np.float32), ice, defocus, scale,
+                               snr, particles)
 
 
 def default_workers() -> int:
