@@ -31,8 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 PLUGIN = "napari-cryoddm"
 
 
-def _dock(viewer: Any, name: str) -> Any:
-    _dock_widget, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+def _dock(viewer: Any, name: str, docks: list[Any]) -> Any:
+    """Open a plugin dock widget; the previous step's dock is hidden so each picture shows one."""
+    for dock in docks:
+        dock.setVisible(False)
+    dock_widget, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    docks.append(dock_widget)
     return widget
 
 
@@ -56,14 +60,13 @@ def open_sample(viewer: Any, sample_config: Any = None) -> None:
 def walk(viewer: Any, work: Path, shot: Callable[[str], None] | None = None,
          epochs: int = 1, max_noise: int = 8, sample_config: Any = None) -> dict[str, Any]:
     """Run every step in `viewer` on the sample stack; `shot(name)` after each step."""
-    import napari.layers
-
     from napari_cryoddm._napari.layers import micrograph_layers, points_layers
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     shot = shot or (lambda name: None)
     out: dict[str, Any] = {}
+    docks: list[Any] = []
 
     # 1. sample data: noisy stack, hidden clean signal, true particles as boxes
     open_sample(viewer, sample_config)
@@ -71,11 +74,12 @@ def walk(viewer: Any, work: Path, shot: Callable[[str], None] | None = None,
     particles_layer = points_layers(viewer, "particles")[0]
     sample_meta = raw_layer.metadata["cryoddm"]["sample"]
     out["raw_layer"], out["particles_layer"], out["sample"] = raw_layer, particles_layer, sample_meta
+    viewer.reset_view()
     _process(viewer)
     shot("01-sample")
 
     # 2. noise picker: boxes away from the particles layer
-    picker = _dock(viewer, "Noise picker")
+    picker = _dock(viewer, "Noise picker", docks)
     picker.image.value = raw_layer
     picker.unit.value = "px"
     picker.diameter.value = float(particles_layer.metadata["cryoddm"].get("diameter_px")
@@ -91,10 +95,11 @@ def walk(viewer: Any, work: Path, shot: Callable[[str], None] | None = None,
     shot("02-noise-picker")
 
     # 3. forward: everything from the layers
-    forward = _dock(viewer, "Forward")
+    forward = _dock(viewer, "Forward", docks)
     forward._micrographs.value = raw_layer
     forward._particles.value = particles_layer
     forward._noise.value = noise_layer
+    forward.form["diameter"].value = float(picker.diameter_px())  # the forward form asks for it
     forward._output.value = work / "forward"
     forward.run()
     if forward.result is None:
@@ -104,7 +109,7 @@ def walk(viewer: Any, work: Path, shot: Callable[[str], None] | None = None,
     shot("03-forward")
 
     # 4. train on the folder forward wrote
-    train = _dock(viewer, "Train")
+    train = _dock(viewer, "Train", docks)
     train._forward.value = forward.result.out
     train._out.value = work / "train"
     train.form["epochs"].value = epochs
@@ -119,26 +124,29 @@ def walk(viewer: Any, work: Path, shot: Callable[[str], None] | None = None,
     shot("04-train")
 
     # 5. predict with the checkpoint train wrote; the denoised stack lands beside the raw one
-    predict = _dock(viewer, "Predict")
-    before = set(viewer.layers)
-    _set_predict_inputs(predict, raw_layer, checkpoint, work / "denoised")
-    predict.run()
-    new = [lay for lay in viewer.layers if lay not in before and isinstance(lay, napari.layers.Image)]
-    if not new:
-        raise RuntimeError("predict added no image layer")
-    out["denoised_layer"] = new[-1]
-    viewer.grid.enabled = True
-    viewer.grid.shape = (1, 2)
+    predict = _dock(viewer, "Predict", docks)
+    predict.model_file.value = Path(checkpoint)
+    predict.layer_combo.value = raw_layer
+    predict.out_dir.value = work / "denoised"
+    predict.form["device"].value = "cpu"
+    predict.denoise_all()
+    name = predict.denoised_name(raw_layer)
+    if name not in viewer.layers:
+        raise RuntimeError(f"predict added no layer: {predict.status.value}")
+    out["denoised_layer"] = viewer.layers[name]
+    out["predict_config"] = predict.config()
+    out["denoised_layer"].reset_contrast_limits()  # the layer was created before its first result
     for lay in viewer.layers:
-        lay.visible = lay in (raw_layer, new[-1])
+        lay.visible = lay in (raw_layer, out["denoised_layer"])
+    viewer.reset_view()
     _process(viewer)
     shot("05-predict")
-    viewer.grid.enabled = False
+    viewer.canvas.grid.enabled = False
     for lay in viewer.layers:
         lay.visible = lay is raw_layer
 
     # 6. cs2star: the sample's .cs pair back onto the raw micrographs
-    cs = _dock(viewer, "cs2star")
+    cs = _dock(viewer, "cs2star", docks)
     cs._particles.value = Path(sample_meta["particles_cs"])
     cs._passthrough.value = [Path(sample_meta["passthrough_cs"])]
     cs._output.value = work / "cs2star" / "particles.star"
@@ -150,32 +158,17 @@ def walk(viewer: Any, work: Path, shot: Callable[[str], None] | None = None,
     out["cs2star_layer"] = cs.layers[0]
     out["cs2star"] = cs.results[0]
     cs.layers[0].visible = True
+    viewer.reset_view()
     _process(viewer)
     shot("06-cs2star")
     return out
-
-
-def _set_predict_inputs(widget: Any, image_layer: Any, checkpoint: Path, out_dir: Path) -> None:
-    """The predict widget's inputs: the raw stack layer, the checkpoint, an output folder."""
-    for name in ("_micrographs", "_image", "image"):
-        if hasattr(widget, name):
-            getattr(widget, name).value = image_layer
-            break
-    for name in ("_checkpoint", "_model", "checkpoint", "model"):
-        if hasattr(widget, name):
-            getattr(widget, name).value = Path(checkpoint)
-            break
-    for name in ("_output", "_out", "output"):
-        if hasattr(widget, name):
-            getattr(widget, name).value = Path(out_dir)
-            break
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "docs" / "images")
     p.add_argument("--work", type=Path, default=None, help="where the steps write (default: a temp dir)")
-    p.add_argument("--size", default="1400x900", help="window size WxH")
+    p.add_argument("--size", default="1700x1000", help="window size WxH")
     args = p.parse_args(argv)
     if os.environ.get("QT_QPA_PLATFORM") == "offscreen":
         print("unset QT_QPA_PLATFORM and run under Xvfb (xvfb-run -a …): offscreen has no OpenGL",

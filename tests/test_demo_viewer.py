@@ -23,7 +23,7 @@ def _walk_module():
 def test_walk_the_five_widgets(make_napari_viewer, tmp_path, monkeypatch):
     pytest.importorskip("napari_cryoddm._napari.widgets.predict")
     from napari_cryoddm.io.mrc import read_image
-    from napari_cryoddm.predict import PredictConfig, PredictModel, denoise_array
+    from napari_cryoddm.predict import PredictModel, denoise_array
     from napari_cryoddm.sample import SampleConfig
 
     monkeypatch.setenv("CRYODDM_CACHE_DIR", str(tmp_path / "cache"))
@@ -37,7 +37,7 @@ def test_walk_the_five_widgets(make_napari_viewer, tmp_path, monkeypatch):
     data = layer.data[0] if layer.multiscale else layer.data
     pm = PredictModel.from_checkpoint(out["checkpoint"])
     for i, path in enumerate(raw_paths):
-        expected = denoise_array(pm, read_image(path), PredictConfig(device="cpu"))
+        expected = denoise_array(pm, read_image(path), out["predict_config"])
         got = np.asarray(data[i])[: expected.shape[0], : expected.shape[1]]
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
