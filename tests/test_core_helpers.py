@@ -148,3 +148,11 @@ def test_cli_reports_user_errors_without_traceback(tmp_path: Path):
                          text=True)
     assert out.returncode == 2
     assert "not.mrc" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_imports_only_the_chosen_subcommand():
+    code = ("import sys\nfrom napari_cryoddm.cli import main\n"
+            "try:\n    main(['info', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, 'napari' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False False"

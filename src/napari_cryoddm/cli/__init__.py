@@ -1,7 +1,9 @@
 """The `cryoddm` command: one subcommand module per workflow step, each a thin face over a job.
 
-A subcommand module defines `register(subparsers)`, which adds its parser and sets
-`func(args) -> int`. User errors (`CryoDDMError`) print one line and exit 2, never a traceback.
+A subcommand module `cli/<module>.py` defines `register(subparsers)`, which adds its parser and
+sets `func(args) -> int`. Only the module of the command being run is imported (training and
+prediction pull in torch; `cryoddm --help` and `cryoddm info` should not wait for it).
+User errors (`CryoDDMError`) print one line and exit 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -14,11 +16,26 @@ import sys
 from .. import __version__
 from ..errors import CryoDDMError
 
-# In workflow order; each is `napari_cryoddm.cli.<name>`.
-SUBCOMMANDS = ("info", "sample", "pick_noise", "forward", "train", "predict", "cs2star", "demo")
+# command → (module in this package, one-line help shown by `cryoddm --help`), in workflow order
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("info", "show shape, mode, voxel size and extended header of MRC files"),
+    "sample": ("sample", "write synthetic micrographs with ground truth (particles, clean signal)"),
+    "pick-noise": ("pick_noise", "pick pure-background boxes (noise) away from particles"),
+    "forward": ("forward", "diffuse real particle crops with real noise patches into training pairs"),
+    "train": ("train", "train the CryoDDM U-Net on a forward folder"),
+    "predict": ("predict", "denoise micrographs with a trained model (tiled, seam-free)"),
+    "cs2star": ("cs2star", "convert cryoSPARC .cs particles to RELION STAR for the raw micrographs"),
+    "demo": ("demo", "run every step on sample micrographs and write a quality report"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; the full options of a subcommand are built only when it is the one chosen
+    (`argv` None builds them all, e.g. for documentation)."""
     parser = argparse.ArgumentParser(
         prog="cryoddm",
         description="CryoDDM cryo-EM denoising: pick noise, forward, train, predict, cs2star.",
@@ -26,19 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"napari-cryoddm {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug messages and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:  # a subcommand still being written by the team
-            if exc.name != f"{__name__}.{name}":
-                raise
-            continue
-        module.register(sub)
+    chosen = None if argv is None else _chosen(argv)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        if argv is None or name == chosen:
+            importlib.import_module(f"{__name__}.{module_name}").register(sub)
+        else:
+            sub.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s: %(message)s")
