@@ -230,11 +230,19 @@ def test_original_folder_without_manifest_trains_with_minmax_metadata(tmp_path):
         collect(train(f["folder"], tmp_path / "run2", _cfg(epochs=1, fresh_noise=True)))
 
 
-def test_fresh_noise_training_runs(tmp_path):
+def test_fresh_noise_training_runs_the_same_with_loader_workers(tmp_path):
+    """Samples are decided by their keys, not by the process that makes them: a run with a
+    loader worker process gives the same losses as one without."""
     f = make_forward(tmp_path, n=2, window=64, m=3, steps=3, start=2)
-    res = collect(train(f["folder"], tmp_path / "run", _cfg(epochs=1, batch_size=2, fresh_noise=True)))
-    assert res.history[0]["s2"] > 0 and load_checkpoint(res.last).metadata["fresh_noise"] is True
-    assert not (tmp_path / "run" / ".cache").exists()  # the re-cut noise pool is removed
+    runs = []
+    for workers in (0, 1):
+        res = collect(train(f["folder"], tmp_path / f"run{workers}",
+                            _cfg(epochs=1, batch_size=2, fresh_noise=True, workers=workers)))
+        assert load_checkpoint(res.last).metadata["fresh_noise"] is True
+        assert not (tmp_path / f"run{workers}" / ".cache").exists()  # the re-cut noise pool is removed
+        runs.append(res.history[0])
+    for key in ("s1", "s2", "s3", "val"):
+        assert runs[0][key] == pytest.approx(runs[1][key], rel=1e-6, abs=1e-7)
 
 
 # ----------------------------------------------------------------------------- DDP
