@@ -396,3 +396,10 @@ def test_init_from_an_original_pth_fine_tunes_from_its_weights(small, tmp_path, 
     assert lc.metadata["init"]["kind"] == "original-module"
     for k, v in original.state_dict().items():
         torch.testing.assert_close(lc.model.state_dict()[k], v, rtol=0, atol=1e-6)
+
+
+def test_init_from_another_architecture_is_refused_before_writing(small, tmp_path):
+    torch.save({"model_state_dict": torch.nn.Conv2d(1, 4, 3).state_dict()}, tmp_path / "other.pth")
+    with pytest.raises(InputError, match=r"other.pth: not a CryoDDM UDenoiseNet.*missing 34 keys"):
+        collect(train(small["folder"], tmp_path / "ft", _cfg(init=tmp_path / "other.pth")))
+    assert not (tmp_path / "ft").exists()
