@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from cryosparc.dataset import Dataset
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation
 
 from napari_cryoddm.cli import main
@@ -23,9 +25,9 @@ from napari_cryoddm.errors import CryoDDMError, InputError, OutputExistsError
 from napari_cryoddm.io.star import read_coordinates, read_star_blocks
 from napari_cryoddm.jobs import CancelToken, Cancelled, collect
 from napari_cryoddm.sample import (
-    MIN_SEPARATION, Molecule, SampleConfig, build_molecule, config_from_truth, ctf, electron_wavelength,
-    envelope, generate_sample, iter_micrographs, molecule_for, particle_reference, project,
-    read_truth, rotation_from_relion, sample_arrays)
+    MIN_SEPARATION, Molecule, SampleConfig, build_molecule, config_from_truth, cs_datasets, ctf,
+    electron_wavelength, envelope, generate_sample, iter_micrographs, molecule_for,
+    particle_reference, project, read_truth, rotation_from_relion, sample_arrays)
 
 REPO = Path(__file__).resolve().parents[1]
 # non-square, so a swapped x/y anywhere (STAR, .cs fractions, micrograph_shape) shows
@@ -233,6 +235,26 @@ def test_cs_pair_gives_back_the_star_coordinates_and_poses(small_set):
         assert f in parts.fields(), f
     assert (parts["blob/shape"] == SMALL.window).all()
     assert (parts["ctf/accel_kv"] == 300).all() and (parts["ctf/exp_group_id"] == 0).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(ny=st.integers(64, 12000), nx=st.integers(64, 12000), data=st.data())
+def test_cs_fractions_round_trip_on_any_micrograph_shape(ny, nx, data):
+    """float32 fractions on K3-sized (and any) micrographs still give back exact integer pixels."""
+    n = 12
+    xs = data.draw(st.lists(st.integers(0, nx - 1), min_size=n, max_size=n))
+    ys = data.draw(st.lists(st.integers(0, ny - 1), min_size=n, max_size=n))
+    table = pd.DataFrame({"micrograph": ["mic_000.mrc"] * n, "index": [0] * n, "x": xs, "y": ys,
+                          "rot": np.linspace(-170, 170, n), "tilt": np.linspace(1, 179, n),
+                          "psi": np.linspace(-90, 90, n), "defocus": [15000.0] * n,
+                          "conformation": [1, 2] * (n // 2), "subset": [1, 2] * (n // 2)})
+    config = SampleConfig(n_micrographs=1, width=nx, height=ny)
+    parts, passthrough = cs_datasets(table, config)
+    shape = passthrough["location/micrograph_shape"]
+    assert (np.round(passthrough["location/center_x_frac"] * shape[:, 1]) == xs).all()
+    assert (np.round((1 - passthrough["location/center_y_frac"]) * shape[:, 0]) == ys).all()
+    for pose, row in zip(parts["alignments3D/pose"], table.itertuples()):
+        assert np.abs(_pyem_expmap(pose.astype(float)) - _relion_matrix(row.rot, row.tilt, row.psi)).max() < 1e-5
 
 
 def test_cs_fields_have_the_types_of_real_cryosparc_files(small_set, real_data):
