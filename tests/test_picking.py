@@ -437,3 +437,32 @@ def test_coordinate_free_boxes_hit_particles_a_third_as_often_as_random(sample_s
     ours, rand_rate = ours_hit / ours_n, rand_hit / rand_n
     assert ours_n >= 100  # ~10 per micrograph: a usable yield, not a handful
     assert ours <= rand_rate / 3, (ours, rand_rate, ours_n)
+
+
+def test_real_screening_keeps_boxes_off_the_contamination(real_data, tmp_path):
+    """The Ucsf micrograph has a large unpicked contamination blob: the rule alone (it trusts the
+    picks) puts boxes on it; `--screen` reads the pixels and keeps every box off it."""
+    from scipy import ndimage
+
+    from napari_cryoddm.io.mrc import read_micrograph
+
+    mic = real_data / "micrographs" / "Ucsf_stack_1142_DW.mrc"
+    star = real_data / "coordinates" / "Ucsf_stack_1142_DW_autopick.star"
+    img, _ = read_micrograph(mic)
+    lp = ndimage.gaussian_filter(img, 8)
+    med = np.median(lp)
+    blob = lp < med - 10 * 1.4826 * np.median(np.abs(lp - med))  # ~14 % of the image
+    assert 0.1 < blob.mean() < 0.2
+
+    def on_blob(path):
+        b = read_noise_txt(path)
+        return sum(blob[y - 64:y + 64, x - 64:x + 64].any() for x, y in zip(b.x, b.y)), len(b)
+
+    plain, screened = tmp_path / "plain.txt", tmp_path / "screened.txt"
+    for out, extra in ((plain, []), (screened, ["--screen"])):
+        assert main(["pick-noise", str(mic), "--particles", str(star), "--diameter", "40",
+                     "--overlap", "0.25", "--quiet", "-o", str(out), *extra]) == 0
+    hits, n = on_blob(plain)
+    assert hits >= 3
+    hits, n = on_blob(screened)
+    assert hits == 0 and n >= 10

@@ -51,6 +51,8 @@ STRUCTURE_DIAMETER_PX = 24.0
 #: The background (ice, gradients) removed before measuring structure: a Gaussian of this many
 #: particle diameters (0.5 beat 1 and 2 on the sample data: `benchmarks/bench_picker.py`).
 BACKGROUND_SIGMA = 0.5
+#: `--screen`: with coordinates, boxes scoring above this multiple of the median are left out.
+SCREEN_SCORE = 3.0
 #: Local energy is averaged over a square of this many diameters.
 ENERGY_WINDOW = 1.0
 #: A box's score looks this many diameters beyond its edges (a particle centred just outside
@@ -96,6 +98,10 @@ class PickConfig:
         "help": "coordinate-free mode: propose boxes whose structure score is at most this "
                 "multiple of the micrograph's median box score (lower = stricter)",
         "label": "empty threshold"})
+    screen: bool = field(default=False, metadata={
+        "help": "with coordinates, also read the pixels and leave out boxes on contamination, "
+                "carbon or vacuum (background level > 3 robust σ off) and on strong structure "
+                "nobody picked", "label": "screen pixels"})
     allow_unmatched: bool = field(default=False, metadata={
         "help": "accept particle files that also name micrographs not given (a subset run)",
         "label": "allow unmatched names"})
@@ -283,13 +289,16 @@ def _check_fits(shape: tuple[int, int], box: int, margin: int, what: str) -> Non
 def auto_boxes_from_particles(shape: tuple[int, int], particles_xy, diameter: float, box: int,
                               max_boxes: int = 100, overlap: float = 0.0, seed: int = 0,
                               existing_xy=(), margin: int = 0, step: int | None = None,
-                              name: str = "") -> np.ndarray:
-    """Boxes (n, 2) of integer (x, y) centres clear of every particle disc; see the module doc."""
+                              name: str = "", exclude: np.ndarray | None = None) -> np.ndarray:
+    """Boxes (n, 2) of integer (x, y) centres clear of every particle disc; see the module doc.
+    `exclude` (the candidate grid's shape) leaves out more candidates (pixel screening)."""
     _check_fits(shape, box, margin, name or "micrograph")
     step = int(step or max(1, box // 8))
     ys, xs = candidate_grid(shape, box, step, margin)
     allowed = particle_clear_mask(ys, xs, box, particles_xy, diameter)
     blocked = ~allowed | _blocked_by(ys, xs, existing_xy, box, overlap)
+    if exclude is not None:
+        blocked |= exclude
     free = np.flatnonzero(~blocked.reshape(-1))
     order = _rng(seed, name).permutation(free)
     chosen = _greedy(order, ys, xs, box, step, overlap, blocked, max_boxes)
@@ -604,10 +613,15 @@ def pick_noise(micrographs: Sequence[Micrograph | str | os.PathLike[str]], confi
                     dist = particle_box_distance(prior[:, 0], prior[:, 1], box,
                                                  per_mic[k][:, 0], per_mic[k][:, 1])
                     dirty += int((dist.min(axis=1) < diameter / 2).sum())
+                exclude = None
+                if config.screen:
+                    smap = structure_map(m.image(), diameter, box, config.grid_step,
+                                         config.edge_margin)
+                    exclude = smap.outlier | (smap.score > SCREEN_SCORE)
                 xy = auto_boxes_from_particles(m.shape, per_mic[k], diameter, box,
                                                config.max_per_micrograph, config.overlap,
                                                config.seed, prior, config.edge_margin,
-                                               config.grid_step, m.name)
+                                               config.grid_step, m.name, exclude)
             scores = np.full(len(xy), np.nan)
         else:
             xy, scores = rank_empty_boxes(m.image(), diameter, box, config.max_per_micrograph,
@@ -617,7 +631,7 @@ def pick_noise(micrographs: Sequence[Micrograph | str | os.PathLike[str]], confi
         new_xy.append(xy)
         new_scores.append(scores)
         counts[m.name] = int(len(prior) + len(xy))
-        if mode == "empty" or k % 20 == 0 or k == len(mics) - 1:
+        if mode == "empty" or config.screen or k % 20 == 0 or k == len(mics) - 1:
             yield Progress(k + 1, len(mics), f"{m.name}: {len(xy)} boxes",
                            {"micrograph": m.name, "boxes": int(len(xy))})
     xy_all = np.concatenate(new_xy) if new_xy else np.zeros((0, 2), np.int64)
