@@ -565,6 +565,19 @@ def test_napari_sample_layers(tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(stack[0][0][0]), np.asarray(img[0]))
 
 
+def test_napari_sample_falls_back_when_the_cache_cannot_be_written(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("CRYODDM_CACHE_DIR", str(blocker))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))     # the fallback lands in tmp_path
+    from napari_cryoddm._napari.sample_data import sample_micrograph
+
+    layers = sample_micrograph()
+    path = Path(layers[0][1]["metadata"]["cryoddm"]["micrographs"][0]["path"])
+    assert path.is_file() and blocker not in path.parents and tmp_path in path.parents
+    assert blocker.read_text().startswith("a file")
+
+
 @pytest.mark.viewer
 def test_open_sample_in_viewer(make_napari_viewer, tmp_path, monkeypatch):
     monkeypatch.setenv("CRYODDM_CACHE_DIR", str(tmp_path / "cache"))
