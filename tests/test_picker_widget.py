@@ -237,3 +237,41 @@ def test_propose_empty_then_accept(make_napari_viewer, mics):
     assert widget.accept_proposals() == n
     assert len(layer.data) == 1 + n and len(prop.data) == 0
     assert set(layer.features["micrograph"]) <= {"mic_0.mrc", "mic_1.mrc"}
+
+
+def test_on_the_napari_sample_stack(make_napari_viewer, tmp_path, monkeypatch):
+    """File ▸ Open Sample ▸ CryoDDM stack, then the widget: boxes avoid the true particles, ≥ 30
+    per micrograph, and proposals limited to the current micrograph stay on it."""
+    from napari_cryoddm._napari.widgets.picker import NoisePickerWidget
+
+    monkeypatch.setenv("CRYODDM_CACHE_DIR", str(tmp_path / "cache"))
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-cryoddm", "stack")
+    widget = NoisePickerWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    image = viewer.layers["CryoDDM sample stack"]
+    particles = viewer.layers["CryoDDM sample stack particles"]
+    widget.image.value = image
+    widget.particles_layer.value = particles
+    assert widget.diameter.value == pytest.approx(45.0) and widget.box.value == 128
+    # proposals on the current micrograph only
+    viewer.dims.set_current_step(0, 2)
+    widget.scope.value = "current micrograph"
+    widget.propose_empty()
+    prop = np.asarray(widget.proposals_layer.data)
+    assert len(prop) >= 3 and set(np.round(prop[:, 0]).astype(int)) == {2}
+    viewer.layers.remove(widget.proposals_layer)
+    widget.scope.value = "all micrographs"
+    widget.pick_from_particles()
+    counts = widget.count_per_micrograph()
+    assert len(counts) == 4 and min(counts.values()) >= 30
+    truth = np.asarray(particles.data)
+    table = widget.boxes_table()
+    names = [m["name"] for m in image.metadata["cryoddm"]["micrographs"]]
+    for i, name in enumerate(names):
+        t = table[table.micrograph == name]
+        p = truth[np.round(truth[:, 0]) == i]
+        assert particle_box_distance(t.x, t.y, 128, p[:, 2], p[:, 1]).min() >= 22.5
+    out = tmp_path / "noise_coordinates.txt"
+    widget.save(out)
+    assert len(read_noise_txt(out)) == len(table)

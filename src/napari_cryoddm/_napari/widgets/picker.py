@@ -84,6 +84,7 @@ class NoisePickerWidget(Container):
         self.unit.changed.connect(self._diameter_changed)
         self.box.changed.connect(self._box_changed)
         self.image.changed.connect(self._image_changed)
+        self.particles_layer.changed.connect(self._particles_changed)
         self.pick_button.changed.connect(lambda _=None: self.pick_from_particles())
         self.propose_button.changed.connect(lambda _=None: self.propose_empty())
         self.accept_button.changed.connect(lambda _=None: self.accept_proposals())
@@ -149,6 +150,14 @@ class NoisePickerWidget(Container):
                 raise CryoDDMError("the micrographs' headers give no pixel size; give the diameter in px")
             d = d / apix
         return d
+
+    def _particles_changed(self, _value=None) -> None:
+        """A particles layer that knows its particle diameter (the sample data) sets it."""
+        layer = self.particles_layer.value
+        d = cryoddm_metadata(layer).get("diameter_px") if layer is not None else None
+        if d:
+            self.unit.value = "px"
+            self.diameter.value = float(d)
 
     def _diameter_changed(self, _value=None) -> None:
         try:
