@@ -510,7 +510,7 @@ def test_cli_writes_and_refuses_to_overwrite(tmp_path, capsys):
             "--diameter-A", "120", "--snr", "0.1", "--seed", "3", "-q"]
     assert main(args) == 0
     said = capsys.readouterr().out
-    assert "wrote 1 micrographs" in said and "2 particles" in said
+    assert "wrote 1 micrograph (256×192 px" in said and "2 particles" in said
     doc, table = read_truth(out)
     assert doc["config"]["diameter"] == 120 and doc["config"]["height"] == 192 and len(table) == 2
     assert main(args) == 2

@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     cancel = CancelToken()
     result = run_job(generate_sample(args.out, config, cancel=cancel, overwrite=args.overwrite),
                      desc="sample", cancel=cancel, quiet=args.quiet)
-    print(f"wrote {len(result.micrographs)} micrographs ({config.width}×{config.height} px, "
+    n = len(result.micrographs)
+    print(f"wrote {n} micrograph{'s' if n != 1 else ''} ({config.width}×{config.height} px, "
           f"{config.pixel_size:g} Å/px) with {result.n_particles} particles of {config.diameter:g} Å "
           f"({config.diameter_px:.0f} px, window {config.window}) to {result.out_dir}/: "
           f"micrographs/, clean/, particles.star, particles.cs, passthrough.cs, truth.json")
