@@ -103,6 +103,15 @@ def test_hand_add_refuse_and_ctrl_click(make_napari_viewer, mics):
     # Ctrl-click where there is no box changes nothing
     widget._ctrl_click(layer, _event(layer, 1, 300, 20, modifiers=("Control",)))
     assert len(layer.data) == 3 and "no box" in widget.message.value
+    # moving a box (select-mode drag sets the data) so that it leaves its micrograph flags it
+    data = np.asarray(layer.data).copy()
+    data[0, 2] = 340.0
+    layer.data = data
+    assert layer.features["valid"].tolist() == [False, True, True]
+    assert np.allclose(layer.border_color[0], [1, 0.85, 0, 1])
+    data[0, 2] = 100.0
+    layer.data = data
+    assert layer.features["valid"].all()
     # delete by selection (napari's own remove_selected)
     layer.selected_data = {0}
     layer.remove_selected()

@@ -122,6 +122,23 @@ def test_property_random_layouts(ny, nx, n, diameter, box, overlap, max_boxes, s
     _check_rule(xy, (ny, nx), particles, diameter, box, overlap, existing.astype(float))
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ny=st.integers(64, 256), nx=st.integers(64, 256), diameter=st.floats(6, 40),
+       box=st.integers(16, 64), overlap=st.sampled_from([0.0, 0.25, 0.5]),
+       max_boxes=st.integers(0, 30), threshold=st.floats(0.5, 3.0), seed=st.integers(0, 1000))
+def test_property_coordinate_free_keeps_the_rule(ny, nx, diameter, box, overlap, max_boxes,
+                                                  threshold, seed):
+    if box > min(ny, nx):
+        return
+    rng = np.random.default_rng(seed)
+    img = _blobs((ny, nx), rng.uniform(0, [nx, ny], (int(rng.integers(0, 6)), 2)), diameter, 0.5, rng)
+    existing = np.array([[box // 2, box // 2]]) if seed % 2 else np.zeros((0, 2))
+    xy, scores = rank_empty_boxes(img, diameter, box, max_boxes, overlap, threshold, existing)
+    assert len(xy) <= max_boxes and len(scores) == len(xy)
+    assert np.all(np.diff(scores) >= 0) and np.all(scores <= threshold + 1e-9)
+    _check_rule(xy, (ny, nx), np.zeros((0, 2)), diameter, box, overlap, existing.astype(float))
+
+
 def test_rule_is_greedy_maximal_and_seeded():
     rng = np.random.default_rng(1)
     particles = rng.uniform(0, 1024, (12, 2))
