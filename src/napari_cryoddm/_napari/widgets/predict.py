@@ -1,0 +1,251 @@
+"""Predict dock widget: denoise the micrograph on screen for a quick look, or all of them to a
+folder in the background, and show the result beside the raw micrographs.
+
+A thin face over `predict.denoise_job` / `predict.predict_files` (the same code as
+`cryoddm predict`), run through `workers.start_job` (progress bar, Stop). The denoised layer is a
+stack aligned with the raw one (same slider index; scale × the bin factor, so a binned result
+overlays the raw pixels). Its slices come from the quick-look results in memory or from the
+output files on disk, read lazily, so a long background run never piles up in memory.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton
+
+from ...binning import binned_shape
+from ...errors import CryoDDMError
+from ...io.mrc import read_image
+from ...jobs import CancelToken, Progress
+from ...predict import PredictConfig, PredictModel, denoise_job, output_path, predict_files
+from ..layers import current_slice, micrograph_layers, micrographs
+from ..workers import JobHandle, notify, report_error, start_job
+from ._form import ConfigForm
+
+QUICK_LOOK_KEEP = 8  # quick-look results kept in memory (older ones are dropped)
+
+
+class PredictWidget(Container):
+    """Model file, micrograph layer, prediction settings; two actions and Stop."""
+
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self.model_file = FileEdit(mode="r", label="model", filter="*.pt *.pth",
+                                   tooltip="checkpoint from Train, or the original's N.pth")
+        self.layer_combo = ComboBox(label="micrographs", choices=self._layer_choices,
+                                    tooltip="an image layer opened with napari-cryoddm")
+        self.form = ConfigForm(PredictConfig)
+        self.out_dir = FileEdit(mode="d", label="output folder",
+                                tooltip="where 'Denoise all' writes <name>.mrc (finished ones are skipped)")
+        self.overlay = CheckBox(value=False, text="overlay on the raw micrograph (else side by side)")
+        self.current_button = PushButton(text="Denoise current micrograph")
+        self.all_button = PushButton(text="Denoise all to the folder (background)")
+        self.stop_button = PushButton(text="Stop", enabled=False)
+        self.status = Label(value="")
+        self.extend([self.model_file, self.layer_combo, self.form, self.out_dir, self.overlay,
+                     self.current_button, self.all_button, self.stop_button, self.status])
+        self.current_button.changed.connect(self.denoise_current)
+        self.all_button.changed.connect(self.denoise_all)
+        self.stop_button.changed.connect(self.stop)
+        self.overlay.changed.connect(self._apply_view_mode)
+        self.viewer.layers.events.inserted.connect(lambda e=None: self.layer_combo.reset_choices())
+        self.viewer.layers.events.removed.connect(lambda e=None: self.layer_combo.reset_choices())
+        self._model: PredictModel | None = None
+        self._model_key: tuple | None = None
+        self._handle: JobHandle | None = None
+        self._quick: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._outputs: dict[str, Path] = {}  # raw layer name → folder of 'all' results
+
+    # ------------------------------------------------------------------ inputs
+
+    def _layer_choices(self, _widget: Any = None) -> list:
+        return [(layer.name, layer) for layer in micrograph_layers(self.viewer)]
+
+    def set_model(self, model: PredictModel) -> None:
+        """Use a network already in memory (e.g. the one the Train widget just finished)."""
+        self._model, self._model_key = model, ("memory", id(model))
+
+    def predict_model(self) -> PredictModel:
+        if self._model is not None and self._model_key and self._model_key[0] == "memory":
+            return self._model
+        path = Path(str(self.model_file.value))
+        if not str(self.model_file.value) or path == Path(".") or not path.is_file():
+            raise CryoDDMError("choose a model file (a checkpoint from Train or the original's .pth)")
+        key = (str(path), path.stat().st_mtime_ns)
+        if key != self._model_key:
+            self._model, self._model_key = PredictModel.from_checkpoint(path), key
+        assert self._model is not None
+        return self._model
+
+    def raw_layer(self) -> Any:
+        layer = self.layer_combo.value
+        if layer is None:
+            raise CryoDDMError("open micrographs first (File ▸ Open, or a CryoDDM sample)")
+        return layer
+
+    def config(self) -> PredictConfig:
+        return self.form.value()
+
+    # ------------------------------------------------------------------ actions
+
+    def denoise_current(self) -> None:
+        """Denoise the micrograph at the slider's index; show it beside the raw one."""
+        try:
+            layer = self.raw_layer()
+            pm, config = self.predict_model(), self.config()
+            index = current_slice(self.viewer, layer)
+            entry = micrographs(layer)[index]
+            raw = self._raw_slice(layer, index, entry)
+        except CryoDDMError as exc:
+            report_error(exc)
+            return
+
+        def make(cancel: CancelToken):
+            return denoise_job(pm, raw, config, cancel=cancel, source=entry.get("path") or entry["name"])
+
+        def done(result: np.ndarray) -> None:
+            self._quick[(layer.name, index)] = result
+            while len(self._quick) > QUICK_LOOK_KEEP:
+                self._quick.popitem(last=False)
+            self._show(layer, pm, focus=result)
+            self.status.value = f"denoised {entry['name']}"
+
+        self._start(make, f"Denoise {entry['name']}", done)
+
+    def denoise_all(self) -> None:
+        """Denoise every micrograph of the layer into the output folder, in the background."""
+        try:
+            layer = self.raw_layer()
+            pm, config = self.predict_model(), self.config()
+            out = Path(str(self.out_dir.value))
+            if not str(self.out_dir.value) or out == Path("."):
+                raise CryoDDMError("choose an output folder for 'Denoise all'")
+            paths = [m.get("path") for m in micrographs(layer)]
+            if not all(paths):
+                raise CryoDDMError(f"layer {layer.name!r} has micrographs without a file; save them "
+                                   "first or use 'Denoise current micrograph'")
+        except CryoDDMError as exc:
+            report_error(exc)
+            return
+        self._outputs[layer.name] = out
+        self._show(layer, pm)
+
+        def make(cancel: CancelToken):
+            return predict_files(pm, paths, out, config, cancel=cancel)
+
+        def progress(event: Progress) -> None:
+            if event.payload.get("output"):
+                self._show(layer, pm)
+
+        def done(result: Any) -> None:
+            self._show(layer, pm)
+            self.status.value = result.summary().splitlines()[0]
+            if result.failed:
+                report_error(CryoDDMError(result.summary()))
+            else:
+                notify(self.status.value)
+
+        self._start(make, "Denoise all", done, progress)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.stop()
+
+    def _start(self, make, description: str, done, progress=None) -> None:
+        if self._handle is not None and self._handle.running:
+            report_error(CryoDDMError("a prediction is already running; stop it first"))
+            return
+        self.current_button.enabled = self.all_button.enabled = False
+        self.stop_button.enabled = True
+
+        def finish() -> None:
+            self.current_button.enabled = self.all_button.enabled = True
+            self.stop_button.enabled = False
+
+        self._handle = start_job(make, description, on_progress=progress, on_done=done, on_finish=finish)
+
+    # ------------------------------------------------------------------ display
+
+    @staticmethod
+    def _raw_slice(layer: Any, index: int, entry: dict) -> np.ndarray:
+        data = layer.data[0] if layer.multiscale else layer.data
+        plane = data[index] if data.ndim == 3 else data
+        h, w = (int(v) for v in entry.get("shape") or plane.shape[-2:])
+        return np.asarray(plane[:h, :w], dtype=np.float32)
+
+    def denoised_name(self, layer: Any) -> str:
+        return f"{layer.name} denoised"
+
+    def _slice(self, layer_name: str, index: int, entries: list[dict], suffix: str,
+               shape: tuple[int, int]) -> np.ndarray:
+        out = np.zeros(shape, np.float32)
+        arr = self._quick.get((layer_name, index))
+        folder = self._outputs.get(layer_name)
+        if arr is None and folder is not None and entries[index].get("path"):
+            target = output_path(entries[index]["path"], folder, suffix)
+            if target.exists():
+                try:
+                    arr = read_image(target)
+                except CryoDDMError:
+                    arr = None
+        if arr is not None:
+            h, w = min(arr.shape[0], shape[0]), min(arr.shape[1], shape[1])
+            out[:h, :w] = arr[:h, :w]
+        return out
+
+    def _show(self, layer: Any, pm: PredictModel, focus: np.ndarray | None = None) -> None:
+        """Create or refresh the denoised stack right above the raw layer, on the same grid."""
+        import dask
+        import dask.array as da
+
+        entries = micrographs(layer)
+        factor = float(pm.bin_factor or 1.0)
+        data = layer.data[0] if layer.multiscale else layer.data
+        full = tuple(int(v) for v in data.shape[-2:])
+        shape = binned_shape(full, factor) if factor != 1 else full
+        n = len(entries)
+        load = dask.delayed(self._slice, pure=False)
+        suffix = self.config().suffix
+        stack = da.stack([da.from_delayed(load(layer.name, i, entries, suffix, shape), shape, np.float32)
+                          for i in range(n)])
+        name = self.denoised_name(layer)
+        scale = list(layer.scale)
+        scale[-1] *= factor
+        scale[-2] *= factor
+        if focus is not None:
+            lo, hi = (float(v) for v in np.percentile(focus, [0.5, 99.5]))
+            limits = [lo, hi if hi > lo else lo + 1]
+        else:
+            limits = None
+        meta = {"cryoddm": {"micrographs": [
+            {**m, "voxel_size": float(m.get("voxel_size") or 0) * factor,
+             "shape": list(binned_shape(tuple(m.get("shape") or full), factor))} for m in entries],
+            "denoised_from": layer.name, "bin_factor": factor}}
+        if name in self.viewer.layers:
+            target = self.viewer.layers[name]
+            target.data = stack
+            target.scale = scale
+            target.translate = list(layer.translate)
+            target.metadata = meta
+            if limits is not None:
+                target.contrast_limits = limits
+        else:
+            target = self.viewer.add_image(stack, name=name, scale=scale, translate=list(layer.translate),
+                                           colormap="gray", contrast_limits=limits or [-3.0, 3.0],
+                                           metadata=meta)
+            src = self.viewer.layers.index(layer)
+            dst = self.viewer.layers.index(target)
+            if dst != src + 1:
+                self.viewer.layers.move(dst, src + 1)
+        target.refresh()
+        self._apply_view_mode()
+
+    def _apply_view_mode(self, _value: Any = None) -> None:
+        """Side by side: napari's grid mode; overlay: one canvas, the denoised layer on top."""
+        grid = getattr(getattr(self.viewer, "canvas", None), "grid", None) or self.viewer.grid
+        grid.enabled = not self.overlay.value

@@ -1,0 +1,710 @@
+"""Prediction: denoise whole micrographs with a trained UDenoiseNet, tiled without seams.
+
+Why tiles at all: a 4k–8k micrograph does not fit through the network at once on most GPUs (and
+takes gigabytes of activations on a CPU). Why no seams: the network's receptive field reaches
+±161 px (measured by `measure_receptive_field`: the gradient footprint of a 32×32 block of output
+pixels, which covers every phase of the five 2× poolings). Each tile therefore carries a margin
+(`overlap`, per side) of at least that much context and only its core is kept; tile origins sit on
+multiples of 32 in the reflection-padded image so the pooling grid of every tile is the grid of an
+untiled pass. The result equals one pass over the whole padded image (to float rounding), which
+the seam test checks against a 64-px margin (the original's) that visibly fails.
+
+Per micrograph: read → (bin, when the checkpoint says so) → normalise exactly as in training
+(the checkpoint's `normalisation`) → reflect-pad → tiles in batches → cores stitched → optionally
+mapped back to the input's intensity scale → float32 MRC with the voxel size and labels. The job
+keeps at most the current micrograph, the next one (prefetched in a thread) and the previous one
+(being written in a thread) in memory, so memory stays flat over thousands of files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .binning import fourier_bin
+from .errors import CryoDDMError, InputError
+from .io.mrc import MrcInfo, list_micrographs, read_micrograph, write_mrc
+from .jobs import CancelToken, Job, Progress
+from .names import micrograph_stem
+from .normalise import Normalisation, check_finite, normalisation_stats, normalise
+
+log = logging.getLogger(__name__)
+
+STRIDE = 32                 # five 2× poolings: tile origins and sizes are multiples of this
+RECEPTIVE_FIELD_PX = 161    # measured one-sided reach of UDenoiseNet (see measure_receptive_field)
+DEFAULT_OVERLAP = 192       # the smallest multiple of 32 covering it (see plan_tiles)
+DEFAULT_TILE_GPU = 1024
+DEFAULT_TILE_CPU = 1536     # measured: big tiles cut the overlap's redundant work (README table)
+INTENSITIES = ("normalised", "input")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class PredictConfig:
+    """How to denoise. Defaults: seam-free margins, the fastest measured geometry per device,
+    outputs on the normalised scale (see `intensity`)."""
+
+    device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
+    batch_size: int = _f(0, "tiles per forward pass; 0 picks one per device (halved automatically "
+                            "on a GPU out-of-memory)")
+    tile: int = _f(0, "tile edge in px (a multiple of 32); 0: 1024 on a GPU, 1536 on a CPU; "
+                      "micrographs smaller than a tile are padded", unit="px")
+    overlap: int = _f(DEFAULT_OVERLAP, "context kept on each side of a tile core; must cover the "
+                                       f"network's receptive field ({RECEPTIVE_FIELD_PX} px) or seams "
+                                       "appear; rounded up to a multiple of 32", unit="px")
+    intensity: str = _f("normalised", "output scale: 'normalised' (the scale the network was trained "
+                                      "on, comparable across micrographs) or 'input' (mapped back "
+                                      "to the input's units)", choices=INTENSITIES)
+    precision: str = _f("auto", "auto (bf16 autocast on a GPU that has it, else fp32), fp32, bf16, "
+                                "fp16 (GPU only)", choices=PRECISIONS)
+    suffix: str = _f("", "appended to each output's name: OUT/<stem><suffix>.mrc")
+    overwrite: bool = _f(False, "replace existing outputs (default: skip them, so a stopped run resumes)")
+    channels_last: bool = _f(True, "NHWC memory layout (faster on GPUs and with oneDNN on CPUs)")
+    compile: bool = _f(False, "torch.compile the network (pays off on GPUs for long runs; "
+                              "recompiles per tile shape)")
+    threads: int = _f(0, "CPU threads for PyTorch (0: leave PyTorch's default)")
+    prefetch: bool = _f(True, "read and normalise the next micrograph while this one computes, "
+                              "and write in the background", widget=False)
+    gpus: str = _f("", "run on these GPUs through a local dask cluster, one worker each, e.g. 0,1",
+                   widget=False)
+    workers: int = _f(0, "run on N local CPU worker processes (dask LocalCluster)", widget=False)
+    scheduler: str = _f("", "send one task per micrograph to this dask scheduler "
+                            "(tcp://HOST:PORT, e.g. from dask-jobqueue)", widget=False)
+
+    def __post_init__(self) -> None:
+        if self.intensity not in INTENSITIES:
+            raise CryoDDMError(f"--intensity {self.intensity!r}: use normalised or input")
+        if self.precision not in PRECISIONS:
+            raise CryoDDMError(f"--precision {self.precision!r}: use {', '.join(PRECISIONS)}")
+        if self.tile and (self.tile < 64 or self.tile % STRIDE):
+            raise CryoDDMError(f"--tile {self.tile}: use a multiple of 32, at least 64")
+        if self.overlap < 0:
+            raise CryoDDMError(f"--overlap {self.overlap}: must be ≥ 0")
+        if self.batch_size < 0:
+            raise CryoDDMError(f"--batch-size {self.batch_size}: must be ≥ 0 (0 = automatic)")
+
+
+# ----------------------------------------------------------------------------- the model
+
+@dataclass
+class PredictModel:
+    """A network with what prediction must know about its training (from the checkpoint)."""
+
+    model: nn.Module
+    normalisation: Normalisation = field(default_factory=Normalisation)
+    bin_factor: float = 1.0
+    name: str = "model"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike[str], map_location: Any = "cpu") -> PredictModel:
+        from .checkpoint import load_checkpoint
+
+        path = Path(path)
+        loaded = load_checkpoint(path, map_location=map_location)
+        meta = loaded.metadata or {}
+        return cls(loaded.model, Normalisation.from_dict(meta.get("normalisation")),
+                   float(meta.get("bin_factor") or 1.0), path.name, dict(meta))
+
+    def state(self) -> dict[str, Any]:
+        """Picklable and small (3.9 MB): what dask workers need to rebuild the network."""
+        inner = getattr(self.model, "_orig_mod", self.model)
+        return {"state_dict": {k: v.detach().cpu() for k, v in inner.state_dict().items()},
+                "normalisation": self.normalisation.to_dict(), "bin_factor": self.bin_factor,
+                "name": self.name, "metadata": self.metadata}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> PredictModel:
+        from .model import UDenoiseNet
+
+        model = UDenoiseNet()
+        model.load_state_dict(state["state_dict"])
+        model.eval()
+        return cls(model, Normalisation.from_dict(state["normalisation"]), float(state["bin_factor"]),
+                   state["name"], dict(state.get("metadata") or {}))
+
+
+def as_predict_model(model: PredictModel | nn.Module | str | os.PathLike[str]) -> PredictModel:
+    if isinstance(model, PredictModel):
+        return model
+    if isinstance(model, nn.Module):
+        return PredictModel(model)
+    return PredictModel.from_checkpoint(model)
+
+
+# ----------------------------------------------------------------------------- tile geometry
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Where the tiles of one image go. The image sits at (margin, margin) of the padded array,
+    which is `counts·core + 2·margin` long per axis; tile k starts at k·core (a multiple of 32)."""
+
+    shape: tuple[int, int]
+    margin: int
+    core: tuple[int, int]
+    counts: tuple[int, int]
+
+    @property
+    def tile_shape(self) -> tuple[int, int]:
+        return (self.core[0] + 2 * self.margin, self.core[1] + 2 * self.margin)
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        return (self.counts[0] * self.core[0] + 2 * self.margin,
+                self.counts[1] * self.core[1] + 2 * self.margin)
+
+    @property
+    def n_tiles(self) -> int:
+        return self.counts[0] * self.counts[1]
+
+    def origins(self) -> list[tuple[int, int]]:
+        return [(iy * self.core[0], ix * self.core[1])
+                for iy in range(self.counts[0]) for ix in range(self.counts[1])]
+
+    @property
+    def redundancy(self) -> float:
+        """Pixels pushed through the network per output pixel (1.0 would be no overlap)."""
+        ty, tx = self.tile_shape
+        return self.n_tiles * ty * tx / (self.shape[0] * self.shape[1])
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def plan_tiles(shape: tuple[int, int], tile: int, overlap: int) -> TileGrid:
+    """Balanced tiles: per axis the fewest cores of ≤ tile − 2·margin px that cover the image,
+    evened out (so a 4096 image does not end with a sliver tile), each a multiple of 32.
+
+    A micrograph smaller than a tile gets a single, smaller tile (padded up to a multiple of 32).
+    The margin is rounded up to a multiple of 32 so the image sits on the network's pooling grid
+    at phase 0 whatever the overlap: results then do not depend on the tiling at all (a margin
+    of 176 would shift the grid by 16 px, which changes a U-Net's output everywhere).
+    """
+    margin = _round_up(max(0, int(overlap)), STRIDE)
+    max_core = int(tile) - 2 * margin
+    if max_core < STRIDE:
+        raise CryoDDMError(f"tile {tile} px leaves no core with {margin} px of overlap on each side; "
+                           f"use --tile ≥ {2 * margin + 2 * STRIDE} (or a smaller --overlap)")
+    core, counts = [], []
+    for n in shape:
+        if n < 1:
+            raise CryoDDMError(f"cannot tile an image of shape {shape}")
+        k = -(-n // max_core)
+        core.append(_round_up(-(-n // k), STRIDE))
+        counts.append(k)
+    return TileGrid((int(shape[0]), int(shape[1])), margin, (core[0], core[1]), (counts[0], counts[1]))
+
+
+def pad_image(image: np.ndarray, grid: TileGrid) -> np.ndarray:
+    """Reflection-pad to the grid's padded shape (image at (margin, margin)); float32."""
+    (h, w), m = grid.shape, grid.margin
+    py, px = grid.padded_shape
+    return np.pad(np.asarray(image, dtype=np.float32), ((m, py - h - m), (m, px - w - m)), mode="reflect")
+
+
+# ----------------------------------------------------------------------------- devices and runtime
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    from .train import resolve_device as _resolve
+
+    return _resolve(spec)
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """None = fp32. auto → bf16 on GPUs that have it (fp16 otherwise), fp32 on CPUs (bf16 on a
+    CPU is faster on AVX-512-BF16 parts but changes results; it is an explicit choice)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise CryoDDMError("--precision fp16 needs a GPU; use bf16 or fp32 on a CPU")
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+@dataclass
+class Runtime:
+    """The network on its device, and the tile/batch sizes in force (shrunk after an OOM, and
+    kept shrunk for the rest of the run)."""
+
+    model: nn.Module
+    device: torch.device
+    tile: int
+    batch_size: int
+    overlap: int
+    dtype: torch.dtype | None
+    channels_last: bool
+    oom_events: list[str] = field(default_factory=list)
+
+
+def make_runtime(model: nn.Module, config: PredictConfig, device: torch.device | None = None) -> Runtime:
+    device = device or resolve_device(config.device)
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    channels_last = bool(config.channels_last) and device.type in ("cuda", "cpu")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if config.compile:
+        model = torch.compile(model, dynamic=False)
+    tile = config.tile or (DEFAULT_TILE_GPU if device.type == "cuda" else DEFAULT_TILE_CPU)
+    batch = config.batch_size or (8 if device.type == "cuda" else 1)
+    return Runtime(model, device, tile, batch, config.overlap, autocast_dtype(device, config.precision),
+                   channels_last)
+
+
+def _forward(rt: Runtime, batch: np.ndarray) -> np.ndarray:
+    x = torch.from_numpy(batch)[:, None]
+    if rt.device.type == "cuda":
+        x = x.pin_memory().to(rt.device, non_blocking=True)
+    else:
+        x = x.to(rt.device)
+    if rt.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        if rt.dtype is not None:
+            with torch.autocast(rt.device.type, dtype=rt.dtype):
+                y = rt.model(x)
+        else:
+            y = rt.model(x)
+        return y[:, 0].float().cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- one image
+
+def predict_image(model: nn.Module | Runtime, image: np.ndarray, *, tile: int | None = None,
+                  overlap: int | None = None, batch_size: int | None = None,
+                  config: PredictConfig | None = None, cancel: CancelToken | None = None,
+                  on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Denoise one already-normalised 2-D image; returns float32 of the same shape.
+
+    `model` is a network (moved to `config.device`) or a `Runtime` (reused across images; its
+    tile/batch shrink after a GPU out-of-memory and stay shrunk). The image is reflection-padded,
+    cut into `tile`² tiles whose cores are `2·overlap` smaller, run `batch_size` tiles at a time,
+    and the cores are stitched. The result equals one pass over the padded image (seam test).
+    """
+    rt = _as_runtime(model, config, tile, overlap, batch_size)
+    job = predict_image_job(rt, image, cancel)
+    while True:
+        try:
+            event = next(job)
+        except StopIteration as stop:
+            return stop.value
+        if on_batch is not None:
+            on_batch(event.done, event.total or 0)
+
+
+def _as_runtime(model: nn.Module | Runtime, config: PredictConfig | None, tile: int | None = None,
+                overlap: int | None = None, batch_size: int | None = None) -> Runtime:
+    rt = model if isinstance(model, Runtime) else make_runtime(model, config or PredictConfig())
+    if tile:
+        rt.tile = int(tile)
+    if overlap is not None:
+        rt.overlap = int(overlap)
+    if batch_size:
+        rt.batch_size = int(batch_size)
+    return rt
+
+
+def predict_image_job(rt: Runtime, image: np.ndarray, cancel: CancelToken | None = None) -> Job[np.ndarray]:
+    """`predict_image` as a job: one `Progress` per batch of tiles; an out-of-memory error
+    shrinks the batch (then the tile) and starts the image again."""
+    if image.ndim != 2:
+        raise CryoDDMError(f"predict_image needs a 2-D image, got shape {image.shape}")
+    while True:
+        try:
+            return (yield from _predict_tiled(rt, image, cancel))
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled
+            if not is_oom(exc):
+                raise
+            _shrink(rt, exc)
+
+
+def _shrink(rt: Runtime, exc: BaseException) -> None:
+    """Halve the batch; at batch 1 halve the tile; give up when the tile would lose its core."""
+    if rt.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if rt.batch_size > 1:
+        rt.batch_size //= 2
+        what = f"batch size → {rt.batch_size}"
+    else:
+        margin = _round_up(rt.overlap, STRIDE)
+        new_tile = _round_up(rt.tile // 2, STRIDE)
+        if new_tile - 2 * margin < STRIDE:
+            raise CryoDDMError(f"out of memory on {rt.device} even with one {rt.tile}² tile per pass; "
+                               "free the device or use --device cpu") from exc
+        rt.tile = new_tile
+        what = f"tile → {rt.tile} px"
+    rt.oom_events.append(what)
+    log.warning("out of memory on %s; %s and carrying on", rt.device, what)
+
+
+def _predict_tiled(rt: Runtime, image: np.ndarray, cancel: CancelToken | None) -> Job[np.ndarray]:
+    grid = plan_tiles(image.shape, rt.tile, rt.overlap)
+    padded = pad_image(image, grid)
+    out = np.empty(grid.shape, dtype=np.float32)
+    (h, w), m = grid.shape, grid.margin
+    (ty, tx), (cy, cx) = grid.tile_shape, grid.core
+    origins = grid.origins()
+    n_batches = -(-len(origins) // rt.batch_size)
+    buf = np.empty((rt.batch_size, ty, tx), dtype=np.float32)
+    for b in range(n_batches):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        chunk = origins[b * rt.batch_size:(b + 1) * rt.batch_size]
+        for j, (oy, ox) in enumerate(chunk):
+            buf[j] = padded[oy:oy + ty, ox:ox + tx]
+        pred = _forward(rt, buf[:len(chunk)])
+        for j, (oy, ox) in enumerate(chunk):
+            ys, xs = min(cy, h - oy), min(cx, w - ox)  # the last core may stick out of the image
+            if ys > 0 and xs > 0:
+                out[oy:oy + ys, ox:ox + xs] = pred[j, m:m + ys, m:m + xs]
+        yield Progress(b + 1, n_batches, f"tiles {min(len(origins), (b + 1) * rt.batch_size)}/{len(origins)}")
+    return out
+
+
+def predict_padded_whole(model: nn.Module, image: np.ndarray, overlap: int = DEFAULT_OVERLAP,
+                         tile: int = DEFAULT_TILE_CPU) -> np.ndarray:
+    """The reference for the seam test: one untiled pass over the same reflection-padded image."""
+    grid = plan_tiles(image.shape, tile, overlap)
+    padded = pad_image(image, grid)
+    with torch.inference_mode():
+        y = model.eval()(torch.from_numpy(padded)[None, None])[0, 0].numpy()
+    m = grid.margin
+    return np.ascontiguousarray(y[m:m + image.shape[0], m:m + image.shape[1]])
+
+
+def measure_receptive_field(model: nn.Module | None = None, size: int = 416) -> tuple[int, int]:
+    """(reach up, reach down) in px over all 32 phases of the pooling grid.
+
+    A copy of the network with |weights| (so no path cancels) and average pooling in place of max
+    pooling (a max passes gradient to one pixel of four, chosen by the data; the average to all,
+    so the footprint is the union over every possible input) sees a batch of 32 tall strips;
+    copy k back-propagates from output row c + k only, so its input gradient's extent is the
+    footprint of that phase. Rows and columns behave alike (square kernels and poolings).
+    """
+    import copy
+
+    from .model import UDenoiseNet
+
+    net = copy.deepcopy(model) if model is not None else UDenoiseNet()
+    net = getattr(net, "_orig_mod", net).float().cpu().eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.abs_()
+    for module in list(net.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.MaxPool2d):
+                setattr(module, name, nn.AvgPool2d(child.kernel_size))
+    x = torch.rand(STRIDE, 1, size, STRIDE, requires_grad=True)
+    c = _round_up(size // 2, STRIDE)
+    y = net(x)
+    k = torch.arange(STRIDE)
+    y[k, 0, c + k, STRIDE // 2].sum().backward()
+    up = down = 0
+    for j in range(STRIDE):
+        rows = np.nonzero(x.grad[j, 0].abs().sum(1).numpy())[0]
+        up, down = max(up, c + j - int(rows.min())), max(down, int(rows.max()) - (c + j))
+    return up, down
+
+
+# ----------------------------------------------------------------------------- one micrograph
+
+@dataclass
+class Prepared:
+    """A micrograph read, binned and normalised: what the network sees, plus how to undo it."""
+
+    path: Path
+    info: MrcInfo
+    image: np.ndarray
+    stats: tuple[float, float, float, float]
+    voxel_size: float
+    bin_factor: float
+
+
+def prepare(path: str | os.PathLike[str], pm: PredictModel) -> Prepared:
+    """Read, check, bin (as the checkpoint was trained) and normalise one micrograph."""
+    raw, info = read_micrograph(path)
+    check_finite(raw, str(path))
+    return prepare_array(raw, pm, Path(path), info)
+
+
+def prepare_array(raw: np.ndarray, pm: PredictModel, path: Path | None = None,
+                  info: MrcInfo | None = None, voxel_size: float = 0.0) -> Prepared:
+    if pm.bin_factor and pm.bin_factor != 1:
+        raw = fourier_bin(raw, pm.bin_factor)
+    stats = normalisation_stats(raw, pm.normalisation)
+    img = normalise(raw, pm.normalisation, stats)
+    del raw
+    vs = (info.voxel_size if info is not None else voxel_size) or 0.0
+    return Prepared(path or Path("<array>"), info, img, stats, vs * (pm.bin_factor or 1.0),
+                    pm.bin_factor or 1.0)
+
+
+def finish(pred: np.ndarray, prep: Prepared, intensity: str) -> np.ndarray:
+    """Map back to the input's units when asked: the inverse of the normalisation's affine part."""
+    if intensity == "input":
+        _lo, _hi, offset, scale = prep.stats
+        pred *= np.float32(scale)
+        pred += np.float32(offset)
+    return pred
+
+
+def denoise_job(model: PredictModel | nn.Module, raw: np.ndarray, config: PredictConfig | None = None,
+                runtime: Runtime | None = None, cancel: CancelToken | None = None,
+                source: str = "image") -> Job[np.ndarray]:
+    """The whole chain on an in-memory micrograph (bin, normalise, tiles, intensity) as a job:
+    what the widget shows, and what `predict_files` writes for the same pixels."""
+    pm = as_predict_model(model)
+    config = config or PredictConfig()
+    check_finite(raw, source)
+    rt = runtime or make_runtime(pm.model, config)
+    prep = prepare_array(np.asarray(raw, dtype=np.float32), pm)
+    pred = yield from predict_image_job(rt, prep.image, cancel)
+    return finish(pred, prep, config.intensity)
+
+
+def denoise_array(model: PredictModel | nn.Module, raw: np.ndarray, config: PredictConfig | None = None,
+                  runtime: Runtime | None = None, cancel: CancelToken | None = None) -> np.ndarray:
+    """`denoise_job` drained: the denoised micrograph (binned when the checkpoint says so)."""
+    from .jobs import collect
+
+    return collect(denoise_job(model, raw, config, runtime, cancel))
+
+
+# ----------------------------------------------------------------------------- naming
+
+def output_path(input_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], suffix: str = "") -> Path:
+    """OUT/<stem><suffix>.mrc, stem = the input's name without folder and MRC extensions, so
+    coordinates picked on the denoised file match the raw micrograph by name."""
+    return Path(out_dir) / f"{micrograph_stem(Path(input_path).name)}{suffix}.mrc"
+
+
+def plan_outputs(inputs: Sequence[Path], out_dir: Path, suffix: str) -> list[tuple[Path, Path]]:
+    pairs = [(p, output_path(p, out_dir, suffix)) for p in inputs]
+    seen: dict[Path, Path] = {}
+    for src, dst in pairs:
+        if dst in seen:
+            raise CryoDDMError(f"{seen[dst]} and {src} would both be written to {dst}; "
+                               "rename one or predict them in separate runs")
+        seen[dst] = src
+        with contextlib.suppress(OSError):
+            if dst.exists() and dst.resolve() == src.resolve():
+                raise CryoDDMError(f"{src}: the output would replace the input; choose another -o")
+    return pairs
+
+
+def _labels(prep: Prepared, pm: PredictModel, config: PredictConfig, grid: TileGrid) -> list[str]:
+    lo, hi, off, sc = prep.stats
+    labels = [f"napari-cryoddm predict: {prep.path.name}"[:80],
+              f"model {pm.name} epoch {pm.metadata.get('epoch')}"[:80],
+              f"norm {pm.normalisation.method} off {off:.6g} scale {sc:.6g} -> {config.intensity}"[:80],
+              f"bin {prep.bin_factor:g} tile {grid.tile_shape[0]}x{grid.tile_shape[1]} margin {grid.margin}"[:80]]
+    if prep.info is not None:
+        labels += [f"src: {label}"[:80] for label in prep.info.labels[:6] if label]
+    return labels[:10]
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(out_dir, f"cannot create the output folder ({exc.strerror or exc})") from None
+    if not out_dir.is_dir():
+        raise InputError(out_dir, "the output path exists and is not a folder")
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise InputError(out_dir, "the output folder is not writable")
+
+
+def predict_one_file(pm: PredictModel, rt: Runtime, src: Path, dst: Path, config: PredictConfig,
+                     cancel: CancelToken | None = None) -> Path:
+    """Denoise one file to `dst` (atomic). The unit of work of the dask path too."""
+    prep = prepare(src, pm)
+    pred = finish(predict_image(rt, prep.image, cancel=cancel), prep, config.intensity)
+    grid = plan_tiles(prep.image.shape, rt.tile, rt.overlap)
+    return write_mrc(dst, pred, voxel_size=prep.voxel_size or None, overwrite=config.overwrite,
+                     labels=_labels(prep, pm, config, grid))
+
+
+# ----------------------------------------------------------------------------- the job
+
+@dataclass
+class PredictResult:
+    """What a run did: outputs written, skipped (already there) and failed (with the reason)."""
+
+    out_dir: Path
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    oom_events: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = (f"{len(self.written)} denoised, {len(self.skipped)} already done (skipped), "
+                f"{len(self.failed)} failed; outputs in {self.out_dir}")
+        for path, why in self.failed[:10]:
+            text += f"\n  failed: {why}" if str(path) in why else f"\n  failed: {path}: {why}"
+        return text
+
+
+def predict_files(model: PredictModel | nn.Module | str | os.PathLike[str], inputs: Any,
+                  out_dir: str | os.PathLike[str], config: PredictConfig | None = None,
+                  cancel: CancelToken | None = None) -> Job[PredictResult]:
+    """Denoise every micrograph in `inputs` (files, folders, globs) into `out_dir`.
+
+    Existing outputs are skipped unless `config.overwrite` (an interrupted run resumes). A bad
+    micrograph (unreadable, NaN pixels) is reported and the run carries on with the others;
+    finished outputs are always kept. Yields one `Progress` per micrograph (payload: `output`).
+    """
+    config = config or PredictConfig()
+    cancel = cancel or CancelToken()
+    out_dir = Path(out_dir)
+    paths = list_micrographs(inputs)
+    pairs = plan_outputs(paths, out_dir, config.suffix)
+    _check_out_dir(out_dir)
+    pm = as_predict_model(model)
+    result = PredictResult(out_dir)
+    todo = []
+    for src, dst in pairs:
+        if dst.exists() and not config.overwrite:
+            result.skipped.append(dst)
+        else:
+            todo.append((src, dst))
+    total = len(pairs)
+    done = len(result.skipped)
+    yield Progress(done, total, f"{done} already done" if done else "starting")
+    if not todo:
+        return result
+    rt = make_runtime(pm.model, config)
+    t0 = time.perf_counter()
+    workers = 1 if config.prefetch else 0
+    with _Pipeline(workers) as pipe:
+        nxt = pipe.read(todo[0][0], pm)
+        pending: Future | None = None
+        for k, (src, dst) in enumerate(todo):
+            cur, nxt = nxt, (pipe.read(todo[k + 1][0], pm) if k + 1 < len(todo) else None)
+            try:
+                if cancel.cancelled:
+                    break
+                prep = cur.result()
+                pred = finish(predict_image(rt, prep.image, cancel=cancel), prep, config.intensity)
+                grid = plan_tiles(prep.image.shape, rt.tile, rt.overlap)
+                labels = _labels(prep, pm, config, grid)
+                del prep.image
+                if pending is not None:
+                    _collect_write(pending, result)
+                pending = pipe.write(dst, pred, prep.voxel_size, config.overwrite, labels)
+                del pred, prep
+            except CryoDDMError as exc:
+                result.failed.append((src, str(exc)))
+                log.error("%s", exc)
+            except Exception as exc:  # noqa: BLE001 - cancellation and bugs propagate below
+                from .jobs import Cancelled
+
+                if isinstance(exc, Cancelled):
+                    break
+                raise
+            done += 1
+            yield Progress(done, total, src.name, {"input": str(src), "output": str(dst)})
+        if nxt is not None:
+            nxt.cancel()
+        if pending is not None:
+            _collect_write(pending, result)
+    result.seconds = time.perf_counter() - t0
+    result.oom_events = list(rt.oom_events)
+    if result.failed and not result.written and not result.skipped:
+        raise CryoDDMError("no micrograph could be denoised:\n  " +
+                           "\n  ".join(why for _p, why in result.failed[:10]))
+    return result
+
+
+def _collect_write(fut: Future, result: PredictResult) -> None:
+    try:
+        result.written.append(fut.result())
+    except CryoDDMError as exc:
+        result.failed.append((Path(getattr(exc, "path", "?")), str(exc)))
+
+
+class _Pipeline:
+    """Reads ahead and writes behind in threads (I/O and numpy release the GIL); inline when 0."""
+
+    def __init__(self, workers: int) -> None:
+        self._reader = ThreadPoolExecutor(1, "cryoddm-read") if workers else None
+        self._writer = ThreadPoolExecutor(1, "cryoddm-write") if workers else None
+
+    def __enter__(self) -> _Pipeline:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for pool in (self._reader, self._writer):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    @staticmethod
+    def _done(fn: Callable[..., Any], *args: Any) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - surfaced by .result()
+            fut.set_exception(exc)
+        return fut
+
+    def read(self, path: Path, pm: PredictModel) -> Future:
+        if self._reader is None:
+            return _LazyFuture(prepare, path, pm)
+        return self._reader.submit(prepare, path, pm)
+
+    def write(self, dst: Path, pred: np.ndarray, voxel_size: float, overwrite: bool,
+              labels: list[str]) -> Future:
+        args = (dst, pred, voxel_size or None, overwrite, labels)
+        if self._writer is None:
+            return self._done(write_mrc, *args)
+        return self._writer.submit(write_mrc, *args)
+
+
+class _LazyFuture(Future):
+    """Without prefetch, read when the result is wanted (keeps one micrograph in memory)."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        super().__init__()
+        self._fn, self._args = fn, args
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self.done():
+            try:
+                self.set_result(self._fn(*self._args))
+            except BaseException as exc:  # noqa: BLE001
+                self.set_exception(exc)
+        return super().result(timeout)
+
+
+__all__ = ["PredictConfig", "PredictModel", "PredictResult", "TileGrid", "Runtime", "plan_tiles",
+           "pad_image", "predict_image", "predict_image_job", "predict_files", "denoise_job", "predict_one_file", "denoise_array",
+           "output_path", "measure_receptive_field", "make_runtime"]

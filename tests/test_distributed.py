@@ -1,0 +1,154 @@
+"""dask.distributed prediction: same outputs as one process, failures reported, bad scheduler."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+import torch
+
+from napari_cryoddm import distributed as dist
+from napari_cryoddm.checkpoint import save_checkpoint
+from napari_cryoddm.errors import CryoDDMError
+from napari_cryoddm.io.mrc import write_mrc
+from napari_cryoddm.jobs import collect
+from napari_cryoddm.model import UDenoiseNet
+from napari_cryoddm.normalise import Normalisation
+from napari_cryoddm.predict import PredictConfig, predict_files
+
+distributed = pytest.importorskip("distributed")
+import cloudpickle  # noqa: E402
+
+# worker processes cannot import this test module: ship its hooks by value
+cloudpickle.register_pickle_by_value(__import__(__name__))
+
+CFG = dict(device="cpu", tile=480, overlap=192, channels_last=False, threads=1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(root / "m.pt", UDenoiseNet(),
+                           {"normalisation": Normalisation().to_dict(), "bin_factor": 1})
+    rng = np.random.default_rng(0)
+    (root / "in").mkdir()
+    for i, shape in enumerate([(64, 64), (48, 80), (70, 50), (64, 96)]):
+        write_mrc(root / "in" / f"m{i}.mrc", rng.normal(10, 2, shape).astype(np.float32), voxel_size=1.5)
+    return root, ckpt
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
+            Client(cl) as c:
+        c.register_plugin(dist._device_plugin(["cpu"], 1))
+        yield c
+
+
+def _kill_on(name: str):
+    def hook(src: str) -> None:
+        if Path(src).name == name:
+            os._exit(1)  # the worker process dies mid-task, as under the OOM killer
+    return hook
+
+
+def _install(name: str) -> None:
+    dist._FAULT_HOOK = _kill_on(name)
+
+
+@pytest.mark.slow
+def test_local_cluster_of_two_workers_matches_single_process(setup, client, tmp_path):
+    root, ckpt = setup
+    torch.set_num_threads(1)
+    single = collect(predict_files(ckpt, root / "in", tmp_path / "single", PredictConfig(**CFG)))
+    res = collect(dist.predict_distributed(ckpt, root / "in", tmp_path / "dask",
+                                           PredictConfig(**CFG), client=client))
+    assert len(res.written) == 4 and not res.failed and len(single.written) == 4
+    for p in sorted((root / "in").iterdir()):
+        a = mrcfile.read(tmp_path / "single" / p.name)
+        b = mrcfile.read(tmp_path / "dask" / p.name)
+        np.testing.assert_array_equal(a, b)
+        with mrcfile.open(tmp_path / "dask" / p.name) as m:
+            assert m.voxel_size.x == pytest.approx(1.5)
+    again = collect(dist.predict_distributed(ckpt, root / "in", tmp_path / "dask",
+                                             PredictConfig(**CFG), client=client))
+    assert len(again.skipped) == 4 and not again.written
+
+
+@pytest.mark.slow
+def test_bad_micrograph_and_killed_worker_are_reported_others_finish(setup, client, tmp_path):
+    root, ckpt = setup
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in (root / "in").iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    bad = mrcfile.read(folder / "m1.mrc").copy()
+    bad[3, 3] = np.nan
+    write_mrc(folder / "m1.mrc", bad, voxel_size=1.5, overwrite=True)
+    import dask
+
+    # A micrograph that kills every worker it lands on: retried by dask, then reported.
+    client.register_plugin(_HookPlugin("m2.mrc"))
+    try:
+        with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+            res = collect(dist.predict_distributed(ckpt, folder, tmp_path / "out", PredictConfig(**CFG),
+                                                   client=client))
+    finally:
+        client.unregister_worker_plugin("cryoddm-test-hook")
+        client.run(_install_none)
+    failed = {Path(p).name: why for p, why in res.failed}
+    assert sorted(p.name for p in res.written) == ["m0.mrc", "m3.mrc"]
+    assert "NaN" in failed["m1.mrc"] and "m1.mrc" in failed["m1.mrc"]
+    assert "KilledWorker" in failed["m2.mrc"]
+    assert not (tmp_path / "out" / "m2.mrc").exists()
+
+
+@pytest.mark.slow
+def test_killed_worker_once_is_retried(setup, client, tmp_path):
+    root, ckpt = setup
+    client.run(_install, "m3.mrc")  # only the workers alive now; their restarts are clean
+    try:
+        res = collect(dist.predict_distributed(ckpt, root / "in", tmp_path / "out", PredictConfig(**CFG),
+                                               client=client))
+    finally:
+        client.run(_install_none)
+    assert sorted(p.name for p in res.written) == ["m0.mrc", "m1.mrc", "m2.mrc", "m3.mrc"]
+    assert not res.failed
+
+
+def _install_none() -> None:
+    dist._FAULT_HOOK = None
+
+
+class _HookPlugin(distributed.WorkerPlugin):
+    name = "cryoddm-test-hook"
+
+    def __init__(self, victim: str) -> None:
+        self.victim = victim
+
+    def setup(self, worker) -> None:
+        dist._FAULT_HOOK = _kill_on(self.victim)
+
+
+def test_unreachable_scheduler_is_a_clear_error(setup, tmp_path):
+    root, ckpt = setup
+    cfg = PredictConfig(**CFG, scheduler="tcp://127.0.0.1:9")
+    with pytest.raises(CryoDDMError, match="cannot reach the dask scheduler at tcp://127.0.0.1:9"):
+        dist.connect(cfg, timeout="2s")
+
+
+def test_gpu_list_is_checked():
+    assert dist.parse_gpus("0,1, 3") == [0, 1, 3]
+    with pytest.raises(CryoDDMError, match="--gpus"):
+        dist.parse_gpus("0,a")
+    with pytest.raises(CryoDDMError, match="--gpus"):
+        dist.parse_gpus("1,1")
+    if not torch.cuda.is_available():
+        with pytest.raises(CryoDDMError, match="CUDA GPU"):
+            dist.connect(PredictConfig(gpus="0"))
