@@ -483,3 +483,10 @@ def test_real_screening_keeps_boxes_off_the_contamination(real_data, tmp_path):
     assert hits >= 3
     hits, n = on_blob(screened)
     assert hits == 0 and n >= 10
+
+
+def test_micrographs_sharing_a_stem_are_refused():
+    mics = [Micrograph("a/stack_1.mrc", (512, 512)), Micrograph("b/stack_1.mrcs", (512, 512))]
+    with pytest.raises(CryoDDMError, match="stack_1"):
+        collect(pick_noise(mics, PickConfig(diameter=20), pd.DataFrame(
+            {"micrograph": ["stack_1"], "x": [1.0], "y": [1.0]})))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -390,10 +391,9 @@ def rank_empty_boxes(image: np.ndarray, diameter: float, box: int, max_boxes: in
     order = free[np.argsort(flat_score[free], kind="stable")]
     chosen = _greedy(order, ys, xs, box, step, overlap, blocked, max_boxes)
     xy = np.array(chosen, dtype=np.int64).reshape(-1, 2)
-    lookup = {(int(xs[j]), int(ys[i])): float(smap.score[i, j])
-              for i in range(len(ys)) for j in range(len(xs))} if len(xy) else {}
-    scores = np.array([lookup[(int(x), int(y))] for x, y in xy], dtype=np.float64)
-    return xy, scores
+    # grid indices of the chosen centres (xs, ys are sorted) → their scores
+    scores = smap.score[np.searchsorted(ys, xy[:, 1]), np.searchsorted(xs, xy[:, 0])]
+    return xy, scores.astype(np.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -578,7 +578,7 @@ def pick_noise(micrographs: Sequence[Micrograph | str | os.PathLike[str]], confi
     if not mics:
         raise CryoDDMError("no micrographs given")
     stems = [micrograph_stem(m.name) for m in mics]
-    dup = sorted({s for s in stems if stems.count(s) > 1}) if len(set(stems)) < len(stems) else []
+    dup = sorted(s for s, n in Counter(stems).items() if n > 1)
     if dup:
         raise CryoDDMError(f"micrographs share a name stem, so coordinates cannot tell them apart: {dup[:3]}")
     apix = next((m.voxel_size for m in mics if m.voxel_size > 0), None)
