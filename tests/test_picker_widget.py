@@ -284,3 +284,19 @@ def test_on_the_napari_sample_stack(make_napari_viewer, tmp_path, monkeypatch):
     out = tmp_path / "noise_coordinates.txt"
     widget.save(out)
     assert len(read_noise_txt(out)) == len(table)
+
+
+def test_threaded_job_delivers_boxes(make_napari_viewer, mics, qtbot, monkeypatch):
+    """Outside tests jobs run in a napari thread worker; the boxes still land in the layer."""
+    monkeypatch.setenv("CRYODDM_NAPARI_NOTHREADS", "0")
+    viewer, widget, image, layer = _setup(make_napari_viewer, mics, diameter=40.0)
+    star = mics[0].parent / "particles.star"
+    star.write_text("data_\nloop_\n_rlnMicrographName #1\n_rlnCoordinateX #2\n_rlnCoordinateY #3\n"
+                    + "".join(f"mic_{m}.mrc {x} {y}\n" for m, cs in enumerate(CENTRES) for x, y in cs))
+    widget.particles_file.value = star
+    handle = widget.pick_from_particles()
+    assert handle.worker is not None
+    qtbot.waitUntil(lambda: not handle.running, timeout=20_000)
+    qtbot.waitUntil(lambda: len(layer.data) > 0, timeout=5_000)
+    assert handle.error is None
+    assert set(layer.features["micrograph"]) == {"mic_0.mrc", "mic_1.mrc"}
