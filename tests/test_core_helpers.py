@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,9 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path):
     with atomic_write(target) as tmp:
         tmp.write_text("whole")
     assert target.read_text() == "whole"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's owner-only 0600
     with pytest.raises(OutputExistsError, match="out.txt already exists"):
         with atomic_write(target):
             pass

@@ -12,6 +12,12 @@ from pathlib import Path
 from .errors import CryoDDMError, OutputExistsError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(final: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary file path beside `final`; rename it over `final` when the block succeeds.
@@ -32,6 +38,7 @@ def atomic_write(final: str | os.PathLike[str], overwrite: bool = False) -> Iter
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
         os.replace(tmp_path, final)
     except BaseException:
         with contextlib.suppress(OSError):
