@@ -300,3 +300,24 @@ def test_threaded_job_delivers_boxes(make_napari_viewer, mics, qtbot, monkeypatc
     qtbot.waitUntil(lambda: len(layer.data) > 0, timeout=5_000)
     assert handle.error is None
     assert set(layer.features["micrograph"]) == {"mic_0.mrc", "mic_1.mrc"}
+
+
+def test_adopts_a_noise_file_opened_through_the_reader(make_napari_viewer, mics, tmp_path):
+    from napari_cryoddm._napari.reader import coordinate_layer_data, micrograph_layer_data
+    from napari_cryoddm._napari.widgets.picker import NoisePickerWidget
+
+    viewer = make_napari_viewer()
+    data, kw, _ = micrograph_layer_data([str(p) for p in mics])
+    image = viewer.add_image(data, **kw)
+    src = tmp_path / "noise_coordinates.txt"
+    src.write_text("mic_0.mrc 100 90\nmic_1.mrc 200 150\n")
+    pdata, pkw, _ = coordinate_layer_data(src, image_layer=image)
+    opened = viewer.add_points(pdata, **pkw)
+    widget = NoisePickerWidget(viewer)
+    widget.image.value = image
+    widget.diameter.value = 60.0
+    assert widget.ensure_noise_layer() is opened
+    assert widget.count_per_micrograph() == {"mic_0.mrc": 1, "mic_1.mrc": 1}
+    assert opened.size.tolist() == [128, 128]
+    widget._ctrl_click(opened, _event(opened, 1, 150, 200, modifiers=("Control",)))
+    assert widget.count_per_micrograph() == {"mic_0.mrc": 1}

@@ -24,8 +24,8 @@ from ...names import match_names
 from ...params import window_for_diameter
 from ...picking import (Micrograph, PickConfig, PickResult, box_inside, merge_boxes, pick_noise,
                         read_boxes, write_boxes)
-from ..layers import (add_boxes_layer, cryoddm_metadata, current_slice, micrograph_layers,
-                      micrographs, points_table, set_box_size)
+from ..layers import (add_boxes_layer, cryoddm_metadata, current_slice, is_boxes_layer,
+                      micrograph_layers, micrographs, points_table, set_box_size)
 from ..workers import report_error, start_job
 from ._form import ConfigForm
 
@@ -176,19 +176,34 @@ class NoisePickerWidget(Container):
         image = self.image.value
         if image is None:
             raise CryoDDMError("open micrographs with napari-cryoddm first (File ▸ Open)")
-        layer = add_boxes_layer(self.viewer, None, "noise", int(self.box.value), image_layer=image,
-                                name="noise", attached_to=image.name,
-                                micrograph_names=self._names(),
-                                features=pd.DataFrame({"micrograph": pd.Series([], dtype=object)}))
-        layer.features = pd.DataFrame({"micrograph": pd.Series([], dtype=object),
-                                       "valid": pd.Series([], dtype=bool)})
+        layer = self._attached_noise_layer(image)
+        if layer is None:
+            layer = add_boxes_layer(self.viewer, None, "noise", int(self.box.value),
+                                    image_layer=image, name="noise", attached_to=image.name,
+                                    micrograph_names=self._names(),
+                                    features=pd.DataFrame({"micrograph": pd.Series([], dtype=object)}))
+        names = layer.features["micrograph"].astype(object).to_numpy() if len(layer.data) else []
+        layer.features = pd.DataFrame({"micrograph": pd.Series(names, dtype=object),
+                                       "valid": np.ones(len(layer.data), dtype=bool)})
         layer.feature_defaults = {"micrograph": "", "valid": True}
         layer.events.data.connect(self._on_data)
         layer.mouse_drag_callbacks.insert(0, self._ctrl_click)
         self.noise_layer = layer
         self.viewer.layers.selection.active = layer
         self.particles_layer.reset_choices()
+        self._restyle()
         return layer
+
+    def _attached_noise_layer(self, image):
+        """A noise boxes layer already attached to `image` (a noise file opened with File ▸ Open
+        and attached): the widget edits it instead of making a second one."""
+        for layer in self.viewer.layers:
+            meta = cryoddm_metadata(layer)
+            if (is_boxes_layer(layer, "noise") and not meta.get("proposals")
+                    and meta.get("attached_to") == image.name
+                    and "micrograph" in layer.features.columns):
+                return layer
+        return None
 
     # ------------------------------------------------------------------ geometry and styling
 
