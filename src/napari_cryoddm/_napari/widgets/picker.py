@@ -75,6 +75,9 @@ class NoisePickerWidget(Container):
         self.save_button = PushButton(text="Save")
         self.counts = Label(value="")
         self.message = Label(value="")
+        for label in (self.counts, self.message, self.window_label):
+            if hasattr(label.native, "setWordWrap"):
+                label.native.setWordWrap(True)  # long messages wrap inside the dock
         self.extend([self.image, self.diameter, self.unit, self.box, self.window_label, self.form,
                      self.particles_layer, self.particles_file, self.scope, self.pick_button,
                      self.propose_button, self.accept_button, self.invalid_button,
@@ -550,10 +553,10 @@ class NoisePickerWidget(Container):
         cur = current_slice(self.viewer, self.image.value)
         n_here = int((idx == cur).sum())
         n_mics = len(set(idx.tolist()))
-        text = (f"this micrograph: {n_here} boxes · open micrographs: {len(data)} boxes on "
+        text = (f"this micrograph: {n_here} boxes\nopen micrographs: {len(data)} boxes on "
                 f"{n_mics} micrographs")
         if len(self.other_boxes):
-            text += f" · kept for micrographs not open: {len(self.other_boxes)}"
+            text += f"\nkept for micrographs not open: {len(self.other_boxes)} boxes"
         self.counts.value = text
 
     def count_per_micrograph(self) -> dict[str, int]:
