@@ -34,7 +34,7 @@ from torch import nn
 from . import __version__
 from .atomic import atomic_write
 from .config import to_jsonable
-from .errors import CryoDDMError, InputError
+from .errors import InputError
 from .model import ARCHITECTURE, UDenoiseNet
 from .normalise import MINMAX
 
