@@ -45,21 +45,28 @@ def setup(tmp_path_factory):
 def client():
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
+    import dask
+
+    # one task per worker at a time (a dying worker takes only its own task with it), and a task
+    # that killed two workers is given up (KilledWorker) rather than retried three times
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1,
+                          "distributed.scheduler.worker-saturation": 1.0}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
             Client(cl) as c:
         c.register_plugin(dist._device_plugin(["cpu"], 1))
         yield c
 
 
-def _kill_on(name: str):
+def _kill_on(name: str, once_marker: str | None = None):
     def hook(src: str) -> None:
-        if Path(src).name == name:
-            os._exit(1)  # the worker process dies mid-task, as under the OOM killer
+        if Path(src).name != name:
+            return
+        if once_marker is not None:
+            if os.path.exists(once_marker):
+                return
+            Path(once_marker).touch()
+        os._exit(1)  # the worker process dies mid-task, as under the OOM killer
     return hook
-
-
-def _install(name: str) -> None:
-    dist._FAULT_HOOK = _kill_on(name)
 
 
 @pytest.mark.slow
@@ -91,14 +98,11 @@ def test_bad_micrograph_and_killed_worker_are_reported_others_finish(setup, clie
     bad = mrcfile.read(folder / "m1.mrc").copy()
     bad[3, 3] = np.nan
     write_mrc(folder / "m1.mrc", bad, voxel_size=1.5, overwrite=True)
-    import dask
-
-    # A micrograph that kills every worker it lands on: retried by dask, then reported.
+    # A micrograph that kills every worker it lands on: rescheduled by dask, then reported.
     client.register_plugin(_HookPlugin("m2.mrc"))
     try:
-        with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
-            res = collect(dist.predict_distributed(ckpt, folder, tmp_path / "out", PredictConfig(**CFG),
-                                                   client=client))
+        res = collect(dist.predict_distributed(ckpt, folder, tmp_path / "out", PredictConfig(**CFG),
+                                               client=client))
     finally:
         client.unregister_worker_plugin("cryoddm-test-hook")
         client.run(_install_none)
@@ -112,13 +116,15 @@ def test_bad_micrograph_and_killed_worker_are_reported_others_finish(setup, clie
 @pytest.mark.slow
 def test_killed_worker_once_is_retried(setup, client, tmp_path):
     root, ckpt = setup
-    client.run(_install, "m3.mrc")  # only the workers alive now; their restarts are clean
+    client.register_plugin(_HookPlugin("m3.mrc", str(tmp_path / "killed-once")))
     try:
         res = collect(dist.predict_distributed(ckpt, root / "in", tmp_path / "out", PredictConfig(**CFG),
                                                client=client))
     finally:
+        client.unregister_worker_plugin("cryoddm-test-hook")
         client.run(_install_none)
-    assert sorted(p.name for p in res.written) == ["m0.mrc", "m1.mrc", "m2.mrc", "m3.mrc"]
+    assert (tmp_path / "killed-once").exists()  # a worker did die on m3.mrc …
+    assert sorted(p.name for p in res.written) == ["m0.mrc", "m1.mrc", "m2.mrc", "m3.mrc"]  # … and it was retried
     assert not res.failed
 
 
@@ -129,11 +135,11 @@ def _install_none() -> None:
 class _HookPlugin(distributed.WorkerPlugin):
     name = "cryoddm-test-hook"
 
-    def __init__(self, victim: str) -> None:
-        self.victim = victim
+    def __init__(self, victim: str, once_marker: str | None = None) -> None:
+        self.victim, self.once_marker = victim, once_marker
 
     def setup(self, worker) -> None:
-        dist._FAULT_HOOK = _kill_on(self.victim)
+        dist._FAULT_HOOK = _kill_on(self.victim, self.once_marker)
 
 
 def test_unreachable_scheduler_is_a_clear_error(setup, tmp_path):

@@ -1,6 +1,6 @@
 """Batch prediction across processes, GPUs or a cluster with dask.distributed.
 
-One task per micrograph; each worker rebuilds the network once from the scattered weights (3.9 MB,
+One task per micrograph; each worker rebuilds the network once from the shipped weights (3.9 MB,
 so the checkpoint need not sit on a shared disk), reads its micrograph, and writes its own output
 atomically (inputs and outputs must be visible to the workers, as on any cluster file system).
 The client only plans, shows progress and sums up. A micrograph that fails (NaN pixels, an
@@ -97,6 +97,10 @@ def _task(state: dict[str, Any], src: str, dst: str, cfg: dict[str, Any]) -> dic
             "seconds": time.perf_counter() - t0, "host": os.uname().nodename}
 
 
+def _identity(x: Any) -> Any:
+    return x
+
+
 def connect(config: PredictConfig, timeout: str = "10s") -> tuple[Any, Any]:
     """(client, cluster or None) for `config.scheduler`, `config.gpus` or `config.workers`."""
     from distributed import Client, LocalCluster
@@ -163,15 +167,33 @@ def predict_distributed(model: PredictModel | Any, inputs: Any, out_dir: str | o
     try:
         state = pm.state()
         state["token"] = uuid.uuid4().hex
-        shared = client.scatter(state, broadcast=True)
+        # A task holding the weights (not scatter): scattered data dies with the workers that hold
+        # it, a task's result is recomputed from its recipe when they die.
+        shared = client.submit(_identity, state, key=f"cryoddm-model-{state['token']}", pure=False)
         cfg = to_jsonable(config)
         cfg.update(gpus="", workers=0, scheduler="", prefetch=False)
-        futures = {client.submit(_task, shared, str(src), str(dst), cfg, pure=False,
-                                 key=f"cryoddm-predict-{dst.stem}-{state['token'][:8]}"): (src, dst)
-                   for src, dst in todo}
-        yield Progress(done, total, f"{len(futures)} micrographs on {len(client.scheduler_info()['workers'])} workers")
-        for fut in as_completed(list(futures)):
-            src, dst = futures[fut]
+        # The client feeds the cluster one task per worker thread and submits the next as one
+        # finishes: a worker that dies then takes only its own micrograph with it (dask sends
+        # tasks with a dependency to workers eagerly), Stop has little to cancel, and a run of
+        # 10,000 micrographs does not sit in the scheduler's memory.
+        workers = client.scheduler_info().get("workers", {})
+        slots = max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
+        queue = list(todo)
+        in_flight: dict[Any, tuple[Path, Path]] = {}
+        stream = as_completed()
+
+        def submit_next() -> None:
+            src, dst = queue.pop(0)
+            fut = client.submit(_task, shared, str(src), str(dst), cfg, pure=False,
+                                key=f"cryoddm-predict-{dst.stem}-{state['token'][:8]}")
+            in_flight[fut] = (src, dst)
+            stream.add(fut)
+
+        for _ in range(min(slots, len(queue))):
+            submit_next()
+        yield Progress(done, total, f"{len(todo)} micrographs on {len(workers)} workers")
+        for fut in stream:
+            src, dst = in_flight.pop(fut)
             try:
                 out = fut.result()
             except Exception as exc:  # noqa: BLE001 - KilledWorker, a worker's bug: report, go on
@@ -181,10 +203,12 @@ def predict_distributed(model: PredictModel | Any, inputs: Any, out_dir: str | o
             else:
                 result.failed.append((src, out["error"]))
             done += 1
-            yield Progress(done, total, src.name, {"input": str(src), "output": str(dst), **out})
             if cancel.cancelled:
-                client.cancel([f for f in futures if not f.done()])
+                client.cancel(list(in_flight))
                 break
+            if queue:
+                submit_next()
+            yield Progress(done, total, src.name, {"input": str(src), "output": str(dst), **out})
     finally:
         result.seconds = time.perf_counter() - t0
         if own:
