@@ -51,9 +51,11 @@ def _display(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndar
 
 
 def _fit_for_display(d: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Show each method on the truth's scale (the ice-band fit), so panels share a contrast."""
-    f, _ = q.ice_fit(d, c)
-    return f
+    """What a method made, shown without the ice band (|k| ≤ 3 cycles/image) and with the
+    truth's contrast sign. Not F itself: F's ice-band part is fitted to the truth and would paint
+    the particles' smooth footprint into every panel."""
+    _, a = q.ice_fit(d, c)
+    return (-1.0 if a < 0 else 1.0) * q.remove_ice(d)
 
 
 def _zoom_window(shape: tuple[int, int], particles: np.ndarray, size: int) -> tuple[slice, slice]:
@@ -86,7 +88,7 @@ def montage(path: Path, data: ReportInput, max_micrographs: int = 3, zoom: int =
             if col == "raw":
                 img = _fit_for_display(data.raw[mi], clean)
             elif col == "clean":
-                img = clean
+                img = q.remove_ice(clean)
             else:
                 img = _fit_for_display(data.methods[col][mi], clean)
             ax = axes[i, j]
@@ -97,7 +99,7 @@ def montage(path: Path, data: ReportInput, max_micrographs: int = 3, zoom: int =
                 ax.set_title(col, fontsize=9)
             if j == 0:
                 ax.set_ylabel(data.names[mi] if i < n else f"zoom {zoom}² px", fontsize=8)
-    fig.suptitle("raw / denoised / clean (each fitted to the clean signal's scale, ice band included)",
+    fig.suptitle("raw / denoised / clean (ice band |k| ≤ 3 cycles/image removed from each, 1–99 % contrast)",
                  fontsize=9)
     fig.tight_layout()
     _save(fig, path)
@@ -113,7 +115,8 @@ def spectra(path: Path, data: ReportInput) -> None:
     curves = {"raw": data.raw, **data.methods, "clean": data.clean}
     for name, images in curves.items():
         # each method on the truth's scale, so the curves are comparable
-        fitted = images if name == "clean" else [_fit_for_display(d, c) for d, c in zip(images, data.clean)]
+        fitted = images if name == "clean" else [q.ice_fit(d, c)[1] * np.asarray(d, np.float64)
+                                                 for d, c in zip(images, data.clean)]
         fq, p = None, None
         for im in fitted:
             f, pw = q.radial_power(im)
@@ -122,7 +125,7 @@ def spectra(path: Path, data: ReportInput) -> None:
         ax.semilogy(fq[1:], p[1:] / len(fitted), label=name, lw=1.2 if name != "clean" else 2)
     ax.set_xlabel("spatial frequency (fraction of Nyquist)")
     ax.set_ylabel("power")
-    ax.set_title("power spectra before and after denoising")
+    ax.set_title("power spectra (each method scaled by its fit to the truth)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
