@@ -216,14 +216,23 @@ def particle_clear_mask(ys: np.ndarray, xs: np.ndarray, box: int, particles_xy: 
     j1 = np.searchsorted(xs, pts[:, 0] + h + 0.5 + r, side="left")
     i0 = np.searchsorted(ys, pts[:, 1] - (box - h) + 0.5 - r, side="right")
     i1 = np.searchsorted(ys, pts[:, 1] + h + 0.5 + r, side="left")
-    lo_x = xs.astype(np.float64) - h - 0.5  # box intervals [lo, lo + box] per grid column/row
-    lo_y = ys.astype(np.float64) - h - 0.5
-    for k in np.flatnonzero((j1 > j0) & (i1 > i0)).tolist():
-        a, b, c, d = int(i0[k]), int(i1[k]), int(j0[k]), int(j1[k])
-        px, py = pts[k]
-        gx = np.maximum(0.0, np.maximum(lo_x[c:d] - px, px - lo_x[c:d] - box))
-        gy = np.maximum(0.0, np.maximum(lo_y[a:b] - py, py - lo_y[a:b] - box))
-        clear[a:b, c:d] &= np.add.outer(gy * gy, gx * gx) >= r2
+    rows, cols = np.maximum(i1 - i0, 0), np.maximum(j1 - j0, 0)
+    cells = rows * cols
+    total = int(cells.sum())
+    if total == 0:
+        return clear
+    # every (particle, grid cell) pair of those rectangles, flattened into one vectorised test
+    k = np.repeat(np.arange(len(pts)), cells)
+    t = np.arange(total) - np.repeat(np.cumsum(cells) - cells, cells)
+    width = cols[k]
+    iy = i0[k] + t // width
+    jx = j0[k] + t % width
+    lo_x = xs[jx] - h - 0.5  # the box's pixel-area interval [lo, lo + box] along x, then y
+    lo_y = ys[iy] - h - 0.5
+    gx = np.maximum(0.0, np.maximum(lo_x - pts[k, 0], pts[k, 0] - lo_x - box))
+    gy = np.maximum(0.0, np.maximum(lo_y - pts[k, 1], pts[k, 1] - lo_y - box))
+    hit = gx * gx + gy * gy < r2
+    clear[iy[hit], jx[hit]] = False
     return clear
 
 
