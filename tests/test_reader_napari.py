@@ -329,3 +329,15 @@ def test_attach_core_outside_unmatched_and_round_trip():
         attach_coordinates(table.iloc[3:4], ["a.mrc"])
     with pytest.raises(CryoDDMError, match="no micrographs to attach"):
         attach_coordinates(table, [])
+
+
+@pytest.mark.viewer
+def test_an_empty_boxes_layer_accepts_hand_drawn_points(make_napari_viewer):
+    viewer = make_napari_viewer()
+    entries = [{"path": f"{n}.mrc", "name": f"{n}.mrc", "shape": [64, 64], "voxel_size": 1.0}
+               for n in ("a", "b")]
+    image = viewer.add_image(np.zeros((2, 64, 64), np.float32), metadata={"cryoddm": {"micrographs": entries}})
+    layer = add_boxes_layer(viewer, None, "noise", 32, image_layer=image)
+    assert layer.features["micrograph"].dtype == object
+    layer.add([1, 10, 10])
+    assert len(layer.data) == 1 and layer.features["micrograph"].iloc[0] == ""

@@ -130,7 +130,10 @@ def add_boxes_layer(viewer: Any, data: np.ndarray | None, kind: str, box_size: i
             micrograph_names_of(image_layer) if image_layer is not None else None)
         if names is not None:
             idx = np.clip(np.round(data[:, 0]).astype(int), 0, max(len(names) - 1, 0))
-            features = pd.DataFrame({"micrograph": [names[i] for i in idx] if names else []})
+            # object dtype even when empty: an empty list would make a float column, which then
+            # refuses the "" default that hand-drawn points get
+            features = pd.DataFrame({"micrograph": pd.Series([names[i] for i in idx] if names else [],
+                                                             dtype=object)})
     scale = tuple(image_layer.scale) if image_layer is not None else None
     if image_layer is not None:  # lets the writer name boxes drawn by hand, without the viewer
         extra_meta.setdefault("attached_to", image_layer.name)
