@@ -250,13 +250,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
-                   help="a smoke run: 512² micrographs, 2 test micrographs, 300 conformation "
-                        "particles, 1 epoch")
+                   help="a smoke run: 768² micrographs, 2 test micrographs, 300 conformation "
+                        "particles, 1 epoch on 4 training micrographs")
     p.add_argument("--quiet", dest="verbose", action="store_false")
     args = p.parse_args(argv)
     if args.quick:
-        args.size, args.test_micrographs, args.conf_particles, args.conf_density = 512, 2, 300, 8
-        args.train_micrographs, args.train_particles, args.train_epochs = 4, 4, 1
+        args.size, args.test_micrographs, args.test_particles = 768, 2, 6
+        args.conf_particles, args.conf_density = 300, 10
+        args.train_micrographs, args.train_particles, args.train_epochs = 4, 6, 1
     return args
 
 
