@@ -158,3 +158,16 @@ def test_gpu_list_is_checked():
     if not torch.cuda.is_available():
         with pytest.raises(CryoDDMError, match="CUDA GPU"):
             dist.connect(PredictConfig(gpus="0"))
+
+
+@pytest.mark.slow
+def test_cli_workers_starts_a_local_cluster(setup, tmp_path, capsys):
+    from napari_cryoddm.cli import main
+
+    root, ckpt = setup
+    argv = ["predict", str(ckpt), str(root / "in"), "-o", str(tmp_path / "out"), "--workers", "2",
+            "--threads", "1", "--device", "cpu", "--tile", "480", "--no-channels-last"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m0.mrc", "m1.mrc", "m2.mrc", "m3.mrc"]
+    assert "4 denoised" in capsys.readouterr().err
+    assert main(argv[:-7] + ["--workers", "2", "--gpus", "0"]) == 2  # one of the three only
