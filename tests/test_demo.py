@@ -14,10 +14,12 @@ from napari_cryoddm.demo import DemoConfig, cs2star_error
 from napari_cryoddm.errors import CryoDDMError
 
 HERE = Path(__file__).parent
-# Weights from a `cryoddm demo --quick` run (3 Å/px sample, W = 128), so one epoch of training
-# here cannot turn the quality check into a coin toss (see docs/readme/demo.md).
+# The model-beats-raw check needs weights that already denoise (one epoch of training here from
+# random weights is a coin toss): a checkpoint from a long enough `cryoddm demo --quick`-sized
+# run (3 Å/px, W = 128) committed here. None exists yet — the 4-epoch CPU run measured in
+# docs/readme/demo.md stays below the raw data (r 0.057 vs 0.064) — so that check skips, saying so.
 INIT = HERE / "data" / "demo_quick_w128.pt"
-# r(model) − r(raw) on this test's data, measured over seeds 0, 1, 2 (see docs/readme/demo.md)
+# Required lead of r(model) over r(raw); to be set from seeds 0, 1, 2 when INIT is committed.
 MARGIN = 0.05
 
 TINY = ["--micrographs", "2", "--size", "384", "--particles", "3", "--epochs", "1",
