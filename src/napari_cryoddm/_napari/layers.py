@@ -20,7 +20,7 @@ import pandas as pd
 from ..errors import CryoDDMError
 
 KINDS = ("particles", "noise")
-BOX_COLOURS = {"particles": "red", "noise": "red"}
+BOX_COLOURS = {"particles": "lime", "noise": "red"}  # noise boxes red as in the original
 DEFAULT_BOX_SIZE = 256  # the original program's default box
 
 
