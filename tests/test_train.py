@@ -403,3 +403,23 @@ def test_init_from_another_architecture_is_refused_before_writing(small, tmp_pat
     with pytest.raises(InputError, match=r"other.pth: not a CryoDDM UDenoiseNet.*missing 34 keys"):
         collect(train(small["folder"], tmp_path / "ft", _cfg(init=tmp_path / "other.pth")))
     assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.slow
+def test_ddp_stop_seen_by_one_rank_stops_all_at_the_same_batch(fw, tmp_path):
+    import torch.multiprocessing as mp
+
+    from train_fixtures import ddp_stop_worker
+
+    ctx = mp.spawn(ddp_stop_worker, args=(2, str(tmp_path / "store"), str(fw["folder"]), str(tmp_path / "ddp")),
+                   nprocs=2, join=False)
+    import time
+
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.terminate()
+            raise AssertionError("the ranks did not agree to stop (hang)")
+    state = load_checkpoint(tmp_path / "ddp" / "last.pt").resume
+    assert (state["epoch"], state["batch"]) == (0, 2) and state["world_size"] == 2

@@ -161,3 +161,28 @@ def ddp_worker(rank: int, world: int, store: str, folder: str, out: str) -> None
                                                        recipe="original", lr=0.05)))
     finally:
         dist.destroy_process_group()
+
+
+def ddp_stop_worker(rank: int, world: int, store: str, folder: str, out: str) -> None:
+    """A DDP rank where only rank 0 is told to stop (after its 2nd batch): both must stop there."""
+    import torch
+    import torch.distributed as dist
+
+    from napari_cryoddm.jobs import CancelToken
+    from napari_cryoddm.train import TrainConfig, train
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        cancel = CancelToken()
+        job = train(folder, out, TrainConfig(epochs=1, batch_size=4, device="cpu", workers=0), cancel)
+        while True:
+            try:
+                ev = next(job)
+            except StopIteration as stop:
+                assert stop.value.stopped, f"rank {rank} did not stop"
+                break
+            if rank == 0 and ev.payload.get("batch") == 2:
+                cancel.cancel()
+    finally:
+        dist.destroy_process_group()

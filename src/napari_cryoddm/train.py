@@ -875,11 +875,7 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
             per = F.mse_loss(pred.float(), y, reduction="none").mean(dim=(1, 2, 3)) * real
             loss_sum = per.sum()
             loss_value = float(loss_sum.detach())  # the one host sync per batch
-            bad = not math.isfinite(loss_value)
-            if world > 1:
-                flag = torch.tensor([1.0 if bad else 0.0], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                bad = bool(flag.item())
+            bad = _agreed(not math.isfinite(loss_value), world, device)
             if bad:
                 raise CryoDDMError(
                     f"the loss became NaN/infinite at epoch {epoch + 1}, phase {PHASES[phase].upper()}, "
@@ -899,7 +895,8 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
                                         f"loss {mean_loss:.4g}",
                            {"epoch": epoch + 1, "phase": PHASES[phase], "batch": j + 1,
                             "batches": n_batches, "loss": mean_loss, "lr": opt.param_groups[0]["lr"]})
-            if cancel.cancelled and j + 1 < n_batches:
+            stop_now = _agreed(cancel.cancelled, world, device)  # all ranks stop at the same batch
+            if stop_now and j + 1 < n_batches:
                 save_last(epoch, j + 1, last_losses)
                 stopped = True
                 break
@@ -949,7 +946,7 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
                        f"epoch {epoch}/{epochs}: S1 {losses['s1']:.4g} S2 {losses['s2']:.4g} "
                        f"S3 {losses['s3']:.4g} val {losses['val']:.4g}",
                        {"epoch_end": True, "epoch": epoch, "losses": dict(losses)})
-        if cancel.cancelled:
+        if _agreed(cancel.cancelled, world, device):
             stopped = epoch < epochs
             break
     if world > 1:
@@ -957,6 +954,17 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
     return TrainResult(out=out, epochs_done=len(history), history=history, best_epoch=best_epoch,
                        best_val=best_val, stopped=stopped, last=out / "last.pt",
                        best=(out / "best.pt") if best_epoch is not None else None)
+
+
+def _agreed(flag: bool, world: int, device: torch.device) -> bool:
+    """True on every rank if it is true on any (a Stop seen by one rank stops them all)."""
+    if world == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _norm(v: Any) -> Any:
