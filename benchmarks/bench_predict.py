@@ -226,7 +226,7 @@ def main() -> None:
         write_mrc(src, rng.normal(100, 10, (args.size, args.size)).astype(np.float32), voxel_size=1.0)
     print(f"input {src} ({args.size}²), {args.threads} threads, torch {torch.__version__}", flush=True)
     results = {}
-    for name in args.schemes.split(","):
+    for name in [n for n in args.schemes.split(",") if n]:
         results[name] = run_child(name, ckpt, src, work, args.threads)
     if args.bf16:
         results["ours-bf16"] = run_child("ours", ckpt, src, work / "bf16", args.threads, precision="bf16")

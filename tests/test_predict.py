@@ -351,3 +351,17 @@ def test_cli_predicts_from_a_checkpoint_and_resumes(tmp_path, capsys):
     assert main(argv) == 0
     assert "2 already done" in capsys.readouterr().err
     assert os.path.exists(tmp_path / "out" / "mic_001.mrc")
+
+
+def test_cpu_tile_is_chosen_to_fit_the_memory_budget():
+    from napari_cryoddm.predict import CPU_BYTES_PER_TILE_PX, CPU_MEMORY_BUDGET, auto_cpu_tile
+
+    assert auto_cpu_tile((4096, 4096), 192) == 1792  # 9 tiles of 1760²: 1.66× redundancy
+    assert auto_cpu_tile((8192, 8192), 192) == 1536  # 1760² tiles would pass 2 GB on an 8k
+    for shape in [(8192, 8192), (11520, 8184), (4096, 4096)]:
+        g = plan_tiles(shape, auto_cpu_tile(shape, 192), 192)
+        need = 8 * shape[0] * shape[1] + g.tile_shape[0] * g.tile_shape[1] * CPU_BYTES_PER_TILE_PX
+        assert need <= CPU_MEMORY_BUDGET
+    rt = make_runtime(nn.Conv2d(1, 1, 3, padding=1), PredictConfig(device="cpu"))
+    assert rt.auto_tile  # automatic on a CPU unless --tile is given
+    assert not make_runtime(nn.Conv2d(1, 1, 1), PredictConfig(device="cpu", tile=512)).auto_tile

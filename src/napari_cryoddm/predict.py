@@ -45,7 +45,10 @@ STRIDE = 32                 # five 2× poolings: tile origins and sizes are mult
 RECEPTIVE_FIELD_PX = 161    # measured one-sided reach of UDenoiseNet (see measure_receptive_field)
 DEFAULT_OVERLAP = 192       # the smallest multiple of 32 covering it (see plan_tiles)
 DEFAULT_TILE_GPU = 1024
-DEFAULT_TILE_CPU = 1792     # with lean_forward: 9 tiles per 4k, 8k within 2 GB (README table)
+DEFAULT_TILE_CPU = 1792     # with lean_forward: 9 tiles per 4k (README table)
+CPU_TILES = (1792, 1536, 1280, 1024, 768)  # automatic CPU tiles, largest first
+CPU_BYTES_PER_TILE_PX = 480  # measured peak of lean_forward's activations (fp32) per tile pixel
+CPU_MEMORY_BUDGET = int(1.75 * 2**30)  # keeps an 8k micrograph under 2 GB peak RSS
 INTENSITIES = ("normalised", "input")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -260,6 +263,7 @@ class Runtime:
     dtype: torch.dtype | None
     channels_last: bool
     lean: bool = False
+    auto_tile: bool = False
     oom_events: list[str] = field(default_factory=list)
 
 
@@ -279,7 +283,22 @@ def make_runtime(model: nn.Module, config: PredictConfig, device: torch.device |
     batch = config.batch_size or (8 if device.type == "cuda" else 1)
     lean = device.type == "cpu" and not config.compile
     return Runtime(model, device, tile, batch, config.overlap, autocast_dtype(device, config.precision),
-                   channels_last, lean)
+                   channels_last, lean, auto_tile=not config.tile and device.type == "cpu")
+
+
+def auto_cpu_tile(shape: tuple[int, int], overlap: int, batch: int = 1) -> int:
+    """The largest CPU tile whose activations, with the micrograph and its output, fit the budget:
+    big tiles waste less on margins, but an 8k micrograph needs smaller ones to stay under 2 GB."""
+    image_bytes = 2 * 4 * shape[0] * shape[1]  # the normalised input and the output
+    for tile in CPU_TILES:
+        try:
+            grid = plan_tiles(shape, tile, overlap)
+        except CryoDDMError:
+            continue
+        ty, tx = grid.tile_shape
+        if image_bytes + batch * ty * tx * CPU_BYTES_PER_TILE_PX <= CPU_MEMORY_BUDGET:
+            return tile
+    return CPU_TILES[-1]
 
 
 LEAN_STRIP = 128  # rows per strip of the full-resolution stages in `lean_forward`
@@ -420,13 +439,15 @@ def _shrink(rt: Runtime, exc: BaseException) -> None:
         if new_tile - 2 * margin < STRIDE:
             raise CryoDDMError(f"out of memory on {rt.device} even with one {rt.tile}² tile per pass; "
                                "free the device or use --device cpu") from exc
-        rt.tile = new_tile
+        rt.tile, rt.auto_tile = new_tile, False
         what = f"tile → {rt.tile} px"
     rt.oom_events.append(what)
     log.warning("out of memory on %s; %s and carrying on", rt.device, what)
 
 
 def _predict_tiled(rt: Runtime, image: np.ndarray, cancel: CancelToken | None) -> Job[np.ndarray]:
+    if rt.auto_tile:
+        rt.tile = auto_cpu_tile(image.shape, rt.overlap, rt.batch_size)
     grid = plan_tiles(image.shape, rt.tile, rt.overlap)
     out = np.empty(grid.shape, dtype=np.float32)
     (h, w), m = grid.shape, grid.margin
