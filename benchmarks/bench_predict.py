@@ -127,7 +127,6 @@ def scheme_ours(ckpt: str, src: str, dst: str, max_tiles: int = 0, precision: st
     cancel = CancelToken()
 
     def timed(rt, image, **kw):
-        spent["shape"] = P.plan_tiles(image.shape, rt.tile, rt.overlap)
         t = time.perf_counter()
 
         def on_batch(done, total):
@@ -138,6 +137,7 @@ def scheme_ours(ckpt: str, src: str, dst: str, max_tiles: int = 0, precision: st
             return inner(rt, image, on_batch=on_batch, **kw)
         finally:
             spent["s"] += time.perf_counter() - t
+            spent["shape"] = P.plan_tiles(image.shape, rt.tile, rt.overlap)  # the tile used
 
     P.predict_image = timed
     out_dir = Path(dst).parent
