@@ -16,13 +16,15 @@ class ConfigForm(Container):
     """One control per config field (fields with metadata `widget=False` are left out).
 
     `value()` returns a config instance; `set(**values)` fills controls from code (e.g. from the
-    files the previous step wrote).
+    files the previous step wrote). An optional number (`float | None = None`) shows as 0 and a
+    0 reads back as None ("not given, automatic"): spin boxes cannot hold None.
     """
 
     def __init__(self, cls: type, skip: tuple[str, ...] = (), **overrides: Any) -> None:
         super().__init__(labels=True)
         self._cls = cls
         self._controls: dict[str, Any] = {}
+        self._zero_is_none: set[str] = set()
         for f in dataclasses.fields(cls):
             if f.name in skip or f.metadata.get("widget", True) is False:
                 continue
@@ -42,8 +44,9 @@ class ConfigForm(Container):
             if typing.get_origin(typ) in (tuple, list):
                 annotation = str
                 default = ",".join(str(v) for v in default) if default else ""
-            if optional and default is None:
-                annotation = typing.Optional[typ] if typ in (int, float) else annotation
+            if optional and typ in (int, float):
+                self._zero_is_none.add(f.name)
+                default = 0 if default is None else default
             label = f.metadata.get("label", f.name.replace("_", " "))
             if f.metadata.get("unit"):
                 label += f" ({f.metadata['unit']})"
@@ -53,6 +56,8 @@ class ConfigForm(Container):
                 kwargs["widget_type"] = widget_type
             w = create_widget(**kwargs)
             w.tooltip = f.metadata.get("help", "")
+            if f.name in self._zero_is_none:
+                w.tooltip += " (0: not given, automatic)"
             self._controls[f.name] = w
             self.append(w)
 
@@ -76,6 +81,8 @@ class ConfigForm(Container):
             if typing.get_origin(typ) in (tuple, list):
                 inner = typing.get_args(typ)[0]
                 v = tuple(inner(s) for s in str(v).split(",") if s.strip())
+            if f.name in self._zero_is_none and not v:
+                v = None
             values[f.name] = v
         values.update(extra)
         return self._cls(**values)

@@ -24,7 +24,7 @@ from ..workers import JobHandle, notify, report_error, start_job
 from ._form import ConfigForm
 
 INPUT_MODES = ("particle files", "job folder")
-_OPTIONAL_NUMBERS = ("scale", "denoised_apix", "raw_apix")  # 0 in the form = not given
+_OPTIONAL_NUMBERS = ("scale", "denoised_apix", "raw_apix")
 
 
 def _nonempty(path: Any) -> Path | None:
@@ -79,8 +79,7 @@ class Cs2StarWidget(Container):
         self.form = ConfigForm(Cs2StarConfig)
         self.form["micrograph_folder"].value = ""
         self.form["raw_micrographs"].filter = "*.star"
-        for name in _OPTIONAL_NUMBERS:
-            self.form[name].tooltip = f"{self.form[name].tooltip} (0: not given)"
+        for name in _OPTIONAL_NUMBERS:  # 0 in the form reads back as None (ConfigForm)
             self.form[name].max = 1e6
         self._image = ComboBox(label="show on", nullable=True,
                                choices=lambda _w: [(lay.name, lay) for lay in micrograph_layers(self.viewer)],
@@ -120,7 +119,7 @@ class Cs2StarWidget(Container):
         self._output.mode = "w" if files else "d"
 
     def config(self) -> Cs2StarConfig:
-        extra: dict[str, Any] = {n: None for n in _OPTIONAL_NUMBERS if not self.form[n].value}
+        extra: dict[str, Any] = {}
         folder = str(self.form["micrograph_folder"].value or "").strip()
         extra["micrograph_folder"] = folder if folder and folder != "None" else None
         extra["raw_micrographs"] = _nonempty(self.form["raw_micrographs"].value)

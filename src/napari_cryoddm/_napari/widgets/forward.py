@@ -24,7 +24,6 @@ from ._form import ConfigForm
 
 PREVIEW_LAYER = "forward chain x0…xT"
 _SCHEDULE = ("beta", "steps", "start")
-_OPTIONAL = ("diameter", "diameter_A", "window", "bin", "target_apix")  # 0 in the form = None
 
 
 def _nonempty(path: Any) -> Path | None:
@@ -61,8 +60,6 @@ class ForwardWidget(Container):
                                     tooltip="`name x y` text or STAR; used when no noise layer is chosen")
         self.form = ConfigForm(ForwardConfig)
         self.form["beta"].step = 0.0001  # four decimals: Config 1's β is 0.1288
-        for name in _OPTIONAL:
-            self.form[name].tooltip = f"{self.form[name].tooltip} (0: not given, automatic)"
         self._output = FileEdit(label="output folder", mode="d",
                                 tooltip="written as OUT.partial/ and renamed when complete")
         self._preview_crop = SpinBox(label="preview crop", value=0, min=0, max=100000,
@@ -142,12 +139,9 @@ class ForwardWidget(Container):
         return p
 
     def config(self) -> ForwardConfig:
-        """The form's config; an optional number left at 0 means "not given" (automatic)."""
+        """The form's config (a preset ignores the custom schedule fields)."""
         preset = self.form["preset"].value
         extra: dict[str, Any] = {} if preset == "custom" else dict.fromkeys(_SCHEDULE)
-        for name in _OPTIONAL:
-            if not self.form[name].value:
-                extra[name] = None
         return self.form.value(**extra)
 
     def output(self) -> Path:

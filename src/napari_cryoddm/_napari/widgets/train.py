@@ -21,7 +21,6 @@ from ..workers import JobHandle, notify, report_error, start_job
 from ._form import ConfigForm
 
 COLOURS = {"s1": "#1f77b4", "s2": "#ff7f0e", "s3": "#2ca02c", "val": "#111111"}
-_ZERO_IS_AUTO = ("lr", "max_shift", "workers")  # the form shows None as 0
 _REDRAW_S = 0.4  # at most ~2 redraws a second while batches stream in
 
 
@@ -109,8 +108,6 @@ class TrainWidget(Container):
         self.form = ConfigForm(TrainConfig, skip=("resume", "overwrite"))
         self.form["init"].tooltip += " (empty: random initialisation)"
         self.form["lr"].step = 0.0001  # four decimals: 0.0010, 0.0003 …
-        for name in _ZERO_IS_AUTO:
-            self.form[name].tooltip += " (0: automatic)"
         self._overwrite = CheckBox(text="replace checkpoints already in the output folder", value=False)
         self._train_button = PushButton(text="Train")
         self._stop_button = PushButton(text="Stop", enabled=False)
@@ -131,9 +128,8 @@ class TrainWidget(Container):
     # -- actions ---------------------------------------------------------------------------
 
     def config(self, resume: bool = False) -> TrainConfig:
-        values = {name: (self.form[name].value or None) for name in _ZERO_IS_AUTO}
         init = _path_or_none(self.form["init"].value)
-        return self.form.value(init=init, resume=resume, overwrite=bool(self._overwrite.value), **values)
+        return self.form.value(init=init, resume=resume, overwrite=bool(self._overwrite.value))
 
     def start(self, resume: bool = False) -> JobHandle | None:
         """Start training (or resume the output folder's last.pt) in a worker thread."""
