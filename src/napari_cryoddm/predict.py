@@ -65,8 +65,9 @@ class PredictConfig:
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
     batch_size: int = _f(0, "tiles per forward pass; 0 picks one per device (halved automatically "
                             "on a GPU out-of-memory)")
-    tile: int = _f(0, "tile edge in px (a multiple of 32); 0: 1024 on a GPU, 1792 on a CPU; "
-                      "micrographs smaller than a tile are padded", unit="px")
+    tile: int = _f(0, "tile edge in px (a multiple of 32); 0: 1024 on a GPU, on a CPU the largest "
+                      "of 1792…768 that fits 1.75 GiB with the micrograph (1792 for 4k, 1536 for "
+                      "8k); micrographs smaller than a tile are padded", unit="px")
     overlap: int = _f(DEFAULT_OVERLAP, "context kept on each side of a tile core; must cover the "
                                        f"network's receptive field ({RECEPTIVE_FIELD_PX} px) or seams "
                                        "appear; rounded up to a multiple of 32", unit="px")
