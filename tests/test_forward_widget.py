@@ -203,3 +203,19 @@ def test_run_in_a_thread_worker(make_napari_viewer, data, tmp_path, qtbot, monke
     assert handle.error is None and w.result is not None
     assert w.result.counts["crops"] == 5 and (tmp_path / "fw/forward.json").is_file()
     assert w._run_button.enabled and not w._stop_button.enabled
+
+
+@pytest.mark.viewer
+def test_diameter_comes_from_the_sample_particles_layer(make_napari_viewer, tmp_path, monkeypatch):
+    from napari_cryoddm._napari.widgets.forward import ForwardWidget
+
+    monkeypatch.setenv("CRYODDM_CACHE_DIR", str(tmp_path / "cache"))
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-cryoddm", "stack")
+    widget = ForwardWidget(viewer)
+    widget._particles.value = viewer.layers["CryoDDM sample stack particles"]
+    assert widget.form["diameter"].value == pytest.approx(45.0)
+    widget.form["diameter"].value = 50  # a diameter the user typed is kept
+    widget._particles.value = None
+    widget._particles.value = viewer.layers["CryoDDM sample stack particles"]
+    assert widget.form["diameter"].value == pytest.approx(50.0)

@@ -18,7 +18,7 @@ from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, S
 from ...errors import CryoDDMError
 from ...forward import PRESETS, ForwardConfig, ForwardResult, preview_chain, run_forward
 from ...jobs import Cancelled, CancelToken, Progress
-from ..layers import micrograph_layers, micrograph_paths, points_layers, points_table
+from ..layers import cryoddm_metadata, micrograph_layers, micrograph_paths, points_layers, points_table
 from ..workers import JobHandle, notify, report_error, start_job
 from ._form import ConfigForm
 
@@ -82,6 +82,7 @@ class ForwardWidget(Container):
         self._stop_button.changed.connect(self.stop)
         self.form["preset"].changed.connect(self._on_preset)
         self._on_preset(self.form["preset"].value)
+        self._particles.changed.connect(self._particles_changed)
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
                       self.viewer.layers.events.moved):
             event.connect(self._refresh)
@@ -100,6 +101,13 @@ class ForwardWidget(Container):
             combo.reset_choices()
             if combo.value is None and combo.choices[1:]:
                 combo.value = combo.choices[1]
+
+    def _particles_changed(self, layer: Any = None) -> None:
+        """A particles layer that knows its diameter (the sample data, the picker's) fills an
+        unset diameter, so the user need not type it again."""
+        d = cryoddm_metadata(layer).get("diameter_px") if layer is not None else None
+        if d and not self.form["diameter"].value and not self.form["diameter_A"].value:
+            self.form["diameter"].value = float(d)
 
     def _on_preset(self, preset: str) -> None:
         """The schedule fields are editable only for the custom preset (they show its values)."""
