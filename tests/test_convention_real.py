@@ -14,7 +14,6 @@ A sign test on the same pairs is reported alongside in the assertion message.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from scipy import ndimage as ndi
 from scipy.stats import binomtest
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import tracemalloc
 from pathlib import Path
 
@@ -259,7 +258,6 @@ def test_binning_scales_coordinates_and_keeps_crops_centred(synth, tmp_path):
     assert len(s1) == m["counts"]["crops"] > 0
     for e in m["crops"]:
         assert abs(e["x"] - e["particle_x"]) <= 0.5 and 64 <= e["x"] <= 160
-    w = 128
     _assert_centred(s1, sigma=SIGMA / 2, reach=8)  # blobs of σ = 1.5 px after binning
 
 

@@ -24,10 +24,9 @@ from typing import Any
 
 from .config import to_jsonable
 from .errors import CryoDDMError
-from .io.mrc import list_micrographs
 from .jobs import CancelToken, Job, Progress
-from .predict import (PredictConfig, PredictModel, PredictResult, _check_out_dir, as_predict_model,
-                      make_runtime, plan_outputs, predict_one_file, resolve_device)
+from .predict import (PredictConfig, PredictModel, PredictResult, make_runtime, plan_run,
+                      predict_one_file, resolve_device)
 
 # Set in a worker process by `_DevicePlugin`; tasks read it.
 _WORKER_DEVICE: str | None = None
@@ -145,17 +144,9 @@ def predict_distributed(model: PredictModel | Any, inputs: Any, out_dir: str | o
     config = config or PredictConfig()
     cancel = cancel or CancelToken()
     out_dir = Path(out_dir)
-    pairs = plan_outputs(list_micrographs(inputs), out_dir, config.suffix)
-    _check_out_dir(out_dir)
-    pm = as_predict_model(model)  # validate the checkpoint here, before any worker starts
-    result = PredictResult(out_dir)
-    todo = []
-    for src, dst in pairs:
-        if dst.exists() and not config.overwrite:
-            result.skipped.append(dst)
-        else:
-            todo.append((src, dst))
-    total, done = len(pairs), len(result.skipped)
+    # the checkpoint is validated here, before any worker starts
+    pm, result, todo, total = plan_run(model, inputs, out_dir, config)
+    done = len(result.skipped)
     yield Progress(done, total, f"{done} already done" if done else "starting workers")
     if not todo:
         return result

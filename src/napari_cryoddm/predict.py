@@ -676,6 +676,25 @@ class PredictResult:
         return text
 
 
+def plan_run(model: PredictModel | nn.Module | str | os.PathLike[str], inputs: Any,
+             out_dir: str | os.PathLike[str], config: PredictConfig
+             ) -> tuple[PredictModel, PredictResult, list[tuple[Path, Path]], int]:
+    """Check everything before any work: inputs, output folder, the model; outputs that exist are
+    skipped (resume) unless `config.overwrite`. Returns (model, result, to-do pairs, total)."""
+    out_dir = Path(out_dir)
+    pairs = plan_outputs(list_micrographs(inputs), out_dir, config.suffix)
+    _check_out_dir(out_dir)
+    pm = as_predict_model(model)
+    result = PredictResult(out_dir)
+    todo = []
+    for src, dst in pairs:
+        if dst.exists() and not config.overwrite:
+            result.skipped.append(dst)
+        else:
+            todo.append((src, dst))
+    return pm, result, todo, len(pairs)
+
+
 def predict_files(model: PredictModel | nn.Module | str | os.PathLike[str], inputs: Any,
                   out_dir: str | os.PathLike[str], config: PredictConfig | None = None,
                   cancel: CancelToken | None = None) -> Job[PredictResult]:
@@ -687,19 +706,7 @@ def predict_files(model: PredictModel | nn.Module | str | os.PathLike[str], inpu
     """
     config = config or PredictConfig()
     cancel = cancel or CancelToken()
-    out_dir = Path(out_dir)
-    paths = list_micrographs(inputs)
-    pairs = plan_outputs(paths, out_dir, config.suffix)
-    _check_out_dir(out_dir)
-    pm = as_predict_model(model)
-    result = PredictResult(out_dir)
-    todo = []
-    for src, dst in pairs:
-        if dst.exists() and not config.overwrite:
-            result.skipped.append(dst)
-        else:
-            todo.append((src, dst))
-    total = len(pairs)
+    pm, result, todo, total = plan_run(model, inputs, out_dir, config)
     done = len(result.skipped)
     yield Progress(done, total, f"{done} already done" if done else "starting")
     if not todo:

@@ -201,7 +201,6 @@ def build_molecule(diameter: float = 135.0, atoms: int = 2000, hinge_angle: floa
     axes = rng.uniform(0.2, 0.36, (n_lobes, 3)) * radius
     axes[0] = rng.uniform(0.36, 0.45, 3) * radius
     frames = Rotation.random(n_lobes, rng).as_matrix()     # (L, 3, 3)
-    volumes = np.prod(axes, axis=1)
     pts: list[np.ndarray] = []
     have = 0
     while have < atoms:

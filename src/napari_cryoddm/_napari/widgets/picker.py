@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label,
+from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label,
                               PushButton, SpinBox)
 from napari.utils.notifications import show_info, show_warning
 
@@ -448,9 +448,10 @@ class NoisePickerWidget(Container):
             if path is None or not path.exists():
                 data = layer.data[0] if layer.multiscale else layer.data
 
-                def pixels(k=k, shape=shape, data=data):
+                def _pixels(k=k, shape=shape, data=data):
                     arr = data[k][: shape[0], : shape[1]]
                     return np.asarray(arr.compute() if hasattr(arr, "compute") else arr)
+                pixels = _pixels
             refs.append(Micrograph(m["name"], shape, path, float(m.get("voxel_size") or 0), pixels))
         return refs
 
