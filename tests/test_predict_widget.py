@@ -93,6 +93,9 @@ def test_denoise_all_writes_files_and_layer_reads_them(make_napari_viewer, tmp_p
         shown = np.asarray(den.data[i])[:arr.shape[0], :arr.shape[1]]
         np.testing.assert_array_equal(shown, arr)
     assert den.metadata["cryoddm"]["micrographs"][0]["voxel_size"] == pytest.approx(4.0)
+    # contrast from the first result (0.5–99.5 %), not the placeholder set before any result
+    first = mrcfile.read(tmp_path / "out" / paths[0].name)
+    assert tuple(den.contrast_limits) == pytest.approx(tuple(np.percentile(first, [0.5, 99.5])), rel=1e-5)
 
 
 def test_missing_model_and_folder_are_reported_not_raised(make_napari_viewer, tmp_path, monkeypatch):

@@ -138,12 +138,26 @@ class PredictWidget(Container):
         def make(cancel: CancelToken):
             return predict_files(pm, paths, out, config, cancel=cancel)
 
+        contrast_set = False
+
         def progress(event: Progress) -> None:
-            if event.payload.get("output"):
-                self._show(layer, pm)
+            nonlocal contrast_set
+            output = event.payload.get("output")
+            if output:
+                self._show(layer, pm, focus=first_result([output]))
+
+        def first_result(outputs: list[Any]) -> np.ndarray | None:
+            """The layer exists before any result: the first written one sets its contrast
+            (outputs are written in the background, so a reported one may not be there yet)."""
+            nonlocal contrast_set
+            done_files = [p for p in outputs if Path(p).exists()]
+            if contrast_set or not done_files:
+                return None
+            contrast_set = True
+            return read_image(done_files[0])
 
         def done(result: Any) -> None:
-            self._show(layer, pm)
+            self._show(layer, pm, focus=first_result(list(result.written) + list(result.skipped)))
             self.status.value = result.summary().splitlines()[0]
             if result.failed:
                 report_error(CryoDDMError(result.summary()))
