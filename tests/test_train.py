@@ -423,3 +423,37 @@ def test_ddp_stop_seen_by_one_rank_stops_all_at_the_same_batch(fw, tmp_path):
             raise AssertionError("the ranks did not agree to stop (hang)")
     state = load_checkpoint(tmp_path / "ddp" / "last.pt").resume
     assert (state["epoch"], state["batch"]) == (0, 2) and state["world_size"] == 2
+
+
+# ----------------------------------------------------------------------------- phase weights
+
+def test_phase_weight_zero_leaves_the_phase_out_and_keeps_the_others(fw):
+    data = open_forward(fw["folder"])
+    full = epoch_plan(data.counts, 3, seed=1, epoch=0)
+    no_s1 = epoch_plan(data.counts, 3, seed=1, epoch=0, skip=(S1,))
+    assert all(int(b[0, 0]) != S1 for b in no_s1)
+    kept = [b for b in full if b[0, 0] != S1]
+    assert len(kept) == len(no_s1) and all(np.array_equal(a, b) for a, b in zip(kept, no_s1))
+
+
+def test_phase_weights_scale_the_gradient(small, tmp_path):
+    """s1_weight 0 trains no S1 batch (its logged mean is 0); a weight scales the phase's step:
+    with plain SGD, the one S3 batch at weight 0.5 moves the weights half as far as at 1."""
+    res = collect(train(small["folder"], tmp_path / "w0", _cfg(epochs=1, batch_size=2, s1_weight=0.0)))
+    assert res.history[0]["s1"] == 0.0 and res.history[0]["s2"] > 0 and res.history[0]["s3"] > 0
+    meta = load_checkpoint(tmp_path / "w0" / "last.pt").metadata
+    assert meta["phase_weights"] == {"s1": 0.0, "s2": 1.0, "s3": 1.0}
+    moved = {}
+    for w in (1.0, 0.5, 0.0):  # weight 0: S2 only, the state S3 starts from in the other runs
+        out = tmp_path / f"s3_{w}"
+        collect(train(small["folder"], out, _cfg(epochs=1, batch_size=2, recipe="original",
+                                                  s1_weight=0.0, s3_weight=w)))
+        moved[w] = load_checkpoint(out / "last.pt").model.state_dict()
+    step1 = torch.cat([(moved[1.0][k] - moved[0.0][k]).flatten() for k in moved[0.0]])
+    step5 = torch.cat([(moved[0.5][k] - moved[0.0][k]).flatten() for k in moved[0.0]])
+    assert step1.abs().max() > 0
+    # float32 weights round each update, so compare the steps as vectors, not element by element
+    assert float(step5.norm() / step1.norm()) == pytest.approx(0.5, abs=1e-3)
+    assert float(torch.nn.functional.cosine_similarity(step5, step1, dim=0)) > 0.999
+    with pytest.raises(CryoDDMError, match="s1-weight"):
+        TrainConfig(s1_weight=-1.0)

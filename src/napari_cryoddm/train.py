@@ -93,6 +93,12 @@ class TrainConfig:
                 "centres, a fresh pairing each epoch (ignores s2/)"})
     max_shift: int | None = field(default=None, metadata={
         "help": "--fresh-noise: largest shift of a re-cut noise patch (default W/8)", "unit": "px"})
+    s1_weight: float = field(default=1.0, metadata={
+        "help": "weight of the S1 (particle → itself) loss; 0 leaves the phase out (its optimum is "
+                "the identity, which passes the noise through)", "label": "S1 weight"})
+    s3_weight: float = field(default=1.0, metadata={
+        "help": "weight of the S3 (noise → other noise) loss; 0 leaves the phase out",
+        "label": "S3 weight"})
     seed: int = field(default=42, metadata={"help": "random seed (set before the model is built)"})
     workers: int | None = field(default=None, metadata={
         "help": "data-loader processes (default: 0 on CPU, up to 8 per GPU)"})
@@ -117,6 +123,10 @@ class TrainConfig:
             raise CryoDDMError(f"--lr must be a positive number, got {self.lr}")
         if self.workers is not None and self.workers < 0:
             raise CryoDDMError(f"--workers must be 0 or more, got {self.workers}")
+        for name in ("s1_weight", "s3_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise CryoDDMError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
         if self.max_shift is not None and self.max_shift < 0:
             raise CryoDDMError(f"--max-shift must be 0 or more, got {self.max_shift}")
         if isinstance(self.init, str):
@@ -128,7 +138,8 @@ class TrainConfig:
 
 
 # Fields that decide the sequence of batches: a resumed run keeps the stopped run's values.
-_PLAN_FIELDS = ("batch_size", "recipe", "lr", "augment", "fresh_noise", "max_shift", "seed")
+_PLAN_FIELDS = ("batch_size", "recipe", "lr", "augment", "fresh_noise", "max_shift", "seed",
+                "s1_weight", "s3_weight")
 
 
 # ----------------------------------------------------------------------------- devices
@@ -509,9 +520,10 @@ def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def epoch_plan(counts: dict[str, int], batch_size: int, seed: int, epoch: int,
-               fresh_s2: int | None = None) -> list[np.ndarray]:
+               fresh_s2: int | None = None, skip: Sequence[int] = ()) -> list[np.ndarray]:
     """The epoch's global batches: S1, then S2, then S3; each an int64 array of keys
-    (phase, index, partner, seed, 1). Drawn from (seed, epoch) alone."""
+    (phase, index, partner, seed, 1). Drawn from (seed, epoch) alone; phases in `skip` (weight 0)
+    are drawn too, so the other phases' keys do not change, and then left out."""
     rng = np.random.default_rng([int(seed), int(epoch), 0x5EED])
     batches: list[np.ndarray] = []
     n1, n3 = counts["particles"], counts["noise"]
@@ -528,6 +540,8 @@ def epoch_plan(counts: dict[str, int], batch_size: int, seed: int, epoch: int,
         keys = np.stack([np.full(len(idx), phase), idx,
                          partners if partners is not None else np.full(len(idx), -1),
                          seeds, np.ones(len(idx), dtype=np.int64)], axis=1).astype(np.int64)
+        if phase in skip:
+            continue
         for b in range(0, len(keys), batch_size):
             batches.append(keys[b:b + batch_size])
     return batches
@@ -815,7 +829,9 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
-    n_batches = len(epoch_plan(data.counts, config.batch_size, config.seed, 0, fresh_s2))
+    weights = (config.s1_weight, 1.0, config.s3_weight)
+    skip = tuple(p for p, w in enumerate(weights) if w == 0)
+    n_batches = len(epoch_plan(data.counts, config.batch_size, config.seed, 0, fresh_s2, skip))
     total = epochs * n_batches
     plan_config = {k: to_jsonable(getattr(config, k)) for k in _PLAN_FIELDS}
 
@@ -830,6 +846,7 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
             "best_val": best_val, "best_epoch": best_epoch,
             "recipe": config.recipe, "lr": config.learning_rate, "fresh_noise": config.fresh_noise,
             "augment": config.augment, "batch_size": config.batch_size, "seed": config.seed,
+            "phase_weights": {"s1": config.s1_weight, "s2": 1.0, "s3": config.s3_weight},
             "world_size": world, "device": str(device), "precision": str(amp or "fp32"),
             "init": init_info, "package_version": __version__,
         }
@@ -857,7 +874,7 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
     stopped = False
     last_losses = history[-1] if history else None
     while epoch < epochs:
-        batches = epoch_plan(data.counts, config.batch_size, config.seed, epoch, fresh_s2)
+        batches = epoch_plan(data.counts, config.batch_size, config.seed, epoch, fresh_s2, skip)
         last_s1 = max((j for j, b in enumerate(batches) if b[0, 0] == S1), default=-1)
         sampler.set_epoch(batches, start_batch)
         net.train()
@@ -874,7 +891,7 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
                 pred = net(x)
             per = F.mse_loss(pred.float(), y, reduction="none").mean(dim=(1, 2, 3)) * real
             loss_sum = per.sum()
-            loss_value = float(loss_sum.detach())  # the one host sync per batch
+            loss_value = float(loss_sum.detach())  # the one host sync per batch (unweighted: logged)
             bad = _agreed(not math.isfinite(loss_value), world, device)
             if bad:
                 raise CryoDDMError(
@@ -883,7 +900,7 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
                     f"is at fault. Nothing was saved from this epoch; "
                     + (f"{out / 'last.pt'} still holds the last good state (epoch {len(history)})."
                        if (out / "last.pt").exists() else "no checkpoint had been written yet."))
-            (loss_sum * (world / n_global)).backward()
+            (loss_sum * (weights[phase] * world / n_global)).backward()
             opt.step()
             if config.recipe == "original" and (phase != S1 or j == last_s1):
                 sched.step()  # literal: once after S1, after every S2/S3 batch
