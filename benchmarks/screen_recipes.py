@@ -84,7 +84,7 @@ def prepare(root: Path, args: argparse.Namespace, data: dict[str, Any]) -> Path:
     from napari_cryoddm.sample import SampleConfig, generate_sample
 
     key = "data_" + "_".join(f"{k}{v}" for k, v in sorted(data.items())) if data else "data"
-    out = root / key
+    out = root / f"n{data.get('micrographs', args.micrographs)}_{args.size}_p{args.particles}_snr{args.snr}" / key
     if (out / "forward" / "forward.json").is_file():
         return out / "forward"
     scfg = SampleConfig(n_micrographs=data.get("micrographs", args.micrographs), width=args.size,
