@@ -598,7 +598,7 @@ class CosineFactor:
 
 def make_optimiser(model: nn.Module, config: TrainConfig, epochs: int) -> tuple[torch.optim.Optimizer, Any]:
     """default: Adam + cosine decay to lr/100 over the run, stepped per epoch (chosen by
-    measurement, see docs/readme/train.md). original: SGD 1e-3 + StepLR(100, 0.9) stepped per batch."""
+    measurement, see the Train section of README.md). original: SGD 1e-3 + StepLR(100, 0.9) stepped per batch."""
     lr = config.learning_rate
     if config.recipe == "original":
         opt = torch.optim.SGD(model.parameters(), lr=lr)
