@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -39,24 +37,12 @@ import numpy as np
 from napari_cryoddm import quality as q
 from napari_cryoddm.jobs import Progress
 from napari_cryoddm.sample import SampleConfig, iter_micrographs, molecule_for
+from _machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 SETTINGS = {"0.05": (0.05, 12.0), "0.01": (0.01, 6.0)}
 PIXEL_SIZE = 1.5      # Å/px: with the 135 Å molecule, 90-px particles
 ROW_ORDER = ("clean (truth)", "raw", "gaussian σ=1.5 px", "gaussian σ=3 px", "wiener (radial)")
 
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        import torch
-        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    except Exception:  # pragma: no cover
-        gpu = "no GPU"
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    except (ValueError, OSError):  # pragma: no cover
-        mem = float("nan")
-    return f"{os.cpu_count()}-core {cpu} CPU, {gpu}, {mem:.0f} GB"
 
 
 def drain(job, label: str, verbose: bool) -> Any:

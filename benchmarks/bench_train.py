@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
-import platform
 import resource
 import sys
 import tempfile
@@ -32,17 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
-
-def machine() -> str:
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    except (ValueError, OSError):
-        mem = float("nan")
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()}-core {platform.machine()} CPU, {gpu}, {mem:.0f} GB, torch {torch.__version__}"
 
 
 # ----------------------------------------------------------------------------- speed

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 # name → (TrainConfig overrides, data overrides)
 RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -53,16 +52,6 @@ RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "s1w0 s3w0.1 lr3e-3": ({"s1_weight": 0.0, "s3_weight": 0.1, "lr": 3e-3}, {}),
 }
 
-
-def machine() -> str:
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    except (ValueError, OSError):
-        mem = float("nan")
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()}-core {platform.machine()} CPU, {gpu}, {mem:.0f} GB, torch {torch.__version__}"
 
 
 def drain(job: Any, label: str = "", echo: bool = False) -> Any:
