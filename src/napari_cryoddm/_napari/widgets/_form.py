@@ -50,6 +50,8 @@ class ConfigForm(Container):
             label = f.metadata.get("label", f.name.replace("_", " "))
             if f.metadata.get("unit"):
                 label += f" ({f.metadata['unit']})"
+            if f.name in self._zero_is_none:
+                label += ", 0 = auto"
             kwargs = dict(value=default, annotation=annotation, label=label, options=options,
                           name=f.name)
             if widget_type:
