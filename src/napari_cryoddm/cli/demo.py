@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Makes sample micrographs (particles, STAR, cryoSPARC .cs pair), picks noise, runs "
                     "forward, trains, predicts, converts the .cs back with cs2star and writes "
                     "DIR/report/ (montage, power spectra, FRC, metrics against the truth). "
-                    "--quick takes about 10 minutes on 2 idle CPU cores (training dominates).")
+                    "--quick took 3 min 13 s on 2 idle CPU cores (training dominates; longer on a shared machine).")
     p.add_argument("--out", type=Path, default=Path("cryoddm-demo"),
                    help="output folder (default: ./cryoddm-demo)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
