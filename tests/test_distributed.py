@@ -107,7 +107,7 @@ def test_bad_micrograph_and_killed_worker_are_reported_others_finish(setup, clie
         client.unregister_worker_plugin("cryoddm-test-hook")
         client.run(_install_none)
     failed = {Path(p).name: why for p, why in res.failed}
-    assert sorted(p.name for p in res.written) == ["m0.mrc", "m3.mrc"]
+    assert sorted(p.name for p in res.written) == ["m0.mrc", "m3.mrc"], res.failed
     assert "NaN" in failed["m1.mrc"] and "m1.mrc" in failed["m1.mrc"]
     assert "KilledWorker" in failed["m2.mrc"]
     assert not (tmp_path / "out" / "m2.mrc").exists()
@@ -171,3 +171,14 @@ def test_cli_workers_starts_a_local_cluster(setup, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m0.mrc", "m1.mrc", "m2.mrc", "m3.mrc"]
     assert "4 denoised" in capsys.readouterr().err
     assert main(argv[:-7] + ["--workers", "2", "--gpus", "0"]) == 2  # one of the three only
+
+
+def test_a_recomputed_task_finds_its_own_output_and_does_not_fail(tmp_path):
+    """dask re-runs a finished task whose result died with a worker: the output it wrote is kept
+    (outputs are atomic) and reported as written, not as 'already exists'."""
+    dst = tmp_path / "m0.mrc"
+    write_mrc(dst, np.zeros((8, 8), np.float32))
+    before = dst.read_bytes()
+    out = dist._task({"token": "t"}, str(tmp_path / "missing.mrc"), str(dst), dict(CFG))
+    assert out["status"] == "written" and out["output"] == str(dst)
+    assert dst.read_bytes() == before

@@ -73,10 +73,15 @@ def _device_plugin(devices: list[str], threads: int) -> Any:
 def _task(state: dict[str, Any], src: str, dst: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """Run on a worker: denoise one micrograph, write it, say what happened (never raise a user
     error: the client collects those as failures)."""
+    config = PredictConfig(**cfg)
+    if Path(dst).exists() and not config.overwrite:
+        # The client submits only missing outputs, so this one was written by an earlier run of
+        # this very task (complete: outputs are atomic) whose result died with its worker.
+        return {"status": "written", "input": src, "output": dst, "device": "", "seconds": 0.0,
+                "host": os.uname().nodename}
     if _FAULT_HOOK is not None:
         _FAULT_HOOK(src)
     t0 = time.perf_counter()
-    config = PredictConfig(**cfg)
     device_spec = _WORKER_DEVICE or config.device
     key = (state["token"], device_spec)
     try:
@@ -183,11 +188,21 @@ def predict_distributed(model: PredictModel | Any, inputs: Any, out_dir: str | o
         for _ in range(min(slots, len(queue))):
             submit_next()
         yield Progress(done, total, f"{len(todo)} micrographs on {len(workers)} workers")
+        retried: set[Path] = set()
         for fut in stream:
             src, dst = in_flight.pop(fut)
             try:
                 out = fut.result()
+                fut.release()  # a result left on a worker is recomputed if that worker dies
             except Exception as exc:  # noqa: BLE001 - KilledWorker, a worker's bug: report, go on
+                fut.release()
+                if type(exc).__name__ == "KilledWorker" and src not in retried and not cancel.cancelled:
+                    # a micrograph queued on a worker that another one killed is charged with
+                    # that death too: give each one second chance, so only the culprit fails
+                    retried.add(src)
+                    queue.insert(0, (src, dst))
+                    submit_next()
+                    continue
                 out = {"status": "failed", "error": f"{src}: {type(exc).__name__}: {exc}"}
             if out["status"] == "written":
                 result.written.append(Path(out["output"]))

@@ -139,25 +139,26 @@ class PredictWidget(Container):
             return predict_files(pm, paths, out, config, cancel=cancel)
 
         contrast_set = False
+        reported: list[Any] = []
 
         def progress(event: Progress) -> None:
-            nonlocal contrast_set
             output = event.payload.get("output")
             if output:
-                self._show(layer, pm, focus=first_result([output]))
+                reported.append(output)
+                self._show(layer, pm, focus=first_result(reported))
 
         def first_result(outputs: list[Any]) -> np.ndarray | None:
-            """The layer exists before any result: the first written one sets its contrast
-            (outputs are written in the background, so a reported one may not be there yet)."""
+            """The layer exists before any result: the first one sets its contrast. Outputs are
+            written in the background, in order, so the first reported may not exist yet when a
+            later one is reported; waiting for it keeps the choice deterministic."""
             nonlocal contrast_set
-            done_files = [p for p in outputs if Path(p).exists()]
-            if contrast_set or not done_files:
+            if contrast_set or not outputs or not Path(outputs[0]).exists():
                 return None
             contrast_set = True
-            return read_image(done_files[0])
+            return read_image(outputs[0])
 
         def done(result: Any) -> None:
-            self._show(layer, pm, focus=first_result(list(result.written) + list(result.skipped)))
+            self._show(layer, pm, focus=first_result(reported or list(result.written) + list(result.skipped)))
             self.status.value = result.summary().splitlines()[0]
             if result.failed:
                 report_error(CryoDDMError(result.summary()))
