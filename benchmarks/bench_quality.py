@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from napari_cryoddm import quality as q
-from napari_cryoddm.jobs import Progress
+from napari_cryoddm.jobs import Progress, collect
 from napari_cryoddm.sample import SampleConfig, iter_micrographs, molecule_for
 from _machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
@@ -48,15 +48,15 @@ ROW_ORDER = ("clean (truth)", "raw", "gaussian σ=1.5 px", "gaussian σ=3 px", "
 def drain(job, label: str, verbose: bool) -> Any:
     """Run a job, printing a line whenever its step changes (benchmarks log, they do not animate)."""
     last = None
-    while True:
-        try:
-            ev: Progress = next(job)
-        except StopIteration as stop:
-            return stop.value
+
+    def show(ev: Progress) -> None:
+        nonlocal last
         head = ev.message.split("]")[0]
         if verbose and head != last:
             print(f"  {label}: {ev.message[:90]}", flush=True)
             last = head
+
+    return collect(job, show)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 from _machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from napari_cryoddm.jobs import collect  # noqa: E402
 
 
 
@@ -164,14 +165,11 @@ def recipes(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         job = train_on_sample(out / name.replace(" ", "").replace("+", "_"), scfg, tcfg,
                               max_noise=args.max_noise, seed=0, overwrite=True)
-        while True:
-            try:
-                ev = next(job)
-            except StopIteration as stop:
-                trained = stop.value
-                break
+        def show(ev: Any, name: str = name) -> None:
             if ev.payload.get("epoch_end"):
                 print(f"  {name}: {ev.message}", flush=True)
+
+        trained = collect(job, show)
         seconds = time.perf_counter() - t0
         history = trained.train.history
         ckpt = trained.checkpoint

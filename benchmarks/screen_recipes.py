@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 from _machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from napari_cryoddm.jobs import collect  # noqa: E402
 
 # name → (TrainConfig overrides, data overrides)
 RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -56,13 +57,11 @@ RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 def drain(job: Any, label: str = "", echo: bool = False) -> Any:
     """Run a job to its result, printing epoch summaries."""
-    while True:
-        try:
-            ev = next(job)
-        except StopIteration as stop:
-            return stop.value
+    def show(ev: Any) -> None:
         if echo and ev.payload.get("epoch_end"):
             print(f"    {label}: {ev.message}", flush=True)
+
+    return collect(job, show)
 
 
 def prepare(root: Path, args: argparse.Namespace, data: dict[str, Any]) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -52,13 +52,15 @@ class CancelToken:
             raise Cancelled("cancelled by the user")
 
 
-def collect(job: Job[R]) -> R:
-    """Drain a job without showing anything; return its result."""
+def collect(job: Job[R], on_progress: Callable[[Progress], None] | None = None) -> R:
+    """Drain a job, handing each event to `on_progress` (if given); return its result."""
     while True:
         try:
-            next(job)
+            event = next(job)
         except StopIteration as stop:
             return stop.value
+        if on_progress is not None:
+            on_progress(event)
 
 
 def run_job(job: Job[R], desc: str = "", cancel: CancelToken | None = None, quiet: bool = False) -> R:
@@ -84,19 +86,16 @@ def run_job(job: Job[R], desc: str = "", cancel: CancelToken | None = None, quie
 
     if cancel is not None and threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, on_sigint)
+    def show(event: Progress) -> None:
+        if event.total is not None and bar.total != event.total:
+            bar.total = event.total
+        bar.n = event.done
+        if event.message:
+            bar.set_postfix_str(event.message, refresh=False)
+        bar.refresh()
+
     try:
-        while True:
-            try:
-                event = next(job)
-            except StopIteration as stop:
-                return stop.value
-            if bar is not None:
-                if event.total is not None and bar.total != event.total:
-                    bar.total = event.total
-                bar.n = event.done
-                if event.message:
-                    bar.set_postfix_str(event.message, refresh=False)
-                bar.refresh()
+        return collect(job, show if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()

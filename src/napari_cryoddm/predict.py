@@ -35,7 +35,7 @@ from torch import nn
 from .binning import fourier_bin
 from .errors import CryoDDMError, InputError
 from .io.mrc import MrcInfo, list_micrographs, read_micrograph, write_mrc
-from .jobs import CancelToken, Job, Progress
+from .jobs import CancelToken, Job, Progress, collect
 from .names import micrograph_stem
 from .normalise import Normalisation, check_finite, normalisation_stats, normalise
 
@@ -392,13 +392,7 @@ def predict_image(model: nn.Module | Runtime, image: np.ndarray, *, tile: int | 
     """
     rt = _as_runtime(model, config, tile, overlap, batch_size)
     job = predict_image_job(rt, image, cancel)
-    while True:
-        try:
-            event = next(job)
-        except StopIteration as stop:
-            return stop.value
-        if on_batch is not None:
-            on_batch(event.done, event.total or 0)
+    return collect(job, None if on_batch is None else lambda e: on_batch(e.done, e.total or 0))
 
 
 def _as_runtime(model: nn.Module | Runtime, config: PredictConfig | None, tile: int | None = None,
@@ -596,8 +590,6 @@ def denoise_job(model: PredictModel | nn.Module, raw: np.ndarray, config: Predic
 def denoise_array(model: PredictModel | nn.Module, raw: np.ndarray, config: PredictConfig | None = None,
                   runtime: Runtime | None = None, cancel: CancelToken | None = None) -> np.ndarray:
     """`denoise_job` drained: the denoised micrograph (binned when the checkpoint says so)."""
-    from .jobs import collect
-
     return collect(denoise_job(model, raw, config, runtime, cancel))
 
 

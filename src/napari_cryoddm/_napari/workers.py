@@ -16,7 +16,7 @@ from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 
 from ..errors import CryoDDMError
-from ..jobs import CancelToken, Job, Progress
+from ..jobs import CancelToken, Job, Progress, collect
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +88,7 @@ def start_job(
 
     if nothreads():
         try:
-            job = make_job(cancel)
-            while True:
-                try:
-                    _progress(next(job))
-                except StopIteration as stop:
-                    _done(stop.value)
-                    break
+            _done(collect(make_job(cancel), _progress))
         except Exception as exc:  # reported like a threaded failure
             _error(exc)
         finally:
