@@ -25,7 +25,7 @@ from typing import Any
 from .config import to_jsonable
 from .errors import CryoDDMError
 from .jobs import CancelToken, Job, Progress
-from .predict import (PredictConfig, PredictModel, PredictResult, make_runtime, plan_run,
+from .predict import (PredictConfig, PredictModel, PredictResult, estimator_for, make_runtime, plan_run,
                       predict_one_file, resolve_device)
 
 # Set in a worker process by `_DevicePlugin`; tasks read it.
@@ -92,7 +92,8 @@ def _task(state: dict[str, Any], src: str, dst: str, cfg: dict[str, Any]) -> dic
                 torch.set_num_threads(_WORKER_THREADS)
             pm = PredictModel.from_state(state)
             _CACHE.clear()
-            _CACHE[key] = (pm, make_runtime(pm.model, config, resolve_device(device_spec)))
+            _CACHE[key] = (pm, make_runtime(pm.model, config, resolve_device(device_spec),
+                                            estimator=estimator_for(pm, config)))
         pm, rt = _CACHE[key]
         out = predict_one_file(pm, rt, Path(src), Path(dst), config)
     except CryoDDMError as exc:

@@ -34,6 +34,7 @@ from torch import nn
 
 from .binning import fourier_bin
 from .errors import CryoDDMError, InputError
+from .estimators import ESTIMATORS, Estimator, default_estimator, resolve_estimator
 from .io.mrc import MrcInfo, list_micrographs, read_micrograph, write_mrc
 from .jobs import CancelToken, Job, Progress, collect
 from .names import micrograph_stem
@@ -76,6 +77,13 @@ class PredictConfig:
                                       "to the input's units)", choices=INTENSITIES)
     precision: str = _f("auto", "auto (bf16 autocast on a GPU that has it, else fp32), fp32, bf16, "
                                 "fp16 (GPU only)", choices=PRECISIONS)
+    estimator: str = _f("", "how the network's output becomes the estimate: chain (derived from the "
+                            "forward chain's coefficients; measured best) or direct (the original's "
+                            "single pass); empty: chain when the checkpoint records its schedule",
+                         choices=("",) + ESTIMATORS)
+    estimator_step: int = _f(0, "chain estimator: the chain step whose pair the estimate uses "
+                                "(0: the last trained step)", widget=False)
+    tta: bool = _f(False, "average the 8 flips/rotations of each micrograph (8× the compute)")
     suffix: str = _f("", "appended to each output's name: OUT/<stem><suffix>.mrc")
     overwrite: bool = _f(False, "replace existing outputs (default: skip them, so a stopped run resumes)")
     channels_last: bool = _f(True, "NHWC memory layout (faster on GPUs and with oneDNN on CPUs)")
@@ -101,6 +109,10 @@ class PredictConfig:
             raise CryoDDMError(f"--overlap {self.overlap}: must be ≥ 0")
         if self.batch_size < 0:
             raise CryoDDMError(f"--batch-size {self.batch_size}: must be ≥ 0 (0 = automatic)")
+        if self.estimator and self.estimator not in ESTIMATORS:
+            raise CryoDDMError(f"--estimator {self.estimator!r}: choose one of {', '.join(ESTIMATORS)}")
+        if self.estimator_step < 0:
+            raise CryoDDMError(f"--estimator-step {self.estimator_step}: must be ≥ 0 (0 = the last trained step)")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -141,6 +153,12 @@ class PredictModel:
         model.eval()
         return cls(model, Normalisation.from_dict(state["normalisation"]), float(state["bin_factor"]),
                    state["name"], dict(state.get("metadata") or {}))
+
+
+def estimator_for(pm: PredictModel, config: PredictConfig) -> Estimator:
+    """The estimator `config` asks for, derived from the checkpoint's schedule (see `estimators`)."""
+    name = config.estimator or default_estimator(pm.metadata)
+    return resolve_estimator(name, pm.metadata, config.estimator_step, source=pm.name)
 
 
 def as_predict_model(model: PredictModel | nn.Module | str | os.PathLike[str]) -> PredictModel:
@@ -266,9 +284,14 @@ class Runtime:
     lean: bool = False
     auto_tile: bool = False
     oom_events: list[str] = field(default_factory=list)
+    estimator: Estimator = field(default_factory=lambda: Estimator("direct"))
+    tta: bool = False
 
 
-def make_runtime(model: nn.Module, config: PredictConfig, device: torch.device | None = None) -> Runtime:
+def make_runtime(model: nn.Module, config: PredictConfig, device: torch.device | None = None,
+                 estimator: Estimator | None = None) -> Runtime:
+    """The network on its device with the tile geometry and, for whole micrographs, the estimator
+    (`estimator_for`; the network's plain output when None) and test-time augmentation."""
     device = device or resolve_device(config.device)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
@@ -284,7 +307,8 @@ def make_runtime(model: nn.Module, config: PredictConfig, device: torch.device |
     batch = config.batch_size or (8 if device.type == "cuda" else 1)
     lean = device.type == "cpu" and not config.compile
     return Runtime(model, device, tile, batch, config.overlap, autocast_dtype(device, config.precision),
-                   channels_last, lean, auto_tile=not config.tile and device.type == "cpu")
+                   channels_last, lean, auto_tile=not config.tile and device.type == "cpu",
+                   estimator=estimator or Estimator("direct"), tta=bool(config.tta))
 
 
 def auto_cpu_tile(shape: tuple[int, int], overlap: int, batch: int = 1) -> int:
@@ -419,6 +443,37 @@ def predict_image_job(rt: Runtime, image: np.ndarray, cancel: CancelToken | None
             if not is_oom(exc):
                 raise
             _shrink(rt, exc)
+
+
+def _d4(image: np.ndarray, code: int) -> np.ndarray:
+    out = np.rot90(image, code % 4)
+    return out[:, ::-1] if code >= 4 else out
+
+
+def _d4_inverse(image: np.ndarray, code: int) -> np.ndarray:
+    out = image[:, ::-1] if code >= 4 else image
+    return np.rot90(out, -(code % 4))
+
+
+def estimate_job(rt: Runtime, image: np.ndarray, cancel: CancelToken | None = None) -> Job[np.ndarray]:
+    """The signal estimate of one normalised micrograph: the runtime's estimator around the tiled
+    network (`predict_image_job`), averaged over the 8 flips/rotations when `rt.tta`."""
+    est = rt.estimator
+    x = image if est.scale == 1.0 else image * np.float32(est.scale)
+    codes = range(8) if rt.tta else (0,)
+    acc: np.ndarray | None = None
+    for code in codes:
+        view = np.ascontiguousarray(_d4(x, code)) if code else x
+        pred = yield from predict_image_job(rt, view, cancel)
+        pred = _d4_inverse(pred, code) if code else pred
+        if acc is None:
+            acc = np.ascontiguousarray(pred, dtype=np.float32)
+        else:
+            acc += pred
+    assert acc is not None
+    if len(codes) > 1:
+        acc /= np.float32(len(codes))
+    return est.combine(acc, x)
 
 
 def _shrink(rt: Runtime, exc: BaseException) -> None:
@@ -581,9 +636,9 @@ def denoise_job(model: PredictModel | nn.Module, raw: np.ndarray, config: Predic
     pm = as_predict_model(model)
     config = config or PredictConfig()
     check_finite(raw, source)
-    rt = runtime or make_runtime(pm.model, config)
+    rt = runtime or make_runtime(pm.model, config, estimator=estimator_for(pm, config))
     prep = prepare_array(np.asarray(raw, dtype=np.float32), pm)
-    pred = yield from predict_image_job(rt, prep.image, cancel)
+    pred = yield from estimate_job(rt, prep.image, cancel)
     return finish(pred, prep, config.intensity)
 
 
@@ -620,7 +675,8 @@ def _labels(prep: Prepared, pm: PredictModel, config: PredictConfig, grid: TileG
     labels = [f"napari-cryoddm predict: {prep.path.name}"[:80],
               f"model {pm.name} epoch {pm.metadata.get('epoch')}"[:80],
               f"norm {pm.normalisation.method} off {off:.6g} scale {sc:.6g} -> {config.intensity}"[:80],
-              f"bin {prep.bin_factor:g} tile {grid.tile_shape[0]}x{grid.tile_shape[1]} margin {grid.margin}"[:80]]
+              f"bin {prep.bin_factor:g} tile {grid.tile_shape[0]}x{grid.tile_shape[1]} margin {grid.margin}"[:80],
+              f"estimator {estimator_for(pm, config).describe()}{' tta8' if config.tta else ''}"[:80]]
     if prep.info is not None:
         labels += [f"src: {label}"[:80] for label in prep.info.labels[:6] if label]
     return labels[:10]
@@ -641,7 +697,7 @@ def predict_one_file(pm: PredictModel, rt: Runtime, src: Path, dst: Path, config
                      cancel: CancelToken | None = None) -> Path:
     """Denoise one file to `dst` (atomic). The unit of work of the dask path too."""
     prep = prepare(src, pm)
-    pred = finish(predict_image(rt, prep.image, cancel=cancel), prep, config.intensity)
+    pred = finish(collect(estimate_job(rt, prep.image, cancel)), prep, config.intensity)
     grid = plan_tiles(prep.image.shape, rt.tile, rt.overlap)
     return write_mrc(dst, pred, voxel_size=prep.voxel_size or None, overwrite=config.overwrite,
                      labels=_labels(prep, pm, config, grid))
@@ -703,7 +759,7 @@ def predict_files(model: PredictModel | nn.Module | str | os.PathLike[str], inpu
     yield Progress(done, total, f"{done} already done" if done else "starting")
     if not todo:
         return result
-    rt = make_runtime(pm.model, config)
+    rt = make_runtime(pm.model, config, estimator=estimator_for(pm, config))
     t0 = time.perf_counter()
     workers = 1 if config.prefetch else 0
     with _Pipeline(workers) as pipe:
@@ -715,7 +771,7 @@ def predict_files(model: PredictModel | nn.Module | str | os.PathLike[str], inpu
                 if cancel.cancelled:
                     break
                 prep = cur.result()
-                pred = finish(predict_image(rt, prep.image, cancel=cancel), prep, config.intensity)
+                pred = finish(collect(estimate_job(rt, prep.image, cancel)), prep, config.intensity)
                 grid = plan_tiles(prep.image.shape, rt.tile, rt.overlap)
                 labels = _labels(prep, pm, config, grid)
                 del prep.image

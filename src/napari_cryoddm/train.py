@@ -80,7 +80,13 @@ class TrainConfig:
                 "original (SGD 1e-3, StepLR(100, 0.9) stepped per batch, as CryoDDM did)",
         "choices": RECIPES})
     lr: float | None = field(default=None, metadata={
-        "help": "learning rate (default: the recipe's, 1e-3 for both)", "label": "learning rate"})
+        "help": "learning rate (default: 1e-3·√(batch/32), at most 2e-3; the original recipe 1e-3)",
+        "label": "learning rate"})
+    warmup: int = field(default=200, metadata={
+        "help": "batches over which the learning rate ramps up linearly from 0 (default recipe)"})
+    clip: float = field(default=1.0, metadata={
+        "help": "largest gradient norm per step, 0 = no clipping (default recipe)",
+        "label": "gradient clip"})
     device: str = field(default="auto", metadata={
         "help": "auto, cpu, cuda, cuda:N or mps (auto: the GPU of this rank if any, else CPU)"})
     precision: str = field(default="auto", metadata={
@@ -127,6 +133,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise CryoDDMError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+        if self.warmup < 0:
+            raise CryoDDMError(f"--warmup must be 0 or more, got {self.warmup}")
+        if not (math.isfinite(self.clip) and self.clip >= 0):
+            raise CryoDDMError(f"--clip must be 0 or more, got {self.clip}")
         if self.max_shift is not None and self.max_shift < 0:
             raise CryoDDMError(f"--max-shift must be 0 or more, got {self.max_shift}")
         if isinstance(self.init, str):
@@ -134,12 +144,17 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        return float(self.lr) if self.lr is not None else 1e-3
+        """Adam's rate follows the batch size (√ scaling, measured stable at 8–64); SGD's is fixed."""
+        if self.lr is not None:
+            return float(self.lr)
+        if self.recipe == "original":
+            return 1e-3
+        return min(2e-3, 1e-3 * math.sqrt(self.batch_size / 32))
 
 
 # Fields that decide the sequence of batches: a resumed run keeps the stopped run's values.
 _PLAN_FIELDS = ("batch_size", "recipe", "lr", "augment", "fresh_noise", "max_shift", "seed",
-                "s1_weight", "s3_weight")
+                "s1_weight", "s3_weight", "warmup", "clip")
 
 
 # ----------------------------------------------------------------------------- devices
@@ -520,10 +535,13 @@ def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def epoch_plan(counts: dict[str, int], batch_size: int, seed: int, epoch: int,
-               fresh_s2: int | None = None, skip: Sequence[int] = ()) -> list[np.ndarray]:
-    """The epoch's global batches: S1, then S2, then S3; each an int64 array of keys
-    (phase, index, partner, seed, 1). Drawn from (seed, epoch) alone; phases in `skip` (weight 0)
-    are drawn too, so the other phases' keys do not change, and then left out."""
+               fresh_s2: int | None = None, skip: Sequence[int] = (),
+               interleave: bool = True) -> list[np.ndarray]:
+    """The epoch's global batches, each an int64 array of keys (phase, index, partner, seed, 1)
+    of one phase; the phases' batches shuffled together (`interleave`, so the optimiser is not
+    dragged from one objective to the next) or in blocks S1, S2, S3 (the original's order).
+    Drawn from (seed, epoch) alone; phases in `skip` (weight 0) are drawn too, so the other
+    phases' keys do not change, and then left out."""
     rng = np.random.default_rng([int(seed), int(epoch), 0x5EED])
     batches: list[np.ndarray] = []
     n1, n3 = counts["particles"], counts["noise"]
@@ -544,6 +562,9 @@ def epoch_plan(counts: dict[str, int], batch_size: int, seed: int, epoch: int,
             continue
         for b in range(0, len(keys), batch_size):
             batches.append(keys[b:b + batch_size])
+    if interleave:
+        order = np.random.default_rng([int(seed), int(epoch), 0x1A7E]).permutation(len(batches))
+        batches = [batches[i] for i in order]
     return batches
 
 
@@ -830,8 +851,11 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
         out.mkdir(parents=True, exist_ok=True)
 
     weights = (config.s1_weight, 1.0, config.s3_weight)
+    warmup = config.warmup if config.recipe != "original" else 0
+    clip = config.clip if config.recipe != "original" else 0.0
     skip = tuple(p for p, w in enumerate(weights) if w == 0)
-    n_batches = len(epoch_plan(data.counts, config.batch_size, config.seed, 0, fresh_s2, skip))
+    interleave = config.recipe != "original"
+    n_batches = len(epoch_plan(data.counts, config.batch_size, config.seed, 0, fresh_s2, skip, interleave))
     total = epochs * n_batches
     plan_config = {k: to_jsonable(getattr(config, k)) for k in _PLAN_FIELDS}
 
@@ -845,6 +869,7 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
             "forward": data.summary(), "epoch": ep, "losses": losses,
             "best_val": best_val, "best_epoch": best_epoch,
             "recipe": config.recipe, "lr": config.learning_rate, "fresh_noise": config.fresh_noise,
+            "warmup": warmup, "clip": clip,
             "augment": config.augment, "batch_size": config.batch_size, "seed": config.seed,
             "phase_weights": {"s1": config.s1_weight, "s2": 1.0, "s3": config.s3_weight},
             "world_size": world, "device": str(device), "precision": str(amp or "fp32"),
@@ -874,7 +899,7 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
     stopped = False
     last_losses = history[-1] if history else None
     while epoch < epochs:
-        batches = epoch_plan(data.counts, config.batch_size, config.seed, epoch, fresh_s2, skip)
+        batches = epoch_plan(data.counts, config.batch_size, config.seed, epoch, fresh_s2, skip, interleave)
         last_s1 = max((j for j, b in enumerate(batches) if b[0, 0] == S1), default=-1)
         sampler.set_epoch(batches, start_batch)
         net.train()
@@ -886,6 +911,10 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
             y = y.to(device, non_blocking=True)
             real = real.to(device, non_blocking=True)
             n_global = len(batches[j])
+            if warmup:  # linear ramp over the first batches of the run, on top of the schedule
+                ramp = min(1.0, (epoch * n_batches + j + 1) / warmup)
+                for group, base in zip(opt.param_groups, sched.get_last_lr()):
+                    group["lr"] = base * ramp
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
                 pred = net(x)
@@ -901,6 +930,8 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
                     + (f"{out / 'last.pt'} still holds the last good state (epoch {len(history)})."
                        if (out / "last.pt").exists() else "no checkpoint had been written yet."))
             (loss_sum * (weights[phase] * world / n_global)).backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
             if config.recipe == "original" and (phase != S1 or j == last_s1):
                 sched.step()  # literal: once after S1, after every S2/S3 batch
