@@ -206,9 +206,12 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     """Load ours, the original's whole-module `N.pth`, or its `checkpoint.pth` dict — never code.
 
     Returns the network (in eval mode, on `map_location`'s device when that is a device), the
-    metadata (the original's get min–max normalisation and bin 1) and the kind.
+    metadata (the original's get min–max normalisation and bin 1) and the kind. A built-in
+    model's name (`sample`) stands for its installed file.
     """
-    path = Path(path)
+    from .models import resolve_model
+
+    path = resolve_model(path)
     obj = _load_raw(path, map_location)
     resume = None
     if isinstance(obj, _OriginalUDenoiseNetStub):

@@ -109,7 +109,8 @@ class TrainConfig:
     workers: int | None = field(default=None, metadata={
         "help": "data-loader processes (default: 0 on CPU, up to 8 per GPU)"})
     init: Path | None = field(default=None, metadata={
-        "help": "start from these weights (ours or the original's N.pth / checkpoint.pth)",
+        "help": "start from these weights (ours, the original's N.pth / checkpoint.pth, or a "
+                "built-in model's name: sample)",
         "label": "init checkpoint"})
     resume: bool = field(default=False, metadata={
         "help": "continue OUT/last.pt exactly where it stopped (mid-epoch too)"})
@@ -774,7 +775,8 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
     if config.init is not None and resume_state is None:
         init = load_checkpoint(config.init)
         model.load_state_dict(init.model.state_dict())
-        init_info = {"path": str(Path(config.init).resolve()), "kind": init.kind}
+        init_info = {"path": str(Path(init.path).resolve()), "kind": init.kind,
+                     "name": str(config.init)}
         init_norm = init.metadata.get("normalisation")
         if init_norm and init_norm.get("method") != data.normalisation.get("method"):
             note = (f"--init {config.init}: trained on {init_norm.get('method')} normalised data, "

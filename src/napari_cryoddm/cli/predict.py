@@ -16,6 +16,7 @@ checkpoint was trained on binned micrographs) and labels recording the source, m
 Existing outputs are skipped, so rerunning a stopped command resumes it (--overwrite replaces them).
 
 examples:
+  cryoddm predict sample Micrographs/ -o Denoised/     # the built-in model (sample data)
   cryoddm predict model.pt Micrographs/ -o Denoised/
   cryoddm predict model.pt 'raw/*.mrc' -o den/ --device cuda:0 --batch-size 16
   cryoddm predict model.pt raw/ -o den/ --gpus 0,1,2,3          # one dask worker per GPU
@@ -30,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "with margins covering the network's receptive field, batched, "
                                    "on a CPU, a GPU, several GPUs or a dask cluster.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="checkpoint: napari-cryoddm .pt, or the original's N.pth / checkpoint.pth")
+    p.add_argument("model", help="checkpoint: napari-cryoddm .pt, the original's N.pth / checkpoint.pth, "
+                                 "or a built-in model's name (sample)")
     p.add_argument("inputs", nargs="+", help="micrographs: files, folders or quoted globs")
     p.add_argument("-o", "--out", required=True, help="output folder (created if missing)")
     add_config_arguments(p, PredictConfig)
