@@ -13,6 +13,13 @@ noises of one spectrum, so
 and the signal estimate is Ŝ = (D − λ_k·x_k) / (c_{k−1}·(1 − a_k·λ_k)). For one step that adds
 noise of the same variance (a = c = V_0 = b = 1) this is Noisier2Noise's 2·D − x.
 
+Training can use that split directly (`--s2-target signal`, the default): the target
+t = (c_k/keep)·(x_{k−1} − λ_k·x_k), keep = c_{k−1}·(1 − a_k·λ_k), holds c_k·s, the signal part of
+the input x_k, plus noise that is uncorrelated with x_k's (a_k·V_{k−1} − λ_k·V_k = 0). The network
+then learns E[c_k·s | x_k] as a Noise2Noise denoiser does, without first having to learn the
+large linear part λ_k·x_k exactly (whose small errors would be amplified by the subtraction);
+the same quantity E[x_{k−1} | x_k] is recovered as λ_k·x_k + (keep/c_k)·D.
+
 A raw micrograph is not on the chain: it has the most signal and noise of variance 1. The `chain`
 estimator scales it to the trained step's noise level (x̃ = √V_k·x, the input statistics the
 network saw), applies the formula above and maps the estimate back to the input's scale. `direct`
@@ -94,6 +101,13 @@ def estimator_of(st: dict[str, np.ndarray], step: int) -> Estimator:
     return Estimator("chain", scale=scale, weight=float(lam), gain=float(gain), step=int(step))
 
 
+def signal_target(st: dict[str, np.ndarray], step: int) -> tuple[float, float]:
+    """(λ_k, factor): the `signal` training target of pair k is factor·(x_{k−1} − λ_k·x_k)."""
+    est = estimator_of(st, step)
+    keep = st["signal"][step] / (est.gain * est.scale)
+    return est.weight, float(st["signal"][step] / keep)
+
+
 def resolve_estimator(name: str, metadata: dict[str, Any] | None, step: int = 0,
                       source: str = "the model") -> Estimator:
     """The estimator `name` for a checkpoint's metadata; step 0 = the last step it was trained on."""
@@ -113,7 +127,10 @@ def resolve_estimator(name: str, metadata: dict[str, Any] | None, step: int = 0,
     k = int(step) if step else last
     if start is not None and step and not int(start) <= k <= last:
         raise CryoDDMError(f"--estimator-step {k}: {source} was trained on steps {start}…{last}")
-    return chain_estimator(float(beta), int(steps), k)
+    est = chain_estimator(float(beta), int(steps), k)
+    if (metadata or {}).get("s2_target") == "signal":  # D estimates c_k·s of its input already
+        return Estimator("chain", scale=est.scale, weight=0.0, gain=1.0 / est.scale, step=est.step)
+    return est
 
 
 def default_estimator(metadata: dict[str, Any] | None) -> str:
@@ -123,5 +140,5 @@ def default_estimator(metadata: dict[str, Any] | None) -> str:
 
 
 __all__ = ["ESTIMATORS", "DEFAULT_ESTIMATOR", "Estimator", "chain_statistics", "chain_estimator",
-           "statistics_of", "estimator_of",
+           "statistics_of", "estimator_of", "signal_target",
            "resolve_estimator", "default_estimator"]

@@ -105,6 +105,11 @@ class TrainConfig:
     s3_weight: float = field(default=1.0, metadata={
         "help": "weight of the S3 (noise → other noise) loss; 0 leaves the phase out",
         "label": "S3 weight"})
+    s2_target: str = field(default="signal", metadata={
+        "help": "what S2 learns from x_k: signal (the part of x_{k-1} that estimates x_k's clean "
+                "signal, derived from the chain's coefficients: a Noise2Noise target) or step "
+                "(x_{k-1} itself, as the original did)", "choices": ("signal", "step"),
+        "label": "S2 target"})
     seed: int = field(default=42, metadata={"help": "random seed (set before the model is built)"})
     workers: int | None = field(default=None, metadata={
         "help": "data-loader processes (default: 0 on CPU, up to 8 per GPU)"})
@@ -134,6 +139,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise CryoDDMError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+        if self.s2_target not in ("signal", "step"):
+            raise CryoDDMError(f"--s2-target {self.s2_target!r}: use signal or step")
         if self.warmup < 0:
             raise CryoDDMError(f"--warmup must be 0 or more, got {self.warmup}")
         if not (math.isfinite(self.clip) and self.clip >= 0):
@@ -155,7 +162,7 @@ class TrainConfig:
 
 # Fields that decide the sequence of batches: a resumed run keeps the stopped run's values.
 _PLAN_FIELDS = ("batch_size", "recipe", "lr", "augment", "fresh_noise", "max_shift", "seed",
-                "s1_weight", "s3_weight", "warmup", "clip")
+                "s1_weight", "s3_weight", "warmup", "clip", "s2_target")
 
 
 # ----------------------------------------------------------------------------- devices
@@ -435,11 +442,13 @@ class PairDataset(Dataset):
     """
 
     def __init__(self, data: ForwardData, augment: bool = True, pool: NoisePool | None = None,
-                 coefficients: dict[str, np.ndarray] | None = None) -> None:
+                 coefficients: dict[str, np.ndarray] | None = None,
+                 targets: dict[int, tuple[float, float]] | None = None) -> None:
         self.data = data
         self.augment = augment
         self.pool = pool
         self.coef = coefficients
+        self.targets = targets  # k → (λ_k, factor): S2 learns factor·(x_{k−1} − λ_k·x_k)
         self._maps: dict[str, np.ndarray] | None = None
         if pool is not None:
             sched = data.schedule or {}
@@ -485,9 +494,11 @@ class PairDataset(Dataset):
             return x, x
         if phase == S2:
             if self.pool is not None:
-                xk, xprev, _ = self.fresh_chain(index, rng)
-                return xk, xprev
-            return self.stack("s2_label")[index], self.stack("s2_input")[index]
+                xk, xprev, k = self.fresh_chain(index, rng)
+            else:
+                xk, xprev = self.stack("s2_label")[index], self.stack("s2_input")[index]
+                k = int((self.data.schedule or {}).get("start") or 0) + index // self.data.counts["particles"]
+            return xk, self.target(xk, xprev, k)
         if phase == S3:
             if self.pool is not None:
                 return (recut(self.pool, index, rng, augment=False),
@@ -495,6 +506,15 @@ class PairDataset(Dataset):
             noise = self.stack("noise")
             return noise[index], noise[partner]
         raise ValueError(f"unknown phase {phase}")
+
+    def target(self, xk: np.ndarray, xprev: np.ndarray, k: int) -> np.ndarray:
+        """x_{k−1} itself, or its `signal` part (see `estimators`)."""
+        if self.targets is None:
+            return xprev
+        lam, factor = self.targets[k]
+        out = np.asarray(xprev, dtype=np.float32) - np.float32(lam) * np.asarray(xk, dtype=np.float32)
+        out *= np.float32(factor)
+        return out
 
     def __getitem__(self, key: Sequence[int]) -> tuple[int, torch.Tensor, torch.Tensor, float]:
         phase, index, partner, seed, real = (int(v) for v in key)
@@ -510,15 +530,16 @@ class PairDataset(Dataset):
 class ValDataset(Dataset):
     """Validation: `val/label` (x_T) → `val/input` (x_{T−1}), no augmentation."""
 
-    def __init__(self, data: ForwardData) -> None:
-        self.inner = PairDataset(data, augment=False)
+    def __init__(self, data: ForwardData, targets: dict[int, tuple[float, float]] | None = None) -> None:
+        self.inner = PairDataset(data, augment=False, targets=targets)
+        self.k = int((data.schedule or {}).get("steps") or 0)
 
     def __len__(self) -> int:
         return self.inner.data.counts["val_label"]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.inner.stack("val_label")[i]
-        y = self.inner.stack("val_input")[i]
+        y = self.inner.target(x, self.inner.stack("val_input")[i], self.k)
         return (torch.from_numpy(np.array(x, dtype=np.float32))[None],
                 torch.from_numpy(np.array(y, dtype=np.float32))[None])
 
@@ -811,7 +832,8 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
         cache = out / ".cache" / f"rank{rank}"  # each rank its own: no two writers of one file
         pool = yield from build_noise_pool(data, cache, config.max_shift, cancel)
         fresh_s2 = data.counts["particles"] * (int(sched_info["steps"]) - int(sched_info["start"]))
-    dataset = PairDataset(data, augment=config.augment, pool=pool, coefficients=coef)
+    targets = _signal_targets(data) if config.s2_target == "signal" else None
+    dataset = PairDataset(data, augment=config.augment, pool=pool, coefficients=coef, targets=targets)
     sampler = PlanBatchSampler(rank, world)
     workers = config.workers
     if workers is None:
@@ -820,7 +842,7 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
     if workers > 0:
         loader_kw.update(persistent_workers=True, prefetch_factor=4)
     loader = DataLoader(dataset, batch_sampler=sampler, **loader_kw)
-    val_set = ValDataset(data)
+    val_set = ValDataset(data, targets)
     val_idx = list(range(rank, len(val_set), world))
     val_loader = DataLoader(torch.utils.data.Subset(val_set, val_idx), batch_size=2 * config.batch_size,
                             shuffle=False, num_workers=min(workers, 2), pin_memory=device.type == "cuda")
@@ -871,7 +893,7 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
             "forward": data.summary(), "epoch": ep, "losses": losses,
             "best_val": best_val, "best_epoch": best_epoch,
             "recipe": config.recipe, "lr": config.learning_rate, "fresh_noise": config.fresh_noise,
-            "warmup": warmup, "clip": clip,
+            "warmup": warmup, "clip": clip, "s2_target": config.s2_target,
             "augment": config.augment, "batch_size": config.batch_size, "seed": config.seed,
             "phase_weights": {"s1": config.s1_weight, "s2": 1.0, "s3": config.s3_weight},
             "world_size": world, "device": str(device), "precision": str(amp or "fp32"),
@@ -1004,6 +1026,18 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
     return TrainResult(out=out, epochs_done=len(history), history=history, best_epoch=best_epoch,
                        best_val=best_val, stopped=stopped, last=out / "last.pt",
                        best=(out / "best.pt") if best_epoch is not None else None)
+
+
+def _signal_targets(data: ForwardData) -> dict[int, tuple[float, float]]:
+    """k → (λ_k, factor) of the `signal` S2 target for every pair k = start … T of the folder."""
+    from .estimators import chain_statistics, signal_target
+
+    sched = data.schedule or {}
+    if sched.get("beta") is None or sched.get("steps") is None:
+        raise InputError(data.folder, "records no forward schedule (the original CryoDDM's "
+                                      "layout): train it with --s2-target step")
+    st = chain_statistics(float(sched["beta"]), int(sched["steps"]))
+    return {k: signal_target(st, k) for k in range(1, int(sched["steps"]) + 1)}
 
 
 def _agreed(flag: bool, world: int, device: torch.device) -> bool:
