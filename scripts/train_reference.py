@@ -155,6 +155,16 @@ def evaluate(checkpoint: Path, args: argparse.Namespace, tta: bool = True,
     for name, fn in q.PEERS.items():
         rows[name] = q.score([fn(im) for im in raw], clean).as_row()
     pm = PredictModel.from_checkpoint(checkpoint)
+    lin = pm.metadata.get("linear_transfer")
+    if lin:  # the closed-form linear start alone (the model at step 0), to attribute the gain
+        from napari_cryoddm.estimators import resolve_estimator
+        from napari_cryoddm.linear import apply
+        from napari_cryoddm.normalise import normalisation_stats, normalise
+
+        est = resolve_estimator("chain", pm.metadata)
+        only = [apply(lin, est.scale * normalise(im, pm.normalisation, normalisation_stats(im, pm.normalisation)))
+                for im in raw]
+        rows["linear start alone (H∗x)"] = q.score(only, clean).as_row()
     variants = [("direct", False), ("chain", False)] + ([("chain", True)] if tta else [])
     for est, aug in variants:
         cfg = PredictConfig(device="cpu", estimator=est, tta=aug)

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import to_jsonable
-from .errors import CryoDDMError
+from .errors import CryoDDMError, OutputExistsError
 from .jobs import CancelToken, Job, Progress
-from .predict import (PredictConfig, PredictModel, PredictResult, estimator_for, make_runtime, plan_run,
-                      predict_one_file, resolve_device)
+from .predict import (PredictConfig, PredictModel, PredictResult, is_predict_output, plan_run,
+                      predict_one_file, resolve_device, runtime_for)
 
 # Set in a worker process by `_DevicePlugin`; tasks read it.
 _WORKER_DEVICE: str | None = None
@@ -92,10 +92,14 @@ def _task(state: dict[str, Any], src: str, dst: str, cfg: dict[str, Any]) -> dic
                 torch.set_num_threads(_WORKER_THREADS)
             pm = PredictModel.from_state(state)
             _CACHE.clear()
-            _CACHE[key] = (pm, make_runtime(pm.model, config, resolve_device(device_spec),
-                                            estimator=estimator_for(pm, config)))
+            _CACHE[key] = (pm, runtime_for(pm, config, resolve_device(device_spec)))
         pm, rt = _CACHE[key]
         out = predict_one_file(pm, rt, Path(src), Path(dst), config)
+    except OutputExistsError:
+        if not is_predict_output(dst):
+            return {"status": "failed", "input": src,
+                    "error": f"{dst}: appeared meanwhile and was not written by cryoddm predict"}
+        out = Path(dst)  # another run of the same command wrote it meanwhile: done
     except CryoDDMError as exc:
         return {"status": "failed", "input": src, "error": str(exc)}
     return {"status": "written", "input": src, "output": str(out), "device": device_spec,

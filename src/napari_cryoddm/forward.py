@@ -38,12 +38,12 @@ from .binning import bin_factor as _bin_factor
 from .binning import binned_shape, fourier_bin
 from .config import to_jsonable
 from .errors import CryoDDMError, InputError, OutputExistsError
-from .io.mrc import MrcInfo, read_header, read_micrograph
+from .io.mrc import MrcInfo, ascii_label, read_header, read_micrograph
 from .io.noise import read_noise_txt
 from .io.star import read_coordinates
 from .jobs import CancelToken, Job, Progress
 from .names import match_names, micrograph_stem
-from .normalise import Normalisation, check_finite, normalisation_stats, normalise
+from .normalise import Normalisation, check_finite, check_not_blank, normalisation_stats, normalise
 from .params import check_window, window_for_diameter
 from .params import diameter_px as _diameter_px
 
@@ -54,6 +54,9 @@ VERSION = 1
 PRESETS: dict[str, tuple[float, int, int]] = {
     "config1": (0.1288, 5, 2),  # the original's "配置 1", its default and the README's
     "config2": (0.1, 6, 2),     # "配置 2"
+    # config1's chain, saving only its last training pair (x_4 → x_3): the pair whose signal
+    # target carries the most signal per unit of noise (estimators.py), measured best
+    "reference": (0.1288, 5, 4),
 }
 STACKS = ("s1/particles.mrcs", "s2/input.mrcs", "s2/label.mrcs", "val/input.mrcs",
           "val/label.mrcs", "s3/noise.mrcs")
@@ -82,8 +85,9 @@ class ForwardConfig:
         "label": "target Å/px"})
     preset: str = field(default="config1", metadata={
         "help": "noise schedule: config1 (β 0.1288, T 5, start 2), config2 (β 0.1, T 6, "
-                "start 2) or custom (β, T and start below)",
-        "choices": ("config1", "config2", "custom"), "cli": False})
+                "start 2), both the original's; reference (config1's chain, only its last pair "
+                "x_4 → x_3 trained: the built-in model's) or custom (β, T and start below)",
+        "choices": ("config1", "config2", "reference", "custom"), "cli": False})
     beta: float | None = field(default=None, metadata={
         "help": "custom schedule: β (α_k = 1 − β·k; needs β·T < 1)", "label": "β"})
     steps: int | None = field(default=None, metadata={
@@ -104,7 +108,7 @@ class ForwardConfig:
 
     def __post_init__(self) -> None:
         if self.preset not in (*PRESETS, "custom"):
-            raise CryoDDMError(f"unknown preset {self.preset!r} (config1, config2 or custom)")
+            raise CryoDDMError(f"unknown preset {self.preset!r} ({', '.join(PRESETS)} or custom)")
         if self.preset != "custom":
             given = {n: v for n, v in (("beta", self.beta), ("steps", self.steps),
                                        ("start", self.start)) if v is not None}
@@ -118,6 +122,12 @@ class ForwardConfig:
             raise CryoDDMError(f"--max-crops must be at least 1, got {self.max_crops}")
         if not 0 <= self.jitter < 0.5:
             raise CryoDDMError(f"--jitter must be in [0, 0.5), got {self.jitter}")
+        if self.seed < 0:  # numpy's SeedSequence takes no negative seeds
+            raise CryoDDMError(f"--seed must be 0 or more, got {self.seed}")
+        for name in ("diameter", "diameter_A", "bin", "target_apix"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise CryoDDMError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
         if self.window is not None:
             check_window(int(self.window))
         if self.diameter is not None and self.diameter_A is not None:
@@ -274,6 +284,15 @@ def _as_table(source: Any, kind: str) -> tuple[pd.DataFrame, str]:
     return pd.concat(tables, ignore_index=True), label
 
 
+def _sources(source: Any) -> list[Any]:
+    """The paths among coordinate sources (tables are not files)."""
+    if isinstance(source, pd.DataFrame) or source is None:
+        return []
+    if isinstance(source, (str, os.PathLike)):
+        return [source]
+    return [s for s in source if isinstance(s, (str, os.PathLike))]
+
+
 def _match(table: pd.DataFrame, label: str, kind: str, names: list[str]) -> np.ndarray:
     """The micrograph index of every row (−1: no micrograph of that name)."""
     if table.empty:
@@ -296,7 +315,8 @@ def plan_forward(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLi
     from .io.mrc import list_micrographs
 
     if out is not None:
-        _check_output(Path(out), config.overwrite)
+        _check_output(Path(out), config.overwrite, [micrographs, _sources(particles),
+                                                    _sources(noise)])
     paths = list_micrographs(micrographs)
     infos = [read_header(p) for p in paths]
     for info in infos:
@@ -338,13 +358,18 @@ def plan_forward(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLi
     per_mic = np.zeros(len(mics), dtype=np.int64)
     rows: list[tuple[int, int, int, float, float]] = []
     skipped_outside = skipped_limit = 0
+    off_image: list[int] = []  # particles whose centre is not on their micrograph at all
     for r in range(len(ptable)):
         mi = int(pidx[r])
         if mi < 0:
             continue
+        ny, nx = shapes[mi]
+        if not (0 <= px[r] < nx and 0 <= py[r] < ny):
+            off_image.append(r)
+            skipped_outside += 1
+            continue
         cx = int(np.floor(px[r] + 0.5)) + int(shifts[r, 0])
         cy = int(np.floor(py[r] + 0.5)) + int(shifts[r, 1])
-        ny, nx = shapes[mi]
         if cx - half < 0 or cy - half < 0 or cx - half + window > nx or cy - half + window > ny:
             skipped_outside += 1
             continue
@@ -355,8 +380,20 @@ def plan_forward(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLi
         rows.append((mi, cx, cy, float(px[r]), float(py[r])))
     crops = pd.DataFrame(rows, columns=["micrograph", "x", "y", "particle_x", "particle_y"])
     n_unmatched = int((pidx < 0).sum())
+    n_matched = int((pidx >= 0).sum())
+    off_note = ""
+    if off_image:
+        r = off_image[0]
+        ny, nx = shapes[int(pidx[r])]
+        off_note = (f"{len(off_image)} of the {n_matched} matched particles lie outside their "
+                    f"micrograph (e.g. x {px[r] * factor:g}, y {py[r] * factor:g} on "
+                    f"{mics[int(pidx[r])].path.name}, {int(nx * factor)}×{int(ny * factor)} px): "
+                    "coordinates for another pixel size or binning, or for other micrographs?")
+    if crops.empty and len(off_image) == n_matched:
+        raise CryoDDMError(f"{plabel}: {off_note} Nothing to crop; check the coordinates "
+                           "(a smaller --window would not help)")
     if crops.empty:
-        raise CryoDDMError(f"{plabel}: none of the {int((pidx >= 0).sum())} matched particles "
+        raise CryoDDMError(f"{plabel}: none of the {n_matched} matched particles "
                            f"gives a {window}×{window} crop inside its micrograph "
                            f"({skipped_outside} leave the image); use a smaller --window or --jitter")
 
@@ -386,6 +423,8 @@ def plan_forward(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLi
 
     beta, steps, start = config.schedule
     msgs: list[str] = []
+    if off_image:
+        msgs.append(f"{plabel}: {off_note} They were left out")
     if d > (1 - 2 * config.jitter) * window:
         msgs.append(f"the particle (d = {d:.0f} px) is larger than {1 - 2 * config.jitter:.2g}·W "
                     f"= {(1 - 2 * config.jitter) * window:.0f} px: a jitter of ±{config.jitter:g}·W "
@@ -403,20 +442,24 @@ def plan_forward(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLi
     return ForwardPlan(config, mics, factor, vs, d, window, crops, noise_df, counts, msgs)
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
-    """An existing output is replaced only when asked, and only if it is a forward dataset
-    (or empty) — never a folder of something else."""
-    if not out.exists():
-        return
-    manifest = out / "forward.json"
-    if not overwrite:
-        what = "holds a finished forward dataset" if manifest.exists() else "exists"
-        raise OutputExistsError(out, f"it {what}; pass --overwrite to replace it")
-    if not out.is_dir():
-        raise InputError(out, "exists and is not a folder")
-    if any(out.iterdir()) and not manifest.exists():
-        raise InputError(out, "is not empty and is not a forward dataset (no forward.json); "
-                              "refusing to replace it")
+# what a forward folder holds (recognised for --overwrite in folders written before markers)
+FORWARD_LAYOUT = (*STACKS, "forward.json", "pairs.npz")
+
+
+def _is_forward_folder(folder: Path) -> bool:
+    return (folder / "forward.json").is_file()
+
+
+def _check_output(out: Path, overwrite: bool, inputs: Sequence[Any] = ()) -> None:
+    """Before any work: never the working directory, a parent or an input's folder; an existing
+    output is replaced only when asked, and only if it is a forward dataset (or empty) — never a
+    folder of something else (`safety`, the rule `atomic_dir` applies again when writing)."""
+    from .safety import check_output_folder
+
+    finished = (out / "forward.json").exists()
+    check_output_folder(out, "forward", overwrite, inputs, FORWARD_LAYOUT, _is_forward_folder,
+                        ("it holds a finished forward dataset; " if finished else "")
+                        + "pass --overwrite to replace it")
 
 
 # ----------------------------------------------------------------------------- streamed stacks
@@ -437,7 +480,7 @@ class StackWriter:
                 if voxel_size:
                     mrc.voxel_size = float(voxel_size)
                 if label:
-                    mrc.add_label(label[:80])
+                    mrc.add_label(ascii_label(label))
                 self.offset = int(mrc.header.nbytes + mrc.header.nsymbt)
         self.path, self.n, self.window = path, n, window
         self.image_bytes = window * window * 4
@@ -494,6 +537,7 @@ def load_micrograph(path: str | os.PathLike[str], factor: float,
     if factor != 1:
         image = fourier_bin(image, factor)
     check_finite(image, str(path))
+    check_not_blank(image, str(path))
     stats = normalisation_stats(image, spec)
     return normalise(image, spec, stats), stats
 
@@ -536,7 +580,9 @@ def run_forward(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLik
     stats: dict[int, list[float]] = {}
     suspect: list[int] = []  # noise patches whose level is far from their micrograph's
 
-    with atomic_dir(out, overwrite=config.overwrite) as tmp:
+    with atomic_dir(out, overwrite=config.overwrite, kind="forward",
+                    inputs=[micrographs, _sources(particles), _sources(noise)],
+                    layout=FORWARD_LAYOUT, manifest=_is_forward_folder) as tmp:
         vs = plan.voxel_size
         tag = f"napari-cryoddm {__version__} forward"
         writers = {

@@ -18,7 +18,6 @@ keeps at most the current micrograph, the next one (prefetched in a thread) and 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -33,12 +32,13 @@ import torch
 from torch import nn
 
 from .binning import fourier_bin
-from .errors import CryoDDMError, InputError
+from .errors import CryoDDMError, InputError, OutputError, OutputExistsError
 from .estimators import ESTIMATORS, Estimator, default_estimator, resolve_estimator
 from .io.mrc import MrcInfo, list_micrographs, read_micrograph, write_mrc
 from .jobs import CancelToken, Job, Progress, collect
 from .names import micrograph_stem
 from .normalise import Normalisation, check_finite, normalisation_stats, normalise
+from .safety import NO_ROOM
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,10 @@ class PredictConfig:
                                       "to the input's units)", choices=INTENSITIES)
     precision: str = _f("auto", "auto (bf16 autocast on a GPU that has it, else fp32), fp32, bf16, "
                                 "fp16 (GPU only)", choices=PRECISIONS)
-    estimator: str = _f("", "how the network's output becomes the estimate: chain (derived from the "
-                            "forward chain's coefficients; measured best) or direct (the original's "
-                            "single pass); empty: chain when the checkpoint records its schedule",
-                         choices=("",) + ESTIMATORS)
+    estimator: str = _f("auto", "how the network's output becomes the estimate: chain (derived from "
+                                "the forward chain's coefficients; measured best) or direct (the "
+                                "original's single pass); auto: chain when the checkpoint records "
+                                "its schedule, else direct", choices=("auto",) + ESTIMATORS)
     estimator_step: int = _f(0, "chain estimator: the chain step whose pair the estimate uses "
                                 "(0: the last trained step)", widget=False)
     tta: bool = _f(False, "average the 8 flips/rotations of each micrograph (8× the compute)")
@@ -109,8 +109,8 @@ class PredictConfig:
             raise CryoDDMError(f"--overlap {self.overlap}: must be ≥ 0")
         if self.batch_size < 0:
             raise CryoDDMError(f"--batch-size {self.batch_size}: must be ≥ 0 (0 = automatic)")
-        if self.estimator and self.estimator not in ESTIMATORS:
-            raise CryoDDMError(f"--estimator {self.estimator!r}: choose one of {', '.join(ESTIMATORS)}")
+        if self.estimator not in ("auto",) + ESTIMATORS:
+            raise CryoDDMError(f"--estimator {self.estimator!r}: choose one of auto, {', '.join(ESTIMATORS)}")
         if self.estimator_step < 0:
             raise CryoDDMError(f"--estimator-step {self.estimator_step}: must be ≥ 0 (0 = the last trained step)")
 
@@ -157,7 +157,7 @@ class PredictModel:
 
 def estimator_for(pm: PredictModel, config: PredictConfig) -> Estimator:
     """The estimator `config` asks for, derived from the checkpoint's schedule (see `estimators`)."""
-    name = config.estimator or default_estimator(pm.metadata)
+    name = default_estimator(pm.metadata) if config.estimator in ("", "auto") else config.estimator
     return resolve_estimator(name, pm.metadata, config.estimator_step, source=pm.name)
 
 
@@ -286,10 +286,17 @@ class Runtime:
     oom_events: list[str] = field(default_factory=list)
     estimator: Estimator = field(default_factory=lambda: Estimator("direct"))
     tta: bool = False
+    linear: dict[str, Any] | None = None  # the model's linear part H (see linear.py), if any
+
+
+def runtime_for(pm: PredictModel, config: PredictConfig, device: torch.device | None = None) -> Runtime:
+    """The runtime of a checkpoint: its network, estimator and linear part."""
+    return make_runtime(pm.model, config, device, estimator=estimator_for(pm, config),
+                        linear=pm.metadata.get("linear_transfer"))
 
 
 def make_runtime(model: nn.Module, config: PredictConfig, device: torch.device | None = None,
-                 estimator: Estimator | None = None) -> Runtime:
+                 estimator: Estimator | None = None, linear: dict[str, Any] | None = None) -> Runtime:
     """The network on its device with the tile geometry and, for whole micrographs, the estimator
     (`estimator_for`; the network's plain output when None) and test-time augmentation."""
     device = device or resolve_device(config.device)
@@ -308,7 +315,7 @@ def make_runtime(model: nn.Module, config: PredictConfig, device: torch.device |
     lean = device.type == "cpu" and not config.compile
     return Runtime(model, device, tile, batch, config.overlap, autocast_dtype(device, config.precision),
                    channels_last, lean, auto_tile=not config.tile and device.type == "cpu",
-                   estimator=estimator or Estimator("direct"), tta=bool(config.tta))
+                   estimator=estimator or Estimator("direct"), tta=bool(config.tta), linear=linear)
 
 
 def auto_cpu_tile(shape: tuple[int, int], overlap: int, batch: int = 1) -> int:
@@ -473,6 +480,10 @@ def estimate_job(rt: Runtime, image: np.ndarray, cancel: CancelToken | None = No
     assert acc is not None
     if len(codes) > 1:
         acc /= np.float32(len(codes))
+    if rt.linear:  # isotropic, so the same for every flip/rotation: added once, whole image
+        from .linear import apply
+
+        acc += apply(rt.linear, x)
     return est.combine(acc, x)
 
 
@@ -636,7 +647,7 @@ def denoise_job(model: PredictModel | nn.Module, raw: np.ndarray, config: Predic
     pm = as_predict_model(model)
     config = config or PredictConfig()
     check_finite(raw, source)
-    rt = runtime or make_runtime(pm.model, config, estimator=estimator_for(pm, config))
+    rt = runtime or runtime_for(pm, config)
     prep = prepare_array(np.asarray(raw, dtype=np.float32), pm)
     pred = yield from estimate_job(rt, prep.image, cancel)
     return finish(pred, prep, config.intensity)
@@ -652,27 +663,51 @@ def denoise_array(model: PredictModel | nn.Module, raw: np.ndarray, config: Pred
 
 def output_path(input_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], suffix: str = "") -> Path:
     """OUT/<stem><suffix>.mrc, stem = the input's name without folder and MRC extensions, so
-    coordinates picked on the denoised file match the raw micrograph by name."""
-    return Path(out_dir) / f"{micrograph_stem(Path(input_path).name)}{suffix}.mrc"
+    coordinates picked on the denoised file match the raw micrograph by name. The suffix is
+    part of a name (no separators, no `..`) and the result must resolve inside OUT."""
+    from .safety import check_name, inside
+
+    check_name(suffix, "--suffix")
+    name = check_name(f"{micrograph_stem(Path(input_path).name)}{suffix}.mrc", "output name", whole=True)
+    return inside(out_dir, Path(out_dir) / name)
 
 
 def plan_outputs(inputs: Sequence[Path], out_dir: Path, suffix: str) -> list[tuple[Path, Path]]:
+    """(input, output) pairs; no two inputs share an output and no output is any input."""
+    from .safety import real
+
     pairs = [(p, output_path(p, out_dir, suffix)) for p in inputs]
+    sources = {real(p): p for p in inputs}
     seen: dict[Path, Path] = {}
     for src, dst in pairs:
         if dst in seen:
             raise CryoDDMError(f"{seen[dst]} and {src} would both be written to {dst}; "
                                "rename one or predict them in separate runs")
         seen[dst] = src
-        with contextlib.suppress(OSError):
-            if dst.exists() and dst.resolve() == src.resolve():
-                raise CryoDDMError(f"{src}: the output would replace the input; choose another -o")
+        if real(dst) in sources:
+            raise CryoDDMError(f"{sources[real(dst)]}: the output of {src.name} would replace the "
+                               "input; choose another -o or --suffix")
     return pairs
+
+
+PREDICT_LABEL = "napari-cryoddm predict:"
+
+
+def is_predict_output(path: str | os.PathLike[str]) -> bool:
+    """True for an MRC this command wrote (our label; mrcfile's 'Created by' comes first): the
+    only files --overwrite replaces and the only ones a rerun counts as done."""
+    from .io.mrc import read_header
+
+    try:
+        labels = read_header(path).labels
+    except CryoDDMError:
+        return False
+    return any(label.startswith(PREDICT_LABEL) for label in labels[:2])
 
 
 def _labels(prep: Prepared, pm: PredictModel, config: PredictConfig, grid: TileGrid) -> list[str]:
     lo, hi, off, sc = prep.stats
-    labels = [f"napari-cryoddm predict: {prep.path.name}"[:80],
+    labels = [f"{PREDICT_LABEL} {prep.path.name}"[:80],
               f"model {pm.name} epoch {pm.metadata.get('epoch')}"[:80],
               f"norm {pm.normalisation.method} off {off:.6g} scale {sc:.6g} -> {config.intensity}"[:80],
               f"bin {prep.bin_factor:g} tile {grid.tile_shape[0]}x{grid.tile_shape[1]} margin {grid.margin}"[:80],
@@ -682,15 +717,19 @@ def _labels(prep: Prepared, pm: PredictModel, config: PredictConfig, grid: TileG
     return labels[:10]
 
 
-def _check_out_dir(out_dir: Path) -> None:
+def _check_out_dir(out_dir: Path, inputs: Sequence[Any] = ()) -> None:
+    """Before any work: OUT holds no input and is a folder we can write in (tried, not guessed:
+    `os.access` says yes to root in /sys)."""
+    from .safety import check_location, check_writable
+
+    check_location(out_dir, inputs, what="the output folder", allow_workdir=True)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(out_dir, f"cannot create the output folder ({exc.strerror or exc})") from None
     if not out_dir.is_dir():
         raise InputError(out_dir, "the output path exists and is not a folder")
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise InputError(out_dir, "the output folder is not writable")
+    check_writable(out_dir)
 
 
 def predict_one_file(pm: PredictModel, rt: Runtime, src: Path, dst: Path, config: PredictConfig,
@@ -698,6 +737,7 @@ def predict_one_file(pm: PredictModel, rt: Runtime, src: Path, dst: Path, config
     """Denoise one file to `dst` (atomic). The unit of work of the dask path too."""
     prep = prepare(src, pm)
     pred = finish(collect(estimate_job(rt, prep.image, cancel)), prep, config.intensity)
+    check_output(pred, src, pm)
     grid = plan_tiles(prep.image.shape, rt.tile, rt.overlap)
     return write_mrc(dst, pred, voxel_size=prep.voxel_size or None, overwrite=config.overwrite,
                      labels=_labels(prep, pm, config, grid))
@@ -730,16 +770,23 @@ def plan_run(model: PredictModel | nn.Module | str | os.PathLike[str], inputs: A
     """Check everything before any work: inputs, output folder, the model; outputs that exist are
     skipped (resume) unless `config.overwrite`. Returns (model, result, to-do pairs, total)."""
     out_dir = Path(out_dir)
-    pairs = plan_outputs(list_micrographs(inputs), out_dir, config.suffix)
-    _check_out_dir(out_dir)
+    sources = list_micrographs(inputs)
+    pairs = plan_outputs(sources, out_dir, config.suffix)
+    model_file = [model] if isinstance(model, (str, os.PathLike)) and Path(model).exists() else []
+    _check_out_dir(out_dir, [sources, model_file])
     pm = as_predict_model(model)
     result = PredictResult(out_dir)
     todo = []
     for src, dst in pairs:
-        if dst.exists() and not config.overwrite:
-            result.skipped.append(dst)
-        else:
+        if not os.path.lexists(dst):
             todo.append((src, dst))
+        elif not is_predict_output(dst):  # never replaced, never counted as done
+            result.failed.append((src, f"{dst}: exists and was not written by cryoddm predict; "
+                                       "refusing to replace it (move it or choose another -o)"))
+        elif config.overwrite:
+            todo.append((src, dst))
+        else:
+            result.skipped.append(dst)
     return pm, result, todo, len(pairs)
 
 
@@ -759,7 +806,7 @@ def predict_files(model: PredictModel | nn.Module | str | os.PathLike[str], inpu
     yield Progress(done, total, f"{done} already done" if done else "starting")
     if not todo:
         return result
-    rt = make_runtime(pm.model, config, estimator=estimator_for(pm, config))
+    rt = runtime_for(pm, config)
     t0 = time.perf_counter()
     workers = 1 if config.prefetch else 0
     with _Pipeline(workers) as pipe:
@@ -772,6 +819,7 @@ def predict_files(model: PredictModel | nn.Module | str | os.PathLike[str], inpu
                     break
                 prep = cur.result()
                 pred = finish(collect(estimate_job(rt, prep.image, cancel)), prep, config.intensity)
+                check_output(pred, src, pm)
                 grid = plan_tiles(prep.image.shape, rt.tile, rt.overlap)
                 labels = _labels(prep, pm, config, grid)
                 del prep.image
@@ -779,15 +827,23 @@ def predict_files(model: PredictModel | nn.Module | str | os.PathLike[str], inpu
                     _collect_write(pending, result)
                 pending = pipe.write(dst, pred, prep.voxel_size, config.overwrite, labels)
                 del pred, prep
+            except StoppedWriting:
+                raise
+            except OutputError as exc:
+                if exc.errno in NO_ROOM:  # every later file would fail the same way: stop
+                    raise _stopped_writing(exc, result) from None
+                result.failed.append((src, str(exc)))
+                log.error("%s", exc)
             except CryoDDMError as exc:
                 result.failed.append((src, str(exc)))
                 log.error("%s", exc)
-            except Exception as exc:  # noqa: BLE001 - cancellation and bugs propagate below
+            except Exception as exc:  # noqa: BLE001 - one bad file never stops the others
                 from .jobs import Cancelled
 
                 if isinstance(exc, Cancelled):
                     break
-                raise
+                result.failed.append((src, f"{src}: {type(exc).__name__}: {exc}"))
+                log.error("%s: %s: %s", src, type(exc).__name__, exc)
             done += 1
             yield Progress(done, total, src.name, {"input": str(src), "output": str(dst)})
         if nxt is not None:
@@ -803,10 +859,44 @@ def predict_files(model: PredictModel | nn.Module | str | os.PathLike[str], inpu
 
 
 def _collect_write(fut: Future, result: PredictResult) -> None:
+    """Count a finished write: written; done already (another run of the same command wrote it
+    meanwhile); or failed with the reason — a full disk stops the run (`_stopped_writing`)."""
     try:
         result.written.append(fut.result())
+    except OutputExistsError as exc:
+        if is_predict_output(exc.path):
+            result.skipped.append(Path(exc.path))
+        else:
+            result.failed.append((Path(exc.path), f"{exc.path}: appeared meanwhile and was not "
+                                                  "written by cryoddm predict; left as it is"))
+    except OutputError as exc:
+        if exc.errno in NO_ROOM:
+            raise _stopped_writing(exc, result) from None
+        result.failed.append((Path(exc.path), str(exc)))
     except CryoDDMError as exc:
         result.failed.append((Path(getattr(exc, "path", "?")), str(exc)))
+    except Exception as exc:  # noqa: BLE001 - e.g. a label mrcfile refuses: that file fails
+        path = getattr(fut, "path", "?")
+        result.failed.append((Path(str(path)), f"{path}: {type(exc).__name__}: {exc}"))
+
+
+class StoppedWriting(CryoDDMError):
+    """The output place is full or read-only: the run stops instead of failing every file."""
+
+
+def _stopped_writing(exc: OutputError, result: PredictResult) -> StoppedWriting:
+    return StoppedWriting(f"{exc}; stopped after {len(result.written)} written "
+                          f"({len(result.skipped)} already done) — finished outputs are kept and a "
+                          "rerun of the same command resumes")
+
+
+def check_output(pred: np.ndarray, src: Path, pm: PredictModel) -> None:
+    """NaN or infinite output (a diverged checkpoint, fp16 overflow) is a failure, never a file."""
+    bad = int(np.size(pred) - np.count_nonzero(np.isfinite(pred)))
+    if bad:
+        raise CryoDDMError(f"{src}: the network gave {bad} NaN or infinite pixels with model "
+                           f"{pm.name}; nothing was written (is the checkpoint diverged? try "
+                           "--precision fp32)")
 
 
 class _Pipeline:
@@ -841,9 +931,9 @@ class _Pipeline:
     def write(self, dst: Path, pred: np.ndarray, voxel_size: float, overwrite: bool,
               labels: list[str]) -> Future:
         args = (dst, pred, voxel_size or None, overwrite, labels)
-        if self._writer is None:
-            return self._done(write_mrc, *args)
-        return self._writer.submit(write_mrc, *args)
+        fut = self._done(write_mrc, *args) if self._writer is None else self._writer.submit(write_mrc, *args)
+        fut.path = dst  # type: ignore[attr-defined]  # named in a failure
+        return fut
 
 
 class _LazyFuture(Future):
@@ -864,4 +954,4 @@ class _LazyFuture(Future):
 
 __all__ = ["PredictConfig", "PredictModel", "PredictResult", "TileGrid", "Runtime", "plan_tiles",
            "pad_image", "predict_image", "predict_image_job", "predict_files", "denoise_job", "predict_one_file", "denoise_array",
-           "output_path", "measure_receptive_field", "make_runtime"]
+           "output_path", "measure_receptive_field", "make_runtime", "runtime_for", "estimate_job"]

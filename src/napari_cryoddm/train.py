@@ -35,6 +35,7 @@ import os
 import random
 import time
 import warnings
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ from .checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from .config import to_jsonable
 from .errors import CryoDDMError, InputError
 from .jobs import CancelToken, Job, Progress
+from .linear import LinearPlusNet, fit_transfer, zero_output_layer
 from .model import ARCHITECTURE, STRIDE, UDenoiseNet
 from .normalise import MINMAX, Normalisation
 
@@ -110,6 +112,9 @@ class TrainConfig:
                 "signal, derived from the chain's coefficients: a Noise2Noise target) or step "
                 "(x_{k-1} itself, as the original did)", "choices": ("signal", "step"),
         "label": "S2 target"})
+    linear_start: bool = field(default=False, metadata={
+        "help": "start from the closed-form best linear filter for the training pairs (fitted "
+                "once, kept in the checkpoint) and train the U-Net on what it leaves"})
     seed: int = field(default=42, metadata={"help": "random seed (set before the model is built)"})
     workers: int | None = field(default=None, metadata={
         "help": "data-loader processes (default: 0 on CPU, up to 8 per GPU)"})
@@ -147,6 +152,8 @@ class TrainConfig:
             raise CryoDDMError(f"--clip must be 0 or more, got {self.clip}")
         if self.max_shift is not None and self.max_shift < 0:
             raise CryoDDMError(f"--max-shift must be 0 or more, got {self.max_shift}")
+        if self.seed < 0:  # numpy and torch take no negative seeds
+            raise CryoDDMError(f"--seed must be 0 or more, got {self.seed}")
         if isinstance(self.init, str):
             self.init = Path(self.init) if self.init else None
 
@@ -162,7 +169,7 @@ class TrainConfig:
 
 # Fields that decide the sequence of batches: a resumed run keeps the stopped run's values.
 _PLAN_FIELDS = ("batch_size", "recipe", "lr", "augment", "fresh_noise", "max_shift", "seed",
-                "s1_weight", "s3_weight", "warmup", "clip", "s2_target")
+                "s1_weight", "s3_weight", "warmup", "clip", "s2_target", "linear_start")
 
 
 # ----------------------------------------------------------------------------- devices
@@ -449,6 +456,12 @@ class PairDataset(Dataset):
         self.pool = pool
         self.coef = coefficients
         self.targets = targets  # k → (λ_k, factor): S2 learns factor·(x_{k−1} − λ_k·x_k)
+        self.noise_scale = 1.0  # S3 input scale in the signal framing: √V of the last trained step
+        if targets is not None and data.schedule and data.schedule.get("beta") is not None:
+            from .estimators import chain_statistics
+
+            st = chain_statistics(float(data.schedule["beta"]), int(data.schedule["steps"]))
+            self.noise_scale = float(np.sqrt(st["variance"][int(data.schedule["steps"]) - 1]))
         self._maps: dict[str, np.ndarray] | None = None
         if pool is not None:
             sched = data.schedule or {}
@@ -500,6 +513,14 @@ class PairDataset(Dataset):
                 k = int((self.data.schedule or {}).get("start") or 0) + index // self.data.counts["particles"]
             return xk, self.target(xk, xprev, k)
         if phase == S3:
+            if self.targets is not None:
+                # the signal framing: pure background at the trained step's noise level, whose
+                # clean part is 0 (the original's random partner patch has the same optimum,
+                # its mean, but adds the partner's noise to every target)
+                n = (recut(self.pool, index, rng, augment=False) if self.pool is not None
+                     else self.stack("noise")[index])
+                x = np.float32(self.noise_scale) * np.asarray(n, dtype=np.float32)
+                return x, np.zeros_like(x)
             if self.pool is not None:
                 return (recut(self.pool, index, rng, augment=False),
                         recut(self.pool, partner, rng, augment=False))
@@ -714,22 +735,53 @@ def _dist(device_spec: str = "auto") -> tuple[int, int, bool]:
     return 0, 1, False
 
 
-def _check_out(out: Path, config: TrainConfig) -> None:
+def _is_our_checkpoint(path: Path) -> bool:
+    """A napari-cryoddm checkpoint, told from its pickle's bytes without unpickling anything."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            name = next((n for n in zf.namelist() if n.endswith("/data.pkl")), None)
+            return name is not None and b"napari-cryoddm-checkpoint" in zf.read(name)
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError):
+        return False
+
+
+def _check_out(out: Path, config: TrainConfig, inputs: Sequence[Any] = ()) -> None:
+    """Before any work: OUT holds no input and can be written in; --overwrite replaces only this
+    tool's checkpoints and history, never files it did not write."""
+    from .safety import check_location, check_writable
+
+    check_location(out, inputs, what="the training output folder", allow_workdir=True)
     last = out / "last.pt"
     if config.resume:
         if not last.is_file():
             raise InputError(out, "--resume: no last.pt here to continue from")
+        check_writable(out)
         return
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder")
-    existing = [p.name for p in (out / "last.pt", out / "best.pt") if p.exists()]
+    existing = [p for p in (out / "last.pt", out / "best.pt", out / HISTORY) if os.path.lexists(p)]
     if existing and not config.overwrite:
-        raise CryoDDMError(f"{out} already holds {', '.join(existing)}; pass --resume to continue "
-                           "that run or --overwrite to start again")
+        raise CryoDDMError(f"{out} already holds {', '.join(p.name for p in existing)}; pass "
+                           "--resume to continue that run or --overwrite to start again")
+    for p in existing:
+        ours = _is_our_checkpoint(p) if p.suffix == ".pt" else _is_our_history(p)
+        if not ours:
+            raise InputError(p, "was not written by cryoddm train; refusing to replace it "
+                                "(move it or choose another -o)")
+    check_writable(out)
+
+
+def _is_our_history(path: Path) -> bool:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and "epochs" in doc and "config" in doc
 
 
 def train(forward_dir: str | os.PathLike[str], out: str | os.PathLike[str],
-          config: TrainConfig | None = None, cancel: CancelToken | None = None) -> Job[TrainResult]:
+          config: TrainConfig | None = None, cancel: CancelToken | None = None,
+          epochs_given: bool = True) -> Job[TrainResult]:
     """The training job. Yields a `Progress` per batch (payload: epoch, phase, loss, lr) and one per
     epoch (payload `epoch_end`: the phase means and the validation loss); returns a `TrainResult`.
 
@@ -743,7 +795,7 @@ def train(forward_dir: str | os.PathLike[str], out: str | os.PathLike[str],
     data = open_forward(forward_dir)
     rank, world, own_group = _dist(config.device)
     try:
-        return (yield from _train(data, out, config, cancel, rank, world))
+        return (yield from _train(data, out, config, cancel, rank, world, epochs_given))
     finally:
         cache = out / ".cache" / f"rank{rank}"
         if cache.is_dir():  # the re-cut noise pool (rebuilt by each run; can be GBs)
@@ -757,13 +809,14 @@ def train(forward_dir: str | os.PathLike[str], out: str | os.PathLike[str],
 
 
 def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToken,
-           rank: int, world: int) -> Job[TrainResult]:
+           rank: int, world: int, epochs_given: bool = True) -> Job[TrainResult]:
     import torch.distributed as dist
 
     if config.fresh_noise and not (data.manifest and data.manifest.get("noise")):
         raise InputError(data.folder, "--fresh-noise needs forward.json (micrographs, noise centres "
                                       "and schedule); the original CryoDDM's folders have none")
-    _check_out(out, config)  # every rank: a refusal on rank 0 alone would leave the others waiting
+    _check_out(out, config, [data.folder, config.init if config.init and Path(config.init).exists() else None])
+    # (every rank: a refusal on rank 0 alone would leave the others waiting)
     for note in data.warnings:
         log.warning(note)
         warnings.warn(note, UserWarning, stacklevel=3)
@@ -788,6 +841,8 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
             log.warning(note)
             warnings.warn(note, UserWarning, stacklevel=3)
             config = dataclasses.replace(config, **{k: saved[k] for k in changed})
+        config = _resumed_epochs(config, saved.get("epochs") or _history_epochs(out),
+                                 epochs_given, out)
 
     # seeds before the model is built (the original seeded afterwards)
     seed_everything(config.seed)
@@ -809,12 +864,13 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
         model.load_state_dict(loaded.model.state_dict())
         init_info = resume_state.get("init")
     model.to(device)
-    net: nn.Module = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     amp = autocast_dtype(device, config.precision)
+    if amp is torch.bfloat16 and device.type == "cpu" and not _cpu_has_bf16():
+        log.warning("--precision bf16 on a CPU without bf16 instructions (%s): PyTorch emulates "
+                    "it, measured ~37× slower than fp32 here; use --precision fp32",
+                    torch.backends.cpu.get_cpu_capability())
     epochs = config.epochs
     opt, sched = make_optimiser(model, config, epochs)
 
@@ -834,6 +890,21 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
         fresh_s2 = data.counts["particles"] * (int(sched_info["steps"]) - int(sched_info["start"]))
     targets = _signal_targets(data) if config.s2_target == "signal" else None
     dataset = PairDataset(data, augment=config.augment, pool=pool, coefficients=coef, targets=targets)
+
+    # the model: D = H∗x + U(x) with H the closed-form linear solution (see linear.py), or U alone
+    transfer = None
+    if resume_state is not None:
+        transfer = loaded.metadata.get("linear_transfer")
+    elif config.init is not None:
+        transfer = init.metadata.get("linear_transfer")
+    elif config.linear_start:
+        yield Progress(0, None, "fitting the linear start on the training pairs")
+        transfer = fit_linear_start(dataset, data, config, fresh_s2)
+        zero_output_layer(model)
+    full: nn.Module = LinearPlusNet(model, transfer) if transfer else model
+    net: nn.Module = full
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(full, device_ids=[device.index] if device.type == "cuda" else None)
     sampler = PlanBatchSampler(rank, world)
     workers = config.workers
     if workers is None:
@@ -882,6 +953,7 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
     n_batches = len(epoch_plan(data.counts, config.batch_size, config.seed, 0, fresh_s2, skip, interleave))
     total = epochs * n_batches
     plan_config = {k: to_jsonable(getattr(config, k)) for k in _PLAN_FIELDS}
+    plan_config["epochs"] = epochs  # a resume without --epochs keeps it
 
     def metadata(ep: int, losses: dict[str, Any] | None) -> dict[str, Any]:
         return {
@@ -894,6 +966,7 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
             "best_val": best_val, "best_epoch": best_epoch,
             "recipe": config.recipe, "lr": config.learning_rate, "fresh_noise": config.fresh_noise,
             "warmup": warmup, "clip": clip, "s2_target": config.s2_target,
+            "linear_transfer": transfer,
             "augment": config.augment, "batch_size": config.batch_size, "seed": config.seed,
             "phase_weights": {"s1": config.s1_weight, "s2": 1.0, "s3": config.s3_weight},
             "world_size": world, "device": str(device), "precision": str(amp or "fp32"),
@@ -987,7 +1060,7 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
             for vx, vy in val_loader:
                 vx, vy = vx.to(device, non_blocking=True), vy.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
-                    vp = model(vx)
+                    vp = full(vx)
                 vsum[0] += F.mse_loss(vp.float(), vy, reduction="none").mean(dim=(1, 2, 3)).sum().double()
                 vsum[1] += len(vx)
         if world > 1:
@@ -1028,6 +1101,35 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
                        best=(out / "best.pt") if best_epoch is not None else None)
 
 
+def fit_linear_start(dataset: PairDataset, data: ForwardData, config: TrainConfig,
+                     fresh_s2: int | None, cap: int = 512) -> dict[str, Any]:
+    """`linear.fit_transfer` over up to `cap` samples of each trained phase, weighted as the
+    epoch's loss weighs them (samples drawn from the seed alone, like an epoch plan)."""
+    rng = np.random.default_rng([int(config.seed), 0x11EA])
+    counts = {S1: data.counts["particles"], S3: data.counts["noise"],
+              S2: fresh_s2 if fresh_s2 is not None else data.counts["s2_label"]}
+    weights = {S1: config.s1_weight, S2: 1.0, S3: config.s3_weight}
+
+    def pairs() -> Iterator[tuple[np.ndarray, np.ndarray, float]]:
+        for phase, n in counts.items():
+            if not weights[phase] or not n:
+                continue
+            idx = rng.permutation(n)[:cap]
+            w = weights[phase] * n / len(idx)
+            for i in idx:
+                partner = int((i + 1 + rng.integers(max(1, n - 1))) % n) if phase == S3 else -1
+                _, x, y, _ = dataset[(phase, int(i), partner, int(rng.integers(2**62)), 1)]
+                yield x[0].numpy(), y[0].numpy(), w
+
+    return fit_transfer(pairs())
+
+
+def _cpu_has_bf16() -> bool:
+    """AVX-512 (with BF16) or AMX: the CPUs on which bf16 autocast is not emulated."""
+    return "AVX512" in torch.backends.cpu.get_cpu_capability().upper() or "AMX" in \
+        torch.backends.cpu.get_cpu_capability().upper()
+
+
 def _signal_targets(data: ForwardData) -> dict[int, tuple[float, float]]:
     """k → (λ_k, factor) of the `signal` S2 target for every pair k = start … T of the folder."""
     from .estimators import chain_statistics, signal_target
@@ -1038,6 +1140,32 @@ def _signal_targets(data: ForwardData) -> dict[int, tuple[float, float]]:
                                       "layout): train it with --s2-target step")
     st = chain_statistics(float(sched["beta"]), int(sched["steps"]))
     return {k: signal_target(st, k) for k in range(1, int(sched["steps"]) + 1)}
+
+
+def _history_epochs(out: Path) -> int | None:
+    """The planned epochs of a run stopped before this was recorded in last.pt (history.json)."""
+    try:
+        value = json.loads((out / HISTORY).read_text(encoding="utf-8"))["config"]["epochs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return int(value) if isinstance(value, int) else None
+
+
+def _resumed_epochs(config: TrainConfig, planned: int | None, given: bool, out: Path) -> TrainConfig:
+    """A resumed run keeps the stopped run's number of epochs unless the caller gave one; either
+    way it says so (a log line: the CLI shows it as a message)."""
+    if planned is None or planned == config.epochs:
+        return config
+    if given:
+        note = (f"resuming {out / 'last.pt'} for {config.epochs} epochs in all, as asked "
+                f"(the stopped run planned {planned})")
+    else:
+        note = (f"resuming {out / 'last.pt'} with the stopped run's plan: {planned} epochs "
+                "(give --epochs N to change it)")
+        config = dataclasses.replace(config, epochs=int(planned))
+    log.warning(note)
+    warnings.warn(note, UserWarning, stacklevel=4)
+    return config
 
 
 def _agreed(flag: bool, world: int, device: torch.device) -> bool:

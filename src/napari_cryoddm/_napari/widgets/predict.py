@@ -21,6 +21,7 @@ from ...binning import binned_shape
 from ...errors import CryoDDMError
 from ...io.mrc import read_image
 from ...jobs import CancelToken, Progress
+from ...models import BUILTIN
 from ...predict import PredictConfig, PredictModel, denoise_job, output_path, predict_files
 from ..layers import current_slice, micrograph_layers, micrographs
 from ..workers import JobHandle, notify, report_error, start_job
@@ -35,7 +36,11 @@ class PredictWidget(Container):
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=True)
         self.viewer = napari_viewer
-        self.model_file = FileEdit(mode="r", label="model", filter="*.pt *.pth",
+        self.model_choice = ComboBox(label="model", choices=["checkpoint file", *BUILTIN],
+                                     value="checkpoint file",
+                                     tooltip="a checkpoint file, or a model shipped with the plugin "
+                                             "(sample: trained on synthetic sample data)")
+        self.model_file = FileEdit(mode="r", label="checkpoint", filter="*.pt *.pth",
                                    tooltip="checkpoint from Train, or the original's N.pth")
         self.layer_combo = ComboBox(label="micrographs", choices=self._layer_choices,
                                     tooltip="an image layer opened with napari-cryoddm")
@@ -47,12 +52,14 @@ class PredictWidget(Container):
         self.all_button = PushButton(text="Denoise all to the folder (background)")
         self.stop_button = PushButton(text="Stop", enabled=False)
         self.status = Label(value="")
-        self.extend([self.model_file, self.layer_combo, self.form, self.out_dir, self.overlay,
+        self.extend([self.model_choice, self.model_file, self.layer_combo, self.form, self.out_dir, self.overlay,
                      self.current_button, self.all_button, self.stop_button, self.status])
         self.current_button.changed.connect(self.denoise_current)
         self.all_button.changed.connect(self.denoise_all)
         self.stop_button.changed.connect(self.stop)
         self.overlay.changed.connect(self._apply_view_mode)
+        self.model_choice.changed.connect(self._on_model_choice)
+        self.model_file.changed.connect(self._on_model_choice)
         self.viewer.layers.events.inserted.connect(lambda e=None: self.layer_combo.reset_choices())
         self.viewer.layers.events.removed.connect(lambda e=None: self.layer_combo.reset_choices())
         self._model: PredictModel | None = None
@@ -66,12 +73,24 @@ class PredictWidget(Container):
     def _layer_choices(self, _widget: Any = None) -> list:
         return [(layer.name, layer) for layer in micrograph_layers(self.viewer)]
 
+    def _on_model_choice(self, _value: Any = None) -> None:
+        """A model picked by hand replaces one handed over in memory by the Train widget."""
+        self.model_file.visible = self.model_choice.value == "checkpoint file"
+        if self._model_key and self._model_key[0] == "memory":
+            self._model, self._model_key = None, None
+
     def set_model(self, model: PredictModel) -> None:
         """Use a network already in memory (e.g. the one the Train widget just finished)."""
         self._model, self._model_key = model, ("memory", id(model))
 
     def predict_model(self) -> PredictModel:
         if self._model is not None and self._model_key and self._model_key[0] == "memory":
+            return self._model
+        if self.model_choice.value in BUILTIN:
+            key = ("builtin", self.model_choice.value)
+            if key != self._model_key:
+                self._model, self._model_key = PredictModel.from_checkpoint(self.model_choice.value), key
+            assert self._model is not None
             return self._model
         path = Path(str(self.model_file.value))
         if not str(self.model_file.value) or path == Path(".") or not path.is_file():
