@@ -434,7 +434,12 @@ def test_existing_output_is_kept(tmp_path):
     with pytest.raises(OutputExistsError):
         collect(convert(p, [t], out))
     assert out.read_text() == "mine"
-    collect(convert(p, [t], out, Cs2StarConfig(overwrite=True)))
+    with pytest.raises(InputError, match="not written by cryoddm cs2star"):  # not ours: kept
+        collect(convert(p, [t], out, Cs2StarConfig(overwrite=True)))
+    assert out.read_text() == "mine"
+    out.unlink()
+    collect(convert(p, [t], out))
+    collect(convert(p, [t], out, Cs2StarConfig(overwrite=True)))  # ours: replaced
     assert len(_blocks(out)["particles"]) == 40
 
 

@@ -276,7 +276,7 @@ def test_same_seed_is_byte_identical_and_another_seed_differs(synth, tmp_path):
     _run(synth, tmp_path / "b", seed=11)
     _run(synth, tmp_path / "c", seed=12)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 8
+    assert len(files) == 9  # 6 stacks, forward.json, pairs.npz and the output marker
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     assert (tmp_path / "a/s2/label.mrcs").read_bytes() != (tmp_path / "c/s2/label.mrcs").read_bytes()
@@ -386,7 +386,7 @@ def test_existing_finished_output_is_refused_unless_overwrite(synth, tmp_path):
     other = tmp_path / "notes"
     other.mkdir()
     (other / "thesis.tex").write_text("keep me")
-    with pytest.raises(CryoDDMError, match="not a forward dataset"):
+    with pytest.raises(CryoDDMError, match="not written by napari-cryoddm forward"):
         _run(synth, other, overwrite=True)
     assert (other / "thesis.tex").read_text() == "keep me"
 

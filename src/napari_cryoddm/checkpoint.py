@@ -23,6 +23,7 @@ import io
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,9 +109,30 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module | dict[str, t
                                "state_dict": _state_dict_of(model), "metadata": meta}
     if resume is not None:
         payload["resume"] = resume
+    buffer = io.BytesIO()  # serialised first: a full disk then fails as an OSError naming the file,
+    torch.save(payload, buffer)  # not inside torch's zip writer ("unexpected pos …")
     with atomic_write(path, overwrite=overwrite) as tmp:
-        torch.save(payload, tmp)
+        with open(tmp, "wb") as fh:
+            fh.write(buffer.getbuffer())
+            fh.flush()
+            os.fsync(fh.fileno())
     return path
+
+
+# torch's advice around a refusal ("Re-running torch.load with weights_only set to False will
+# likely succeed …") invites running untrusted code: never passed on to users
+_TORCH_ADVICE = ("weights_only", "weights only", "re-running", "file an issue", "documentation",
+                 "http", "trusted source", "pytorch 2.6")
+
+
+def _reason(text: str, fallback: str) -> str:
+    """The specific reason in a torch loading error, without torch's advice."""
+    kept = []
+    for line in text.splitlines():
+        line = re.sub(r"^.*WeightsUnpickler error:\s*", "", line.strip())
+        if line and not any(a in line.lower() for a in _TORCH_ADVICE):
+            kept.append(line)
+    return "; ".join(kept)[:300] or fallback
 
 
 def _refusal(path: Path, exc: BaseException) -> InputError:
@@ -120,8 +142,10 @@ def _refusal(path: Path, exc: BaseException) -> InputError:
         return InputError(path, f"refused: the file asks the unpickler for {m.group(1)}, which no "
                                 "CryoDDM checkpoint needs (nothing was run). Only napari-cryoddm "
                                 "checkpoints and the original CryoDDM's .pth files are accepted.")
-    first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
-    return InputError(path, f"not a PyTorch checkpoint that can be read safely ({first[:300]})")
+    reason = _reason(text, type(exc).__name__)
+    return InputError(path, f"refused: not a PyTorch checkpoint that can be read safely ({reason}); "
+                            "nothing was run. Only napari-cryoddm checkpoints and the original "
+                            "CryoDDM's .pth files are accepted.")
 
 
 def _load_raw(path: Path, map_location: Any) -> Any:
@@ -134,7 +158,8 @@ def _load_raw(path: Path, map_location: Any) -> Any:
     if head[:2] != b"PK" and head[:1] != b"\x80":
         raise InputError(path, "not a PyTorch checkpoint (neither a torch.save zip nor a pickle)")
     try:
-        with torch.serialization.safe_globals(_ORIGINAL_GLOBALS):
+        with torch.serialization.safe_globals(_ORIGINAL_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol notes ask users to file issues
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise _refusal(path, exc) from None
@@ -243,6 +268,11 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
         raise InputError(path, f"holds a {type(obj).__name__}, not a CryoDDM checkpoint "
                                "(napari-cryoddm .pt, the original's N.pth or checkpoint.pth)")
     state = _check_architecture(path, state)
+    diverged = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if diverged:
+        raise InputError(path, f"{len(diverged)} weight tensors hold NaN or infinite values "
+                               f"({', '.join(diverged[:3])}{' …' if len(diverged) > 3 else ''}): the "
+                               "training that wrote it diverged; this checkpoint cannot denoise")
     arch = meta.get("architecture") or {}
     if arch and any(arch.get(k) != v for k, v in ARCHITECTURE.items() if k in arch):
         raise InputError(path, f"architecture {arch} differs from {ARCHITECTURE}")

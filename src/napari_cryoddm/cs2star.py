@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
+from . import __version__
 from .atomic import atomic_dir
 from .errors import CryoDDMError, InputError, OutputExistsError
 from .io.cryosparc import CsTable, load_cs
@@ -377,6 +378,29 @@ def _pose_columns(table: CsTable, cols: dict[str, np.ndarray], notes: list[str])
         cols["rlnClassNumber"] = np.asarray(source["class"], dtype=np.int64) + 1
 
 
+def _check_locations(table: CsTable, fx: np.ndarray, fy: np.ndarray) -> None:
+    """Fractions must be finite and in [0, 1], micrograph shapes positive: anything else would
+    become coordinates such as −9223372036854775808, negative rows or every particle at 0 0."""
+    if not len(fx):
+        return
+    shape = np.asarray(table["location/micrograph_shape"], dtype=np.float64).reshape(len(fx), -1)
+    for name, bad, what in (
+        ("location/center_x_frac", ~np.isfinite(fx), "NaN or infinite"),
+        ("location/center_y_frac", ~np.isfinite(fy), "NaN or infinite"),
+        ("location/center_x_frac", np.isfinite(fx) & ((fx < 0) | (fx > 1)), "outside 0…1"),
+        ("location/center_y_frac", np.isfinite(fy) & ((fy < 0) | (fy > 1)), "outside 0…1"),
+        ("location/micrograph_shape", ~(np.isfinite(shape) & (shape >= 1)).all(axis=1),
+         "0 (or not a size)"),
+    ):
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            value = table[name][first]
+            raise InputError(table.path, f"{int(bad.sum())} of {len(fx)} particles have {name} "
+                                         f"{what} (first: row {first + 1}, {np.asarray(value).tolist()}); "
+                                         "their coordinates cannot be computed — is the file damaged, "
+                                         "or from another tool?")
+
+
 def map_fields(table: CsTable, config: Cs2StarConfig, scale: float, notes: list[str]
                ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """cryoSPARC columns → RELION columns (arrays), and the micrograph height per particle."""
@@ -396,6 +420,7 @@ def map_fields(table: CsTable, config: Cs2StarConfig, scale: float, notes: list[
     if not missing:
         fx = np.asarray(table["location/center_x_frac"], dtype=np.float32)
         fy = np.asarray(table["location/center_y_frac"], dtype=np.float32)
+        _check_locations(table, fx, fy)
         if config.invert_x:
             fx = np.float32(1) - fx
         if config.invert_y:
@@ -610,8 +635,41 @@ def _to_relion30(particles: pd.DataFrame, optics: pd.DataFrame) -> pd.DataFrame:
 # Writing
 
 
+STAR_HEADER = "napari-cryoddm cs2star"
+
+
+def _ours(path: Path) -> bool:
+    """A STAR this tool wrote: its first line is our header comment."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.readline().startswith(f"# {STAR_HEADER}")
+    except OSError:
+        return False
+
+
+def check_star_output(path: Path, inputs: Sequence[object], overwrite: bool) -> None:
+    """Before reading anything: the output is not an input, not a folder, in a writable place, and
+    replaced only when asked and only if this tool wrote it (a user's STAR is never replaced)."""
+    from .safety import check_location, check_writable
+
+    check_location(path, inputs, what="the STAR output")
+    if os.path.lexists(path):
+        if path.is_dir():
+            raise InputError(path, "is a folder; give a file name ending in .star (or use "
+                                   "--job-dir for a folder of class0 … outputs)")
+        if not overwrite:
+            raise OutputExistsError(path)
+        if not _ours(path):
+            raise InputError(path, "was not written by cryoddm cs2star (no "
+                                   f"'# {STAR_HEADER}' first line); refusing to replace it")
+    check_writable(path.parent)
+
+
 def _write(path: Path, tables: StarTables, overwrite: bool) -> Path:
-    return write_particles_star(path, tables.particles, tables.optics, overwrite=overwrite)
+    if overwrite and path.exists() and not _ours(path):
+        raise InputError(path, "was not written by cryoddm cs2star; refusing to replace it")
+    return write_particles_star(path, tables.particles, tables.optics, overwrite=overwrite,
+                                header=f"{STAR_HEADER} {__version__}")
 
 
 def legacy_invert_table(tables: StarTables) -> pd.DataFrame:
@@ -638,10 +696,9 @@ def convert(particles: str | os.PathLike[str], passthroughs: Sequence[str | os.P
     output = Path(output)
     config.validate()
     invert_path = output.with_name(output.stem + "_invert.star")
-    for p in [output] + ([invert_path] if config.legacy_invert else []):
-        if p.exists() and not config.overwrite:
-            raise OutputExistsError(p)
     files = [Path(particles), *map(Path, passthroughs)]
+    for p in [output] + ([invert_path] if config.legacy_invert else []):
+        check_star_output(p, [files, config.raw_micrographs], config.overwrite)
     total = len(files) + 2
     tables_in = []
     for i, f in enumerate(files):
@@ -657,7 +714,7 @@ def convert(particles: str | os.PathLike[str], passthroughs: Sequence[str | os.P
     outputs = [_write(output, tables, config.overwrite)]
     if invert is not None:
         try:
-            write_particles_star(invert_path, invert, tables.optics, overwrite=config.overwrite)
+            _write(invert_path, replace(tables, particles=invert), config.overwrite)
         except BaseException:
             output.unlink(missing_ok=True)
             raise
@@ -731,13 +788,15 @@ def convert_job_dirs(job_dir: str | os.PathLike[str], output_dir: str | os.PathL
     """Job: K consecutive cryoSPARC jobs → OUT/class0 … class{K−1}, each with
     `particles_relion.star` (as configured) and `cleaned_particles_relion.star` (UIDs stripped);
     `invert.star` too with `legacy_invert`. Every file is checked before anything is written."""
+    from .safety import check_output_folder
+
     config = config or Cs2StarConfig()
     cancel = cancel or CancelToken()
     config.validate()
     output_dir = Path(output_dir)
-    if output_dir.exists() and not config.overwrite:
-        raise OutputExistsError(output_dir)
     dirs = job_dirs(job_dir, n_jobs)
+    inputs = [dirs, config.raw_micrographs]
+    check_output_folder(output_dir, "cs2star", config.overwrite, inputs)
     jobs = [find_job_files(d) for d in dirs]  # all problems surface before any reading
     total = 2 * len(jobs) + 1
     built: list[tuple[StarTables, StarTables, JobFiles]] = []
@@ -753,7 +812,7 @@ def convert_job_dirs(job_dir: str | os.PathLike[str], output_dir: str | os.PathL
                                   "converted the particle file alone")
         built.append((plain, cleaned, jf))
     results: list[Cs2StarResult] = []
-    with atomic_dir(output_dir, overwrite=config.overwrite) as tmp:
+    with atomic_dir(output_dir, overwrite=config.overwrite, kind="cs2star", inputs=inputs) as tmp:
         for k, (plain, cleaned, jf) in enumerate(built):
             cancel.raise_if_cancelled()
             yield Progress(len(jobs) + k, total, f"writing class{k}")
@@ -761,8 +820,8 @@ def convert_job_dirs(job_dir: str | os.PathLike[str], output_dir: str | os.PathL
             outs = [_write(folder / "particles_relion.star", plain, True),
                     _write(folder / "cleaned_particles_relion.star", cleaned, True)]
             if config.legacy_invert:
-                write_particles_star(folder / "invert.star", legacy_invert_table(cleaned),
-                                     cleaned.optics, overwrite=True)
+                _write(folder / "invert.star", replace(cleaned, particles=legacy_invert_table(cleaned)),
+                       True)
                 outs.append(folder / "invert.star")
                 plain.notes.append(_LEGACY_WARNING)
             final = [output_dir / o.relative_to(tmp) for o in outs]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 from . import quality as q
 from .atomic import atomic_write
 from .config import to_jsonable
-from .errors import CryoDDMError, OutputExistsError
+from .errors import CryoDDMError
 from .jobs import CancelToken, Job, Progress
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,12 @@ class DemoConfig:
                 raise CryoDDMError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
         if self.size is not None and self.size < 128:
             raise CryoDDMError(f"--size must be at least 128 px, got {self.size}")
-        if not self.snr > 0:
+        if not (math.isfinite(self.snr) and self.snr > 0):
             raise CryoDDMError(f"--snr must be positive, got {self.snr}")
+        if self.pixel_size is not None and not (math.isfinite(self.pixel_size) and self.pixel_size > 0):
+            raise CryoDDMError(f"--pixel-size must be positive, got {self.pixel_size}")
+        if self.seed < 0:
+            raise CryoDDMError(f"--seed must be 0 or more, got {self.seed}")
 
 
 @dataclass
@@ -125,9 +130,23 @@ def _stage(job: Job[Any], index: int, name: str, timings: dict[str, float]) -> J
         yield Progress(ev.done, ev.total, f"{prefix} {ev.message}".strip(), dict(ev.payload, step=name))
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(out, "pass --overwrite to run the demo again in it, or choose another --out")
+# what a demo folder holds: every step's output, each of which has its own --overwrite guard too
+DEMO_LAYOUT = ("sample/*", "noise_coordinates.txt", "forward/*", "train/*", "denoised/*",
+               "cs2star/*", "report/*", "demo.json")
+
+
+def _check_out(out: Path, overwrite: bool, inputs: Any = ()) -> None:
+    """Before any work (`safety`): not the working directory or a parent, holds no input, can be
+    written in; an existing folder is reused only with --overwrite and only if it is a demo's."""
+    from .safety import check_output_folder, check_writable
+
+    if out.is_dir() and not any(out.iterdir()):
+        check_output_folder(out, "demo", True, inputs)  # an empty folder: just the location rules
+    else:
+        check_output_folder(out, "demo", overwrite, inputs, DEMO_LAYOUT,
+                            lambda folder: (folder / "demo.json").is_file(),
+                            "pass --overwrite to run the demo again in it, or choose another --out")
+    check_writable(out)
 
 
 def run_demo(out: str | Path = "cryoddm-demo", config: DemoConfig | None = None,
@@ -141,8 +160,16 @@ def run_demo(out: str | Path = "cryoddm-demo", config: DemoConfig | None = None,
     cfg = (config or DemoConfig()).resolved()
     cancel = cancel or CancelToken()
     out = Path(out)
-    _check_out(out, cfg.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out, cfg.overwrite, [cfg.init if cfg.init and Path(cfg.init).exists() else None])
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from .safety import output_error
+
+        raise output_error(out, exc) from None
+    from .safety import write_marker
+
+    write_marker(out, "demo", files=(), layout=DEMO_LAYOUT)
     timings: dict[str, float] = {}
     ow = cfg.overwrite
     scfg = SampleConfig(n_micrographs=cfg.micrographs, width=cfg.size, height=cfg.size,
@@ -162,8 +189,6 @@ def run_demo(out: str | Path = "cryoddm-demo", config: DemoConfig | None = None,
 
     # 6. cs2star: the cryoSPARC particles back onto the raw micrographs
     star = out / "cs2star" / "particles.star"
-    if star.exists() and ow:
-        star.unlink()
     c2s = yield from _stage(convert(sample.particles_cs, [sample.passthrough_cs], star, Cs2StarConfig(
         strip_uid=True, micrograph_folder=str(sample.micrographs[0].parent), overwrite=ow), cancel),
         5, STEPS[5], timings)

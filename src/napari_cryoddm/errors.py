@@ -24,3 +24,13 @@ class OutputExistsError(CryoDDMError):
     def __init__(self, path: str | PathLike[str], hint: str = "pass --overwrite to replace it") -> None:
         self.path = str(path)
         super().__init__(f"{self.path} already exists; {hint}")
+
+
+class OutputError(CryoDDMError):
+    """An output could not be written (disk full, read-only, no permission); names the path."""
+
+    def __init__(self, path: str | PathLike[str], problem: str, errno: int | None = None) -> None:
+        self.path = str(path)
+        self.problem = problem
+        self.errno = errno
+        super().__init__(f"{self.path}: {problem}")

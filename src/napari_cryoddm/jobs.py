@@ -39,9 +39,17 @@ class CancelToken:
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self.signum: int | None = None  # the signal that stopped the job, if one did
 
-    def cancel(self) -> None:
+    def cancel(self, signum: int | None = None) -> None:
+        if signum is not None and self.signum is None:
+            self.signum = signum
         self._event.set()
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for a command stopped by this token: 128 + the signal (130 for Ctrl-C)."""
+        return 128 + int(self.signum or signal.SIGINT)
 
     @property
     def cancelled(self) -> bool:
@@ -49,7 +57,9 @@ class CancelToken:
 
     def raise_if_cancelled(self) -> None:
         if self._event.is_set():
-            raise Cancelled("cancelled by the user")
+            exc = Cancelled("cancelled by the user")
+            exc.token = self  # type: ignore[attr-defined]  # the CLI's exit code comes from it
+            raise exc
 
 
 def collect(job: Job[R], on_progress: Callable[[Progress], None] | None = None) -> R:
@@ -66,8 +76,9 @@ def collect(job: Job[R], on_progress: Callable[[Progress], None] | None = None) 
 def run_job(job: Job[R], desc: str = "", cancel: CancelToken | None = None, quiet: bool = False) -> R:
     """Drain a job into a tqdm progress bar on stderr and return its result.
 
-    The first Ctrl-C sets `cancel` (when given) so the job can finish its current item and save
-    what it has; a second Ctrl-C interrupts at once.
+    The first Ctrl-C — or SIGTERM, as a batch system or `kill` sends it — sets `cancel` (when
+    given) so the job can finish its current item and save what it has; a second one interrupts
+    at once.
     """
     from tqdm.auto import tqdm
 
@@ -75,17 +86,23 @@ def run_job(job: Job[R], desc: str = "", cancel: CancelToken | None = None, quie
     previous = None
     interrupts = 0
 
-    def on_sigint(signum, frame):  # pragma: no cover - exercised by hand
+    def on_sigint(signum, frame):  # exercised in a subprocess (tests/test_cli_safety.py)
         nonlocal interrupts
         interrupts += 1
         if cancel is None or interrupts > 1:
             raise KeyboardInterrupt
-        cancel.cancel()
+        cancel.cancel(signum)
+        message = "stopping after the current item (Ctrl-C again to abort at once)"
         if bar is not None:
-            bar.write("stopping after the current item (Ctrl-C again to abort at once)")
+            bar.write(message)
+        else:
+            import sys
 
+            print(message, file=sys.stderr)
+
+    handled = (signal.SIGINT, signal.SIGTERM)
     if cancel is not None and threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGINT, on_sigint)
+        previous = {s: signal.signal(s, on_sigint) for s in handled}
     def show(event: Progress) -> None:
         if event.total is not None and bar.total != event.total:
             bar.total = event.total
@@ -100,4 +117,5 @@ def run_job(job: Job[R], desc: str = "", cancel: CancelToken | None = None, quie
         if bar is not None:
             bar.close()
         if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)

@@ -83,3 +83,13 @@ def check_finite(image: np.ndarray, source: str) -> None:
     if not np.isfinite(_subsample(image)).all() or not np.isfinite(image).all():
         bad = int(np.size(image) - np.isfinite(image).sum())
         raise InputError(source, f"{bad} pixels are NaN or infinite")
+
+
+def check_not_blank(image: np.ndarray, source: str) -> None:
+    """A micrograph whose pixels are all equal (an all-zero frame, a failed export) has no noise
+    to learn from and no boxes to rank; refuse it with the file's name."""
+    from .errors import InputError
+
+    if image.size and float(np.max(image)) == float(np.min(image)):
+        raise InputError(source, f"all pixels are {float(np.min(image)):g}: a blank micrograph "
+                                 "(failed export or empty frame); leave it out")

@@ -9,8 +9,8 @@ from .errors import CryoDDMError
 
 def window_for_diameter(diameter_px: float) -> int:
     """The original rule W = (⌊1.5·d⌋ // 128 + 1)·128: a multiple of 128 strictly above 1.5·d."""
-    if not diameter_px > 0:
-        raise CryoDDMError(f"particle diameter must be positive, got {diameter_px}")
+    if not (math.isfinite(diameter_px) and diameter_px > 0):
+        raise CryoDDMError(f"particle diameter must be a positive number, got {diameter_px}")
     return (math.floor(1.5 * diameter_px) // 128 + 1) * 128
 
 
@@ -27,11 +27,13 @@ def diameter_px(diameter_px: float | None = None, diameter_A: float | None = Non
     if diameter_px is not None and diameter_A is not None:
         raise CryoDDMError("give the particle diameter in pixels or in Å, not both")
     if diameter_px is not None:
-        if diameter_px <= 0:
-            raise CryoDDMError(f"particle diameter must be positive, got {diameter_px} px")
+        if not (math.isfinite(diameter_px) and diameter_px > 0):
+            raise CryoDDMError(f"particle diameter must be a positive number, got {diameter_px} px")
         return float(diameter_px)
     if diameter_A is None:
         raise CryoDDMError("the particle diameter is required (--diameter PX or --diameter-A Å)")
+    if not (math.isfinite(diameter_A) and diameter_A > 0):
+        raise CryoDDMError(f"particle diameter must be a positive number, got {diameter_A} Å")
     if not apix or apix <= 0:
         raise CryoDDMError("a diameter in Å needs the pixel size; the micrograph header has none "
                            "(give --diameter in pixels)")

@@ -39,7 +39,7 @@ from .io.noise import empty_noise_table, read_noise_txt, write_noise_txt
 from .io.star import read_coordinates, write_coordinates_star
 from .jobs import CancelToken, Job, Progress
 from .names import match_names, micrograph_stem
-from .normalise import Normalisation, normalise
+from .normalise import Normalisation, check_finite, check_not_blank, normalise
 from .params import diameter_px as _diameter_px
 from .params import window_for_diameter
 
@@ -108,8 +108,10 @@ class PickConfig:
         "label": "allow unmatched names"})
 
     def validate(self) -> None:
-        if self.max_per_micrograph < 0:
-            raise CryoDDMError(f"--max-per-micrograph must be ≥ 0, got {self.max_per_micrograph}")
+        if self.max_per_micrograph < 1:  # 0 would write an empty noise file and call it done
+            raise CryoDDMError(f"--max-per-micrograph must be at least 1, got {self.max_per_micrograph}")
+        if self.seed < 0:
+            raise CryoDDMError(f"--seed must be ≥ 0, got {self.seed}")
         if not 0.0 <= self.overlap < 1.0:
             raise CryoDDMError(f"--overlap is a fraction of the box area in [0, 1), got {self.overlap}")
         if self.box is not None and self.box < 2:
@@ -500,9 +502,59 @@ def read_boxes(path: str | os.PathLike[str], allow_empty: bool = False) -> pd.Da
     return read_noise_txt(path, allow_empty=allow_empty)
 
 
-def write_boxes(path: str | os.PathLike[str], boxes: pd.DataFrame, overwrite: bool) -> Path:
-    """Atomically, as `.star` (RELION 3.1) or the original text format (by the suffix)."""
+NOISE_COLUMNS = {"rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY"}
+
+
+def is_noise_file(path: str | os.PathLike[str]) -> bool:
+    """True for a noise-box file: `name x y` text, or a STAR holding nothing but micrograph names
+    and coordinates (what `write_boxes` writes). A particle STAR (optics, angles, CTF) is not."""
     path = Path(path)
+    try:
+        if path.suffix.lower() == ".star":
+            from .io.star import read_star_blocks
+
+            blocks = read_star_blocks(path)
+            return len(blocks) == 1 and set(next(iter(blocks.values())).columns) <= NOISE_COLUMNS
+        read_noise_txt(path, allow_empty=True)
+        return True
+    except (CryoDDMError, OSError, ValueError):
+        return False
+
+
+def check_boxes_output(path: str | os.PathLike[str], inputs: Sequence[object] = (),
+                       merge: bool = False, overwrite: bool = False) -> pd.DataFrame | None:
+    """Before picking: the output is a `.txt` or `.star` name, not an input or a folder, in a
+    writable place; an existing one is merged into (returned) or replaced only when asked and only
+    if it is a noise-box file — never a particle STAR. Returns the boxes to merge with, if any."""
+    from .errors import OutputExistsError
+    from .safety import check_location, check_writable
+
+    path = Path(path)
+    check_location(path, inputs, what="the noise-box output")
+    if path.suffix.lower() not in (".txt", ".star"):
+        raise CryoDDMError(f"{path}: the output must end in .txt (name x y) or .star")
+    if os.path.lexists(path):
+        if path.is_dir():
+            raise InputError(path, "is a folder; give a file name ending in .txt or .star")
+        if not (merge or overwrite):
+            raise OutputExistsError(path, "pass --merge to add to its boxes or --overwrite to replace it")
+        if not is_noise_file(path):
+            raise InputError(path, "is not a noise-box file (name x y, or a STAR with only micrograph "
+                                   "names and coordinates); refusing to "
+                                   + ("merge into" if merge else "replace") + " it")
+    check_writable(path.parent)
+    if merge and path.exists():
+        return read_boxes(path, allow_empty=True)
+    return None
+
+
+def write_boxes(path: str | os.PathLike[str], boxes: pd.DataFrame, overwrite: bool) -> Path:
+    """Atomically, as `.star` (RELION 3.1) or the original text format (by the suffix). An
+    existing file is replaced only if it is a noise-box file (`is_noise_file`), even when asked."""
+    path = Path(path)
+    if overwrite and path.exists() and not is_noise_file(path):
+        raise InputError(path, "is not a noise-box file (name x y, or a STAR with only micrograph "
+                               "names and coordinates); refusing to replace it")
     if path.suffix.lower() == ".star":
         return write_coordinates_star(path, boxes.loc[:, ["micrograph", "x", "y"]], overwrite=overwrite)
     if path.suffix.lower() != ".txt":
@@ -573,6 +625,30 @@ def _as_micrographs(items: Iterable[Micrograph | str | os.PathLike[str]],
     return out
 
 
+def _particles_off_image(per_mic: dict[int, np.ndarray], mics: Sequence[Micrograph],
+                         source: str) -> str:
+    """Particles whose centre is not on their micrograph: all of them is an error (the boxes would
+    land on the real particles), some a warning. Returns the warning ('' when none)."""
+    total = off = 0
+    example = ""
+    for k, xy in per_mic.items():
+        ny, nx = mics[k].shape
+        out = ~((xy[:, 0] >= 0) & (xy[:, 0] < nx) & (xy[:, 1] >= 0) & (xy[:, 1] < ny))
+        total += len(xy)
+        off += int(out.sum())
+        if out.any() and not example:
+            x, y = xy[np.flatnonzero(out)[0]]
+            example = f"x {x:g}, y {y:g} on {mics[k].name} ({nx}×{ny} px)"
+    if not off:
+        return ""
+    text = (f"{off} of {total} particle coordinates lie outside their micrograph (e.g. {example}): "
+            "coordinates for another pixel size or binning, or for other micrographs?")
+    if off == total:
+        raise InputError(source, text + " No box can be placed away from particles that are not "
+                                        "where the file says; check the coordinates")
+    return text + " Boxes may sit on those particles; check the coordinates"
+
+
 def pick_noise(micrographs: Sequence[Micrograph | str | os.PathLike[str]], config: PickConfig,
                particles: pd.DataFrame | None = None, existing: pd.DataFrame | None = None,
                cancel: CancelToken | None = None, particles_source: str = "particle coordinates",
@@ -602,6 +678,7 @@ def pick_noise(micrographs: Sequence[Micrograph | str | os.PathLike[str]], confi
     mode = "empty" if particles is None else "particles"
     per_mic = (particles_by_micrograph(particles, mics, config.allow_unmatched, particles_source)
                if particles is not None else {})
+    off_image = _particles_off_image(per_mic, mics, particles_source)
     have = existing_by_micrograph(existing, mics)
     new_names: list[str] = []
     new_xy: list[np.ndarray] = []
@@ -609,6 +686,7 @@ def pick_noise(micrographs: Sequence[Micrograph | str | os.PathLike[str]], confi
     skipped: list[str] = []
     counts: dict[str, int] = {}
     dirty = 0  # existing boxes a particle disc reaches into (kept, but the user should know)
+    unusable: list[str] = []  # coordinate-free mode: micrographs with NaN or constant pixels
     for k, m in enumerate(mics):
         if cancel is not None:
             cancel.raise_if_cancelled()
@@ -633,9 +711,19 @@ def pick_noise(micrographs: Sequence[Micrograph | str | os.PathLike[str]], confi
                                                config.grid_step, m.name, exclude)
             scores = np.full(len(xy), np.nan)
         else:
-            xy, scores = rank_empty_boxes(m.image(), diameter, box, config.max_per_micrograph,
+            try:
+                image = m.image()
+                check_finite(image, str(m.path or m.name))
+                check_not_blank(image, str(m.path or m.name))
+            except InputError as exc:  # one bad micrograph: no boxes there, the others go on
+                unusable.append(str(exc))
+                skipped.append(m.name)
+                counts[m.name] = int(len(prior))
+                continue
+            xy, scores = rank_empty_boxes(image, diameter, box, config.max_per_micrograph,
                                           config.overlap, config.empty_threshold, prior,
                                           config.edge_margin, config.grid_step, m.name)
+            del image
         new_names.extend([m.name] * len(xy))
         new_xy.append(xy)
         new_scores.append(scores)
@@ -648,9 +736,15 @@ def pick_noise(micrographs: Sequence[Micrograph | str | os.PathLike[str]], confi
                         "x": xy_all[:, 0].astype(np.int64), "y": xy_all[:, 1].astype(np.int64)})
     if mode == "empty":
         new["score"] = np.concatenate(new_scores) if new_scores else np.zeros(0)
+    if unusable and len(unusable) == len(mics):
+        raise CryoDDMError("no micrograph has pixels to rank boxes on:\n  " + "\n  ".join(unusable[:10]))
     boxes = merge_boxes(existing, new)
     warnings: list[str] = []
-    if skipped:
+    for why in unusable:
+        warnings.append(f"skipped (no boxes proposed): {why}")
+    if off_image:
+        warnings.append(off_image)
+    if skipped and mode == "particles":
         warnings.append(f"{len(skipped)} micrograph(s) have no particles in the coordinates and were "
                         f"skipped (boxes there could sit on unpicked particles): "
                         + ", ".join(skipped[:3]) + (" …" if len(skipped) > 3 else ""))

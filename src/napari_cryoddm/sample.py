@@ -119,6 +119,11 @@ class SampleConfig:
 
     def validate(self) -> SampleConfig:
         """Raise `CryoDDMError` naming the first impossible setting."""
+        for name in ("pixel_size", "diameter", "snr", "hinge_angle", "defocus_min", "defocus_max",
+                     "voltage", "cs", "amplitude_contrast", "ice"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise CryoDDMError(f"{name.replace('_', ' ')} must be a finite number, got {value}")
         checks = [
             (self.n_micrographs >= 1, f"n_micrographs must be at least 1, got {self.n_micrographs}"),
             (self.width >= 64 and self.height >= 64,
@@ -126,9 +131,11 @@ class SampleConfig:
             (self.pixel_size > 0, f"pixel size must be positive, got {self.pixel_size} Å/px"),
             (self.particles >= 0, f"particles must be ≥ 0, got {self.particles}"),
             (self.diameter > 0, f"diameter must be positive, got {self.diameter} Å"),
-            (self.diameter_px >= 8,
-             f"the molecule would be {self.diameter_px:.1f} px across (diameter {self.diameter} Å at "
-             f"{self.pixel_size} Å/px); use a smaller pixel size or a larger diameter (≥ 8 px)"),
+            # a callable: the diameter in pixels divides by the pixel size checked just above
+            (lambda: self.diameter_px >= 8,
+             lambda: f"the molecule would be {self.diameter_px:.1f} px across (diameter "
+                     f"{self.diameter} Å at {self.pixel_size} Å/px); use a smaller pixel size or "
+                     "a larger diameter (≥ 8 px)"),
             (self.snr > 0, f"SNR must be positive, got {self.snr}"),
             (self.conformations in (1, 2), f"conformations must be 1 or 2, got {self.conformations}"),
             (0 < self.defocus_min <= self.defocus_max,
@@ -142,8 +149,8 @@ class SampleConfig:
             (self.seed >= 0, f"seed must be ≥ 0, got {self.seed}"),
         ]
         for ok, message in checks:
-            if not ok:
-                raise CryoDDMError(message)
+            if not (ok() if callable(ok) else ok):
+                raise CryoDDMError(message() if callable(message) else message)
         return self
 
 
@@ -826,6 +833,18 @@ def truth_document(table: pd.DataFrame, config: SampleConfig, molecule: Molecule
     }
 
 
+# what a sample folder holds (recognised for --overwrite in folders written before markers)
+SAMPLE_LAYOUT = ("micrographs/*.mrc", "clean/*.mrc", "particles.star", "particles.cs",
+                 "passthrough.cs", "truth.json")
+
+
+def _is_sample_folder(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "truth.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def generate_sample(out_dir: str | Path, config: SampleConfig | None = None,
                     cancel: CancelToken | None = None, overwrite: bool = False) -> Job[SampleSet]:
     """Write a sample set (a job: one progress event per micrograph, then the tables).
@@ -844,7 +863,8 @@ def generate_sample(out_dir: str | Path, config: SampleConfig | None = None,
     names: list[str] = []
     label = (f"napari-cryoddm {__version__} sample seed {config.seed} SNR {config.snr:g} "
              f"{config.pixel_size:g} A/px")
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, kind="sample", layout=SAMPLE_LAYOUT,
+                    manifest=_is_sample_folder) as tmp:
         (tmp / "micrographs").mkdir()
         (tmp / "clean").mkdir()
         for sim in iter_micrographs(config, molecule):

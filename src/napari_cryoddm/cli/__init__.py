@@ -3,7 +3,8 @@
 A subcommand module `cli/<module>.py` defines `register(subparsers)`, which adds its parser and
 sets `func(args) -> int`. Only the module of the command being run is imported (training and
 prediction pull in torch; `cryoddm --help` and `cryoddm info` should not wait for it).
-User errors (`CryoDDMError`) print one line and exit 2, never a traceback.
+User errors (`CryoDDMError`) and file-system errors print one line and exit 2, never a traceback;
+a run stopped by Ctrl-C or SIGTERM exits 128 + the signal (130, 143).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    from ..jobs import Cancelled
+
     try:
         return int(args.func(args) or 0)
     except CryoDDMError as exc:
@@ -68,6 +71,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"cryoddm {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Cancelled as exc:  # Ctrl-C or SIGTERM reached a step that cannot save a partial result
+        token = getattr(exc, "token", None)
+        print(f"cryoddm {args.command}: stopped (outputs are written whole or not at all)",
+              file=sys.stderr)
+        return token.exit_code if token is not None else 130
     except KeyboardInterrupt:
         print(f"cryoddm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a file-system failure no step translated: still one line, no traceback
+        if args.verbose:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"cryoddm {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2

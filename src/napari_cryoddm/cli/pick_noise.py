@@ -13,11 +13,10 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import add_config_arguments, config_from_args
-from ..errors import CryoDDMError, OutputExistsError
 from ..io.mrc import list_micrographs
 from ..io.star import read_coordinates
 from ..jobs import CancelToken, run_job
-from ..picking import PickConfig, pick_noise, read_boxes, write_boxes
+from ..picking import PickConfig, check_boxes_output, pick_noise, write_boxes
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +55,8 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(PickConfig, args)
     config.validate()
     out: Path = args.output
-    existing = None
-    if out.exists():
-        if args.merge:
-            existing = read_boxes(out, allow_empty=True)
-        elif not args.overwrite:
-            raise OutputExistsError(out, "pass --merge to add to its boxes or --overwrite to replace it")
-    if out.suffix.lower() not in (".txt", ".star"):
-        raise CryoDDMError(f"{out}: the output must end in .txt (name x y) or .star")
+    existing = check_boxes_output(out, [args.micrographs, args.particles or []], args.merge,
+                                  args.overwrite)
     paths = list_micrographs(args.micrographs)
     particles = None
     source = "particle coordinates"

@@ -57,5 +57,5 @@ def run(args: argparse.Namespace) -> int:
     print(result.summary(), file=sys.stderr)
     if cancel.cancelled:
         print("stopped; rerun the same command to finish (done files are skipped)", file=sys.stderr)
-        return 130
+        return cancel.exit_code
     return 1 if result.failed else 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from pathlib import Path
 
 from ..config import add_config_arguments, config_from_args
@@ -28,15 +29,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--out", type=Path, required=True, metavar="OUT",
                    help="folder for last.pt, best.pt and history.json")
     add_config_arguments(p, TrainConfig)
-    p.set_defaults(func=run)
+    # None = not given: a fresh run takes the default, --resume the stopped run's number
+    p.set_defaults(func=run, epochs=None)
 
 
 def run(args: argparse.Namespace) -> int:
+    epochs_given = args.epochs is not None
+    if not epochs_given:
+        del args.epochs  # the dataclass default
     config = config_from_args(TrainConfig, args)
     rank = int(os.environ.get("RANK", "0"))
     cancel = CancelToken()
-    result = run_job(train(args.forward_dir, args.out, config, cancel), desc="train", cancel=cancel,
-                     quiet=rank != 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # shown once through logging instead
+        result = run_job(train(args.forward_dir, args.out, config, cancel, epochs_given=epochs_given),
+                         desc="train", cancel=cancel, quiet=rank != 0)
     if rank == 0:
         for h in result.history[-3:]:
             print(f"epoch {h['epoch']}: S1 {h['s1']:.5g}  S2 {h['s2']:.5g}  S3 {h['s3']:.5g}  "
@@ -45,4 +52,4 @@ def run(args: argparse.Namespace) -> int:
             print(f"stopped; resume with: cryoddm train {args.forward_dir} -o {args.out} --resume")
         print(f"last: {result.last}" + (f"  best: {result.best} (epoch {result.best_epoch}, "
                                          f"val {result.best_val:.5g})" if result.best else ""))
-    return 0
+    return cancel.exit_code if result.stopped else 0

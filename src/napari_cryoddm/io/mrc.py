@@ -278,6 +278,12 @@ def read_micrograph(path: str | os.PathLike[str]) -> tuple[np.ndarray, MrcInfo]:
     return read_image(path, info=info), info
 
 
+def ascii_label(text: str) -> str:
+    """An MRC label: printable ASCII only (mrcfile refuses anything else, so a name such as
+    `mïc 000.mrc` would fail the write), at most 80 characters. Others become `?`."""
+    return "".join(c if " " <= c <= "~" else "?" for c in str(text))[:80]
+
+
 def write_mrc(path: str | os.PathLike[str], data: np.ndarray, voxel_size: float | None = None,
               overwrite: bool = False, labels: Sequence[str] = (), dtype=np.float32,
               stamp: bool = True) -> Path:
@@ -298,7 +304,7 @@ def write_mrc(path: str | os.PathLike[str], data: np.ndarray, voxel_size: float 
             if voxel_size:
                 mrc.voxel_size = float(voxel_size)
             for label in list(labels)[:10]:
-                mrc.add_label(str(label)[:80])
+                mrc.add_label(ascii_label(label))
     return path
 
 
@@ -368,7 +374,7 @@ def write_mrc_slices(path: str | os.PathLike[str], shape: tuple[int, ...], slice
             if voxel_size:
                 mrc.voxel_size = float(voxel_size)
             for label in list(labels)[:10]:
-                mrc.add_label(str(label)[:80])
+                mrc.add_label(ascii_label(label))
             mrc.update_header_stats()
         finally:
             mrc.close()

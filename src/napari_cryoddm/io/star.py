@@ -8,6 +8,7 @@ first stored pixel, and every other column under its RELION name.
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,8 @@ def read_star_blocks(path: str | os.PathLike[str]) -> dict[str, pd.DataFrame]:
     try:
         blocks = starfile.read(path, always_dict=True)
     except Exception as exc:  # starfile raises many kinds on non-STAR text
-        raise InputError(path, f"not a readable STAR file ({exc})") from None
+        where = _bad_row(path)
+        raise InputError(path, where or f"not a readable STAR file ({exc})") from None
     out: dict[str, pd.DataFrame] = {}
     for name, block in blocks.items():
         if isinstance(block, pd.DataFrame):
@@ -39,6 +41,39 @@ def read_star_blocks(path: str | os.PathLike[str]) -> dict[str, pd.DataFrame]:
     if not out:
         raise InputError(path, "holds no data blocks")
     return out
+
+
+def _bad_row(path: Path) -> str | None:
+    """The first loop row whose number of values differs from its columns ('line N: …'), so a
+    name with an unquoted space is reported where it is, not as pandas' 'Length mismatch'."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    columns = 0
+    in_header = False
+    for number, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("data_"):
+            columns, in_header = 0, False
+        elif line == "loop_":
+            columns, in_header = 0, True
+        elif line.startswith("_"):
+            columns = columns + 1 if in_header else 0
+        elif columns:
+            in_header = False
+            try:
+                values = shlex.split(line, comments=False, posix=True)
+            except ValueError:
+                values = line.split()
+            if len(values) != columns:
+                hint = (" (a name with a space must be quoted: \"my mic.mrc\")"
+                        if len(values) > columns else "")
+                return (f"line {number}: {len(values)} values for {columns} columns{hint}: "
+                        f"{line[:120]!r}")
+    return None
 
 
 def _first(columns, candidates) -> str | None:
