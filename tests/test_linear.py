@@ -33,7 +33,8 @@ def test_fit_recovers_a_filter_through_target_noise():
     got = transfer_grid(fit, shape)
     radius = np.sqrt(np.fft.fftfreq(64)[:, None] ** 2 + np.fft.rfftfreq(64)[None, :] ** 2)
     low = (radius > 0) & (radius < 0.2)  # DC is one coefficient per image: too noisy to pin
-    assert np.abs(got - g)[low].max() < 0.08
+    err = np.abs(got - g)[low]
+    assert err.max() < 0.12 and err.mean() < 0.03
     assert fit["pairs"] == 300
     # applying it is filtering
     x = rng.normal(size=shape).astype(np.float32)
