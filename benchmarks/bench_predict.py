@@ -48,17 +48,24 @@ def _write(path: str, data: np.ndarray) -> None:
     mrcfile.write(path, data.astype(np.float32), overwrite=True)
 
 
-def _model(ckpt: str):
+def _model(ckpt: str, device: str = "cpu"):
     from napari_cryoddm.checkpoint import load_checkpoint
 
-    return load_checkpoint(ckpt).model.eval()
+    return load_checkpoint(ckpt).model.eval().to(device)
 
 
-def scheme_topaz(ckpt: str, src: str, dst: str, **_kw) -> dict:
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def scheme_topaz(ckpt: str, src: str, dst: str, device: str = "cpu", **_kw) -> dict:
     """Topaz-Denoise's `denoise` with patch_size 1024, padding 500: one tile per forward pass."""
     import torch
 
-    model = _model(ckpt)
+    model = _model(ckpt, device)
     t0 = time.perf_counter()
     x = _read(src)
     t1 = time.perf_counter()
@@ -75,21 +82,23 @@ def scheme_topaz(ckpt: str, src: str, dst: str, **_kw) -> dict:
                 t = (tile - mu) / sd
                 ph, pw = (-t.shape[0]) % 32, (-t.shape[1]) % 32
                 t = np.pad(t, ((0, ph), (0, pw)), mode="reflect")
-                y = model(torch.from_numpy(np.ascontiguousarray(t))[None, None])[0, 0].numpy()
+                y = model(torch.from_numpy(np.ascontiguousarray(t))[None, None].to(device))[0, 0].cpu().numpy()
                 y = y[:b - a, :d - c] * sd + mu
                 out[i:min(h, i + core), j:min(w, j + core)] = y[i - a:i - a + min(core, h - i),
                                                                 j - c:j - c + min(core, w - j)]
+    _sync(device)
     t2 = time.perf_counter()
     _write(dst, out)
     t3 = time.perf_counter()
     return {"model_s": t2 - t1, "e2e_s": t3 - t0}
 
 
-def scheme_original(ckpt: str, src: str, dst: str, **_kw) -> dict:
-    """The original CryoDDM predict.py: min–max, 384 tiles with 64 px zero-filled margins, batch 16."""
+def scheme_original(ckpt: str, src: str, dst: str, device: str = "cpu", **_kw) -> dict:
+    """The original CryoDDM predict.py: min–max, 384 tiles with 64 px zero-filled margins, batch
+    16 (the original used 128 on its GPU; 16 keeps a CPU's memory in bounds)."""
     import torch
 
-    model = _model(ckpt)
+    model = _model(ckpt, device)
     t0 = time.perf_counter()
     x = _read(src)
     x = (x - x.min()) / ((x.max() - x.min()) or 1)
@@ -105,11 +114,12 @@ def scheme_original(ckpt: str, src: str, dst: str, **_kw) -> dict:
         for k in range(0, len(origins), 16):
             chunk = origins[k:k + 16]
             batch = np.stack([big[i:i + core + 2 * m, j:j + core + 2 * m] for i, j in chunk])
-            y = model(torch.from_numpy(batch)[:, None])[:, 0].numpy()
+            y = model(torch.from_numpy(batch)[:, None].to(device))[:, 0].cpu().numpy()
             for (i, j), t in zip(chunk, y):
                 out[i:i + core, j:j + core] = t[m:m + core, m:m + core]
     out = out[:h, :w]
     out = (out - out.min()) / ((out.max() - out.min()) or 1)
+    _sync(device)
     t2 = time.perf_counter()
     _write(dst, out)
     t3 = time.perf_counter()
@@ -117,7 +127,7 @@ def scheme_original(ckpt: str, src: str, dst: str, **_kw) -> dict:
 
 
 def scheme_ours(ckpt: str, src: str, dst: str, max_tiles: int = 0, precision: str = "fp32",
-                tile: int = 0, **_kw) -> dict:
+                tile: int = 0, device: str = "cpu", compile: bool = False, **_kw) -> dict:
     """`predict_files` as the CLI runs it; model-only time is the time inside `predict_image`."""
     from napari_cryoddm import predict as P
     from napari_cryoddm.jobs import CancelToken, Cancelled, collect
@@ -141,7 +151,7 @@ def scheme_ours(ckpt: str, src: str, dst: str, max_tiles: int = 0, precision: st
 
     P.predict_image = timed
     out_dir = Path(dst).parent
-    cfg = P.PredictConfig(device="cpu", precision=precision, tile=tile)
+    cfg = P.PredictConfig(device=device, precision=precision, tile=tile, compile=compile)
     t0 = time.perf_counter()
     try:
         collect(P.predict_files(ckpt, src, out_dir, cfg, cancel=cancel))
@@ -165,21 +175,23 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     res = SCHEMES[args.child](args.ckpt, args.input, args.output, max_tiles=args.max_tiles,
-                              precision=args.precision, tile=args.tile)
+                              precision=args.precision, tile=args.tile, device=args.device,
+                              compile=args.compile)
     res["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(res), flush=True)
 
 
 def run_child(name: str, ckpt: Path, src: Path, work: Path, threads: int, max_tiles: int = 0,
-              precision: str = "fp32", tile: int = 0) -> dict:
+              precision: str = "fp32", tile: int = 0, device: str = "cpu", compile: bool = False,
+              timeout: float | None = None) -> dict:
     out = work / name / (src.stem + ".mrc")
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         out.unlink()
     cmd = [sys.executable, __file__, "--child", name, "--ckpt", str(ckpt), "--input", str(src),
            "--output", str(out), "--threads", str(threads), "--max-tiles", str(max_tiles),
-           "--precision", precision, "--tile", str(tile)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+           "--precision", precision, "--tile", str(tile), "--device", device] + (["--compile"] if compile else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -202,6 +214,8 @@ def main() -> None:
     ap.add_argument("--max-tiles", type=int, default=0)
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--tile", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
     if args.child:
         child(args)

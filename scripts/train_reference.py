@@ -50,7 +50,8 @@ def build_data(root: Path, args: argparse.Namespace) -> Path:
     if (fwd / "forward.json").is_file():
         return fwd
     scfg = SampleConfig(n_micrographs=args.micrographs, particles=args.particles, snr=args.snr,
-                        seed=args.data_seed)
+                        seed=args.data_seed, pixel_size=args.pixel_size, width=args.size,
+                        height=args.size)
     sample = collect(generate_sample(root / "sample", scfg, overwrite=True))
     d_px = float(scfg.diameter_px)
     pick = collect(pick_noise(sample.micrographs, PickConfig(
@@ -67,7 +68,7 @@ def train_model(fwd: Path, run: Path, args: argparse.Namespace) -> dict[str, Any
     """Train until --epochs or --minutes, whichever comes first; every batch's loss is kept."""
     from napari_cryoddm.train import TrainConfig, train
 
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch, device="cpu", precision=args.precision,
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch, device=args.device, precision=args.precision,
                       fresh_noise=True, s1_weight=args.s1_weight, s3_weight=args.s3_weight,
                       seed=args.seed, overwrite=True, lr=args.lr, warmup=args.warmup, clip=args.clip,
                       init=Path(args.init) if args.init else None)
@@ -125,6 +126,8 @@ HELD_OUT = {
     "binned": {"pixel_size": 1.5, "particles": 7, "bin": 2},
     # `cryoddm sample` as it comes (3 Å/px, 7 particles per 1024²)
     "sample": {"pixel_size": 3.0, "particles": 7, "bin": 1},
+    # the quality issue's micrographs unbinned, for a model trained at 1.5 Å/px (W = 256)
+    "full": {"pixel_size": 1.5, "particles": 7, "bin": 1},
 }
 
 
@@ -167,7 +170,7 @@ def evaluate(checkpoint: Path, args: argparse.Namespace, tta: bool = True,
         rows["linear start alone (H∗x)"] = q.score(only, clean).as_row()
     variants = [("direct", False), ("chain", False)] + ([("chain", True)] if tta else [])
     for est, aug in variants:
-        cfg = PredictConfig(device="cpu", estimator=est, tta=aug)
+        cfg = PredictConfig(device=args.device, estimator=est, tta=aug)
         t0 = time.perf_counter()
         den = [np.asarray(denoise_array(pm, im, cfg), np.float32) for im in raw]
         row = q.score(den, clean).as_row()
@@ -200,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-noise", type=int, default=40, help="noise boxes per micrograph")
     ap.add_argument("--overlap", type=float, default=0.5, help="noise boxes may overlap by this fraction")
     ap.add_argument("--snr", type=float, default=0.05)
+    ap.add_argument("--pixel-size", type=float, default=3.0,
+                    help="training micrographs' Å/px (3: 45-px particles, W 128; 1.5: 90 px, W 256)")
+    ap.add_argument("--size", type=int, default=1024, help="training micrograph side (px)")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--data-seed", type=int, default=1000)
     ap.add_argument("--beta", type=float, default=0.1288)
     ap.add_argument("--steps", type=int, default=5)
@@ -214,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--s1-weight", type=float, default=0.0)
     ap.add_argument("--s3-weight", type=float, default=0.0)
-    ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                    help="bf16 only where the CPU or GPU has it (emulated bf16 is far slower)")
     ap.add_argument("--init", default=None, help="start from these weights (fine-tuning)")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--test-micrographs", type=int, default=4)
