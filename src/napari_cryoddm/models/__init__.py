@@ -29,6 +29,12 @@ def builtin_path(name: str) -> Path:
     return path
 
 
+def available() -> list[str]:
+    """The built-in models whose files this install holds."""
+    return [name for name, file in BUILTIN.items()
+            if Path(str(resources.files(__name__).joinpath(file))).is_file()]
+
+
 def resolve_model(spec: str | os.PathLike[str]) -> Path:
     """A checkpoint file as given, or a built-in model's file when `spec` names one and no file of
     that name exists here (a folder called `sample/` does not hide the built-in model)."""
@@ -38,4 +44,4 @@ def resolve_model(spec: str | os.PathLike[str]) -> Path:
     return builtin_path(str(spec))
 
 
-__all__ = ["BUILTIN", "builtin_path", "resolve_model"]
+__all__ = ["BUILTIN", "available", "builtin_path", "resolve_model"]

@@ -21,7 +21,7 @@ from ...binning import binned_shape
 from ...errors import CryoDDMError
 from ...io.mrc import read_image
 from ...jobs import CancelToken, Progress
-from ...models import BUILTIN
+from ...models import available
 from ...predict import PredictConfig, PredictModel, denoise_job, output_path, predict_files
 from ..layers import current_slice, micrograph_layers, micrographs
 from ..workers import JobHandle, notify, report_error, start_job
@@ -36,7 +36,7 @@ class PredictWidget(Container):
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=True)
         self.viewer = napari_viewer
-        self.model_choice = ComboBox(label="model", choices=["checkpoint file", *BUILTIN],
+        self.model_choice = ComboBox(label="model", choices=["checkpoint file", *available()],
                                      value="checkpoint file",
                                      tooltip="a checkpoint file, or a model shipped with the plugin "
                                              "(sample: trained on synthetic sample data)")
@@ -86,7 +86,7 @@ class PredictWidget(Container):
     def predict_model(self) -> PredictModel:
         if self._model is not None and self._model_key and self._model_key[0] == "memory":
             return self._model
-        if self.model_choice.value in BUILTIN:
+        if self.model_choice.value != "checkpoint file":
             key = ("builtin", self.model_choice.value)
             if key != self._model_key:
                 self._model, self._model_key = PredictModel.from_checkpoint(self.model_choice.value), key
