@@ -505,20 +505,38 @@ def read_boxes(path: str | os.PathLike[str], allow_empty: bool = False) -> pd.Da
 NOISE_COLUMNS = {"rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY"}
 
 
-def is_noise_file(path: str | os.PathLike[str]) -> bool:
-    """True for a noise-box file: `name x y` text, or a STAR holding nothing but micrograph names
-    and coordinates (what `write_boxes` writes). A particle STAR (optics, angles, CTF) is not."""
+def noise_file_problem(path: str | os.PathLike[str]) -> str | None:
+    """None for a noise-box file: `name x y` text, or a STAR holding nothing but micrograph names
+    and coordinates (what `write_boxes` writes); else why not (a particle STAR with optics,
+    angles or CTF is not one, nor is a malformed text)."""
     path = Path(path)
     try:
         if path.suffix.lower() == ".star":
             from .io.star import read_star_blocks
 
             blocks = read_star_blocks(path)
-            return len(blocks) == 1 and set(next(iter(blocks.values())).columns) <= NOISE_COLUMNS
+            extra = sorted({c for b in blocks.values() for c in b.columns} - NOISE_COLUMNS)
+            if len(blocks) != 1 or extra:
+                return (f"it holds {', '.join(f'data_{n}' for n in blocks)}"
+                        + (f" with {', '.join(extra[:4])}{' …' if len(extra) > 4 else ''}" if extra else ""))
+            return None
         read_noise_txt(path, allow_empty=True)
-        return True
-    except (CryoDDMError, OSError, ValueError):
-        return False
+        return None
+    except InputError as exc:
+        return exc.problem
+    except (CryoDDMError, OSError, ValueError) as exc:
+        return str(exc)
+
+
+def is_noise_file(path: str | os.PathLike[str]) -> bool:
+    """True for a noise-box file (see `noise_file_problem`)."""
+    return noise_file_problem(path) is None
+
+
+def _not_noise(path: Path, problem: str, action: str) -> InputError:
+    return InputError(path, f"is not a noise-box file ({problem}); refusing to {action} it — "
+                            "pick-noise merges into and replaces only noise-box files (name x y, "
+                            "or a STAR with only micrograph names and coordinates)")
 
 
 def check_boxes_output(path: str | os.PathLike[str], inputs: Sequence[object] = (),
@@ -538,10 +556,9 @@ def check_boxes_output(path: str | os.PathLike[str], inputs: Sequence[object] = 
             raise InputError(path, "is a folder; give a file name ending in .txt or .star")
         if not (merge or overwrite):
             raise OutputExistsError(path, "pass --merge to add to its boxes or --overwrite to replace it")
-        if not is_noise_file(path):
-            raise InputError(path, "is not a noise-box file (name x y, or a STAR with only micrograph "
-                                   "names and coordinates); refusing to "
-                                   + ("merge into" if merge else "replace") + " it")
+        problem = noise_file_problem(path)
+        if problem is not None:
+            raise _not_noise(path, problem, "merge into" if merge else "replace")
     check_writable(path.parent)
     if merge and path.exists():
         return read_boxes(path, allow_empty=True)
@@ -552,9 +569,9 @@ def write_boxes(path: str | os.PathLike[str], boxes: pd.DataFrame, overwrite: bo
     """Atomically, as `.star` (RELION 3.1) or the original text format (by the suffix). An
     existing file is replaced only if it is a noise-box file (`is_noise_file`), even when asked."""
     path = Path(path)
-    if overwrite and path.exists() and not is_noise_file(path):
-        raise InputError(path, "is not a noise-box file (name x y, or a STAR with only micrograph "
-                               "names and coordinates); refusing to replace it")
+    problem = noise_file_problem(path) if overwrite and path.exists() else None
+    if problem is not None:
+        raise _not_noise(path, problem, "replace")
     if path.suffix.lower() == ".star":
         return write_coordinates_star(path, boxes.loc[:, ["micrograph", "x", "y"]], overwrite=overwrite)
     if path.suffix.lower() != ".txt":
