@@ -1,6 +1,6 @@
 """Training: the CryoDDM U-Net on the forward pairs, on CPU, one GPU or several (DDP).
 
-An epoch is the original's three phases (`cryoddm-original.md` §4.3), MSE each, one optimiser step
+An epoch is the three phases of the original CryoDDM program, MSE each, one optimiser step
 per batch:
 
 * **S1** `s1/particles` → itself (keep the particle's structure);
@@ -107,10 +107,11 @@ class TrainConfig:
     s3_weight: float = field(default=1.0, metadata={
         "help": "weight of the S3 (noise → other noise) loss; 0 leaves the phase out",
         "label": "S3 weight"})
-    s2_target: str = field(default="signal", metadata={
+    s2_target: str = field(default="auto", metadata={
         "help": "what S2 learns from x_k: signal (the part of x_{k-1} that estimates x_k's clean "
-                "signal, derived from the chain's coefficients: a Noise2Noise target) or step "
-                "(x_{k-1} itself, as the original did)", "choices": ("signal", "step"),
+                "signal, derived from the chain's coefficients: a Noise2Noise target), step "
+                "(x_{k-1} itself, as the original did) or auto (signal when the forward folder "
+                "records its schedule, else step)", "choices": ("auto", "signal", "step"),
         "label": "S2 target"})
     linear_start: bool = field(default=False, metadata={
         "help": "start from the closed-form best linear filter for the training pairs (fitted "
@@ -144,8 +145,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise CryoDDMError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
-        if self.s2_target not in ("signal", "step"):
-            raise CryoDDMError(f"--s2-target {self.s2_target!r}: use signal or step")
+        if self.s2_target not in ("auto", "signal", "step"):
+            raise CryoDDMError(f"--s2-target {self.s2_target!r}: use auto, signal or step")
         if self.warmup < 0:
             raise CryoDDMError(f"--warmup must be 0 or more, got {self.warmup}")
         if not (math.isfinite(self.clip) and self.clip >= 0):
@@ -662,7 +663,7 @@ class CosineFactor:
 
 def make_optimiser(model: nn.Module, config: TrainConfig, epochs: int) -> tuple[torch.optim.Optimizer, Any]:
     """default: Adam + cosine decay to lr/100 over the run, stepped per epoch (chosen by
-    measurement, see the Train section of README.md). original: SGD 1e-3 + StepLR(100, 0.9) stepped per batch."""
+    measurement, see docs/research/recipe-screens.md). original: SGD 1e-3 + StepLR(100, 0.9) stepped per batch."""
     lr = config.learning_rate
     if config.recipe == "original":
         opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -825,6 +826,9 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
     if world > 1 and config.batch_size < world:
         raise CryoDDMError(f"--batch-size {config.batch_size} is smaller than the {world} processes")
 
+    if config.s2_target == "auto":
+        known = bool(data.schedule and data.schedule.get("beta") is not None)
+        config = dataclasses.replace(config, s2_target="signal" if known else "step")
     # resume: the stopped run's plan-defining settings win
     resume_state = None
     if config.resume:
