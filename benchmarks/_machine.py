@@ -1,4 +1,4 @@
-"""The machine line every benchmark prints beside its table (tables in the README name it)."""
+"""The machine line every benchmark prints beside its table (the tables of docs/benchmarks.md name it)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Forward step: crops per second and peak memory (RSS) for 500, 2,000 and 4,000 crops at W = 384.
 
 The streamed `run_forward` is compared with a baseline that reproduces the original program's
-memory pattern (§3.8 of cryoddm-original.md: every crop, every noise patch and every step held in
+memory pattern (every crop, every noise patch and every step held in
 Python lists, `np.vstack` copies, whole stacks written at the end) at the smallest size — both in
 this script, on the same data, each measurement in a fresh child process so that its peak RSS
 (`ru_maxrss`) is its own.

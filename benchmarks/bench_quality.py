@@ -2,7 +2,7 @@
 
 Data: sample micrographs (`napari_cryoddm.sample`) with two conformations, 1.5 Å/px, 90-px
 particles, at SNR 0.05 (hinge 12°) and SNR 0.01 (hinge 6°). Metrics: `napari_cryoddm.quality`
-(definitions: shared/notes/quality-metrics.md) — r after the ice-band fit, the plain r, FRC and
+(definitions: docs/quality.md) — r after the ice-band fit, the plain r, FRC and
 signal transfer per band, and conformation accuracy paired against the raw data.
 
 Peers in the same run: raw, Gaussian σ = 1.5 and 3 px, the radial Wiener-like low-pass,
@@ -220,7 +220,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-micrographs", type=int, default=4)
     p.add_argument("--test-particles", type=int, default=12, help="particles per test micrograph")
     p.add_argument("--conf-particles", type=int, default=3000,
-                   help="particles in the conformation test (the note asks for ≥ 3,000)")
+                   help="particles in the conformation test (docs/quality.md asks for ≥ 3,000)")
     p.add_argument("--conf-density", type=int, default=30, help="particles per conformation micrograph")
     p.add_argument("--train-micrographs", type=int, default=8)
     p.add_argument("--train-particles", type=int, default=12)

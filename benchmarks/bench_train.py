@@ -11,7 +11,7 @@ child process (so peak RSS is per configuration), fp32 and bf16 autocast.
 recipes — the default recipe (Adam + cosine per epoch), the original's (SGD 1e-3, StepLR per batch)
 and the default with --fresh-noise, each trained through the real workflow on sample data with a
 known clean truth (`demo.train_on_sample`: sample → pick noise → forward → train), then scored on
-held-out micrographs with the correlation r of shared/notes/quality-metrics.md beside raw and the
+held-out micrographs with the correlation r of docs/quality.md beside raw and the
 Gaussian low-passes.
 
     python benchmarks/bench_train.py recipes --epochs 6 --out /tmp/bench-train

@@ -4,7 +4,7 @@
 
 1024² micrographs at 1.5 Å/px (90 px particles): at SNR 0.05 / hinge 12° the raw data should be
 nearly saturated, at SNR 0.01 / 6° well above chance (0.5) but below the clean data's 1.0 —
-the regime where denoisers can be told apart (`shared/notes/quality-metrics.md`).
+the regime where denoisers can be told apart (the quality metrics of docs/quality.md).
 """
 
 from __future__ import annotations

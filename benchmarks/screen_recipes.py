@@ -3,7 +3,7 @@
 sample micrographs → noise picker (away from the true particles) → forward → train (one run per
 recipe, same forward folder when the data settings agree) → predict held-out micrographs →
 `quality.score` (r after the ice-band fit, FRC and signal transfer per band;
-shared/notes/quality-metrics.md), beside raw and the Gaussian low-passes of the same run.
+docs/quality.md), beside raw and the Gaussian low-passes of the same run.
 
 Before any model is scored, the evaluation chain is checked: the robust-normalised raw data must
 score the raw data's r (scale/offset invariance of the metric, and the normalisation predict uses),

@@ -85,7 +85,7 @@ def _stack(path):
 
 def test_config1_coefficients_match_the_original_table():
     c = schedule_coefficients(0.1288, 5)
-    table = {  # §3.7: α_k, x-coef, noise coef, cumulative x-coef
+    table = {  # the original program's table: α_k, x-coef, noise coef, cumulative x-coef
         "alpha": [0.8712, 0.7424, 0.6136, 0.4848, 0.3560],
         "x_coef": [0.9095, 0.7914, 0.6486, 0.4783, 0.2730],
         "noise_coef": [0.1288, 0.2576, 0.3864, 0.5152, 0.6440],

@@ -17,7 +17,7 @@ from napari_cryoddm.forward import load_micrograph, pair_noise, schedule_coeffic
 from napari_cryoddm.io.mrc import write_mrc
 from napari_cryoddm.normalise import Normalisation
 
-# The original's unet2d.py, rebuilt from cryoddm-original.md §4.2 (module name `unet2d`).
+# The original CryoDDM program's unet2d.py (BIT-FuweiLi/CryoDDM), rebuilt (module name `unet2d`).
 UNET2D_SOURCE = '''
 import torch
 import torch.nn as nn

@@ -1,12 +1,13 @@
 """The CryoDDM forward process: real particle crops diffused with real background noise.
 
-Step 2 of the workflow (`cryoddm-original.md` §3). With α_k = 1 − β·k (linear in k) each step is
+Step 2 of the workflow, as in the CryoDDM paper and the original CryoDDM program
+(BIT-FuweiLi/CryoDDM). With α_k = 1 − β·k (linear in k) each step is
 
     x_k = [√α_k + √(1−α_k)(√α_k − 1)]·x_{k−1} + (1−α_k)·n_k
 
 where x_0 are particle crops and n_k are noise patches cut from the same micrographs, paired with
-the crops as in §3.6 and re-shuffled at every step. For k = start…T the pair (x_{k−1}, x_k) is
-saved: k < T to `s2`, k = T to `val`, in the original's folder layout.
+the crops as the original does and re-shuffled at every step. For k = start…T the pair
+(x_{k−1}, x_k) is saved: k < T to `s2`, k = T to `val`, in the original's folder layout.
 
 Unlike the original this streams: a first pass decides every crop and noise window from headers
 and coordinates (so bad input fails before anything is written), a second pass reads each
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 FORMAT = "napari-cryoddm-forward"
 VERSION = 1
 PRESETS: dict[str, tuple[float, int, int]] = {
-    "config1": (0.1288, 5, 2),  # the original's "配置 1", its default and the README's
+    "config1": (0.1288, 5, 2),  # the original's "配置 1", its default and ours
     "config2": (0.1, 6, 2),     # "配置 2"
     # config1's chain, saving only its last training pair (x_4 → x_3): the pair whose signal
     # target carries the most signal per unit of noise (estimators.py), measured best
@@ -171,7 +172,7 @@ def validate_schedule(beta: float, steps: int, start: int) -> None:
 
 def schedule_coefficients(beta: float, steps: int) -> dict[str, np.ndarray]:
     """Per step k = 1…T: α_k, the x-coefficient, the noise coefficient and the cumulative
-    x-coefficient (§3.7's table)."""
+    x-coefficient (the original program's coefficient table)."""
     k = np.arange(1, steps + 1, dtype=np.float64)
     alpha = 1.0 - beta * k
     if (alpha <= 0).any():
@@ -199,7 +200,7 @@ def chain(x0: np.ndarray, noises: np.ndarray, beta: float) -> np.ndarray:
 
 
 def pair_noise(n_crops: int, n_noise: int, steps: int, rng: np.random.Generator) -> np.ndarray:
-    """Noise patch index for each crop at each step, shape (N, T), as §3.6: N ≤ M draws N
+    """Noise patch index for each crop at each step, shape (N, T), as the original: N ≤ M draws N
     patches without replacement, N > M tiles the stack ⌈N/M⌉ times, cuts to N and shuffles; the
     paired stack is re-shuffled after every step."""
     if n_noise < 1:

@@ -21,7 +21,8 @@ def _conv(cin: int, cout: int, k: int) -> nn.Conv2d:
 
 class UDenoiseNet(nn.Module):
     """Encoder: 11×11 then five 3×3 stages with max-pooling; decoder: nearest upsampling and
-    concatenation with the skips; the input itself joins at the top (§4.2 of the reference)."""
+    concatenation with the skips; the input itself joins at the top (as in the original CryoDDM
+    program's unet2d.py)."""
 
     def __init__(self, nf: int = 48, base_width: int = 11, top_width: int = 3) -> None:
         super().__init__()

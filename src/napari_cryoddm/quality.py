@@ -1,7 +1,7 @@
-"""Denoising quality against a known clean signal (definitions: shared/notes/quality-metrics.md).
+"""Denoising quality against a known clean signal (the quality metrics of docs/quality.md).
 
-Every number here follows that note exactly, so figures from the demo, the benchmark harness and
-the issues compare:
+Every number here follows those definitions exactly, so figures from the demo, the benchmark
+harness and the research screens compare:
 
 * **r** — least-squares fit F = a·D + b + s(x, y), s spanning the Fourier modes with |k| ≤ 3 cycles
   per image (the "ice band": the truth omits the ice, a denoiser rightly keeps it); r = Pearson(F, C).
@@ -383,7 +383,7 @@ def conformation_accuracy(correct: np.ndarray, correct_raw: np.ndarray) -> Accur
 # ----------------------------------------------------------------------------------------------
 
 def gaussian_lowpass(image: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian low-pass, σ in pixels (the note's peers: σ = 1.5 and 3 px)."""
+    """Gaussian low-pass, σ in pixels (the peers of docs/quality.md: σ = 1.5 and 3 px)."""
     return ndimage.gaussian_filter(np.asarray(image, dtype=np.float32), sigma, mode="reflect")
 
 

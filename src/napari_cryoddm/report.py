@@ -201,7 +201,7 @@ def write_report(folder: str | Path, data: ReportInput,
     montage(files["montage"], data)
     spectra(files["spectra"], data)
     frc_plot(files["frc"], scores)
-    payload = {"definitions": "shared/notes/quality-metrics.md (see quality.py)",
+    payload = {"definitions": "docs/quality.md (napari_cryoddm.quality)",
                "micrographs": data.names, "rows": rows, "notes": data.notes,
                "r_each": {name: s.r_each for name, s in scores.items()}}
     with atomic_write(files["metrics_json"], overwrite=True) as tmp:

@@ -1,8 +1,8 @@
 """Synthetic single-particle micrographs whose clean signal and particles are known exactly.
 
 No public micrograph set with a clean truth exists, so every step is tested against these (the
-picker, forward crops, training and prediction, cs2star). The physics follows
-`shared/notes/quality-metrics.md`:
+picker, forward crops, training and prediction, cs2star). The physics matches the quality
+metrics of docs/quality.md:
 
 * a pseudo-atomic, asymmetric molecule: ~2,000 Gaussian atoms in a few overlapping ellipsoidal
   lobes, ~135 Å across; optionally a second conformation in which a rigid domain holding 20 % of
