@@ -128,28 +128,34 @@ def scheme_original(ckpt: str, src: str, dst: str, device: str = "cpu", **_kw) -
 
 def scheme_ours(ckpt: str, src: str, dst: str, max_tiles: int = 0, precision: str = "fp32",
                 tile: int = 0, device: str = "cpu", compile: bool = False, **_kw) -> dict:
-    """`predict_files` as the CLI runs it; model-only time is the time inside `predict_image`."""
+    """`predict_files` as the CLI runs it; model-only time is the time inside `estimate_job` (tiles, network, stitching)."""
     from napari_cryoddm import predict as P
     from napari_cryoddm.jobs import CancelToken, Cancelled, collect
 
-    inner = P.predict_image
+    inner = P.estimate_job
     spent = {"s": 0.0, "tiles": 0, "shape": None}
     cancel = CancelToken()
 
-    def timed(rt, image, **kw):
+    def timed(rt, image, cancel=None):
+        """The estimate of one micrograph (tiles + network + stitching), timed; stops after
+        `max_tiles` tiles when asked."""
         t = time.perf_counter()
-
-        def on_batch(done, total):
-            spent["tiles"] = done * rt.batch_size
-            if max_tiles and spent["tiles"] >= max_tiles:
-                raise Cancelled("benchmark tile limit")
         try:
-            return inner(rt, image, on_batch=on_batch, **kw)
+            job = inner(rt, image, cancel)
+            while True:
+                try:
+                    ev = next(job)
+                except StopIteration as stop:
+                    return stop.value
+                spent["tiles"] = ev.done * rt.batch_size
+                if max_tiles and spent["tiles"] >= max_tiles:
+                    raise Cancelled("benchmark tile limit")
+                yield ev
         finally:
             spent["s"] += time.perf_counter() - t
             spent["shape"] = P.plan_tiles(image.shape, rt.tile, rt.overlap)  # the tile used
 
-    P.predict_image = timed
+    P.estimate_job = timed
     out_dir = Path(dst).parent
     cfg = P.PredictConfig(device=device, precision=precision, tile=tile, compile=compile)
     t0 = time.perf_counter()

@@ -62,7 +62,8 @@ def test_errors_name_the_choices_and_the_reason():
         resolve_estimator("chain", {"schedule": SCHEDULE}, step=2)
     with pytest.raises(CryoDDMError, match="--estimator 'best'"):
         PredictConfig(estimator="best")
-    assert default_estimator({"schedule": SCHEDULE}) == "chain"
+    assert default_estimator({"schedule": SCHEDULE, "s2_target": "signal"}) == "chain"
+    assert default_estimator({"schedule": SCHEDULE, "s2_target": "step"}) == "direct"
     assert default_estimator({}) == "direct"  # the original program's checkpoints
     assert resolve_estimator("chain", {"schedule": SCHEDULE}).step == 4
 
@@ -89,17 +90,27 @@ def test_prediction_applies_scale_weight_and_gain():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_chain_is_the_default_for_our_checkpoints_and_direct_for_the_originals():
+def test_chain_is_the_default_for_step_target_models_only_when_asked():
     image = np.random.default_rng(1).normal(size=(64, 64)).astype(np.float32)
-    ours = PredictModel(Scale(1.0), metadata={"schedule": SCHEDULE})
+    ours = PredictModel(Scale(1.0), metadata={"schedule": SCHEDULE, "s2_target": "step"})
     theirs = PredictModel(Scale(1.0), metadata={})
-    cfg = PredictConfig(device="cpu")
-    direct = denoise_array(theirs, image, cfg)
-    chain = denoise_array(ours, image, cfg)
-    normed = denoise_array(ours, image, PredictConfig(device="cpu", estimator="direct"))
-    np.testing.assert_allclose(direct, normed, atol=1e-6)  # identity network: D(x) = x
+    direct = denoise_array(theirs, image, PredictConfig(device="cpu"))
+    auto = denoise_array(ours, image, PredictConfig(device="cpu"))
+    np.testing.assert_allclose(direct, auto, atol=1e-6)  # identity network: D(x) = x
+    chain = denoise_array(ours, image, PredictConfig(device="cpu", estimator="chain"))
     est = chain_estimator(0.1288, 5, 4)
-    np.testing.assert_allclose(chain, normed * est.gain * est.scale * (1 - est.weight), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(chain, auto * est.gain * est.scale * (1 - est.weight), rtol=1e-5, atol=1e-5)
+
+
+def test_signal_target_models_default_to_the_scaled_single_pass():
+    """Trained on the signal target, D(√V·x)/√V is the estimate (no λ·x to subtract)."""
+    image = np.random.default_rng(3).normal(size=(64, 64)).astype(np.float32)
+    pm = PredictModel(Scale(0.5, 0.1), metadata={"schedule": SCHEDULE, "s2_target": "signal"})
+    got = denoise_array(pm, image, PredictConfig(device="cpu"))
+    direct = denoise_array(pm, image, PredictConfig(device="cpu", estimator="direct"))
+    est = resolve_estimator("chain", pm.metadata)
+    assert est.weight == 0 and est.gain == pytest.approx(1 / est.scale)
+    np.testing.assert_allclose(got, direct - 0.1 + 0.1 / est.scale, rtol=1e-4, atol=1e-4)
 
 
 def test_tta_averages_the_eight_flips_and_rotations():

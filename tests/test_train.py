@@ -82,8 +82,11 @@ def test_s2_loader_yields_noisier_then_cleaner(fw):
 def test_epoch_plan_phases_partners_and_augmentation(fw):
     data = open_forward(fw["folder"])
     plan = epoch_plan(data.counts, 3, seed=1, epoch=0)
+    blocks = epoch_plan(data.counts, 3, seed=1, epoch=0, interleave=False)
     phases = [int(b[0, 0]) for b in plan]
-    assert phases == sorted(phases)  # S1, then S2, then S3
+    assert [int(b[0, 0]) for b in blocks] == sorted(phases)  # the original's order: S1, S2, S3
+    assert phases != sorted(phases)  # interleaved by default: the same batches, shuffled together
+    assert sorted(map(bytes, map(np.ascontiguousarray, plan))) == sorted(map(bytes, map(np.ascontiguousarray, blocks)))
     s3 = np.concatenate([b for b in plan if b[0, 0] == S3])
     assert sorted(s3[:, 1]) == list(range(4)) and np.all(s3[:, 1] != s3[:, 2])
     assert sorted(np.concatenate([b[:, 1] for b in plan if b[0, 0] == S1])) == [0, 1, 2, 3]
@@ -344,7 +347,7 @@ def test_existing_output_and_resume_without_checkpoint(fw, tmp_path):
     with pytest.raises(InputError, match="no last.pt here"):
         collect(train(fw["folder"], out, _cfg(resume=True)))
     collect(train(fw["folder"], out, _cfg(epochs=1)))
-    with pytest.raises(CryoDDMError, match="already holds last.pt, best.pt; pass --resume"):
+    with pytest.raises(CryoDDMError, match="already holds last.pt, best.pt, history.json; pass --resume"):
         collect(train(fw["folder"], out, _cfg(epochs=1)))
     with pytest.raises(CryoDDMError, match="already finished 1 epochs"):
         collect(train(fw["folder"], out, _cfg(epochs=1, resume=True)))

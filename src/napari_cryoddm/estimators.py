@@ -134,9 +134,13 @@ def resolve_estimator(name: str, metadata: dict[str, Any] | None, step: int = 0,
 
 
 def default_estimator(metadata: dict[str, Any] | None) -> str:
-    """`chain` when the checkpoint knows its schedule, else `direct` (the original's checkpoints)."""
-    sched = (metadata or {}).get("schedule") or {}
-    return "chain" if sched.get("beta") is not None and sched.get("steps") is not None else "direct"
+    """`chain` for checkpoints trained on the signal target (whose output is the signal estimate
+    at the trained noise level), else `direct`: on step-target models the chain combination
+    measured no better than the single pass (docs/research/cpu-denoiser.md)."""
+    meta = metadata or {}
+    sched = meta.get("schedule") or {}
+    known = sched.get("beta") is not None and sched.get("steps") is not None
+    return "chain" if known and meta.get("s2_target") == "signal" else "direct"
 
 
 __all__ = ["ESTIMATORS", "DEFAULT_ESTIMATOR", "Estimator", "chain_statistics", "chain_estimator",

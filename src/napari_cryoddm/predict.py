@@ -78,9 +78,9 @@ class PredictConfig:
     precision: str = _f("auto", "auto (bf16 autocast on a GPU that has it, else fp32), fp32, bf16, "
                                 "fp16 (GPU only)", choices=PRECISIONS)
     estimator: str = _f("auto", "how the network's output becomes the estimate: chain (derived from "
-                                "the forward chain's coefficients; measured best) or direct (the "
-                                "original's single pass); auto: chain when the checkpoint records "
-                                "its schedule, else direct", choices=("auto",) + ESTIMATORS)
+                                "the forward chain's coefficients) or direct (the original's single "
+                                "pass); auto: chain for models trained with --s2-target signal, "
+                                "else direct", choices=("auto",) + ESTIMATORS)
     estimator_step: int = _f(0, "chain estimator: the chain step whose pair the estimate uses "
                                 "(0: the last trained step)", widget=False)
     tta: bool = _f(False, "average the 8 flips/rotations of each micrograph (8× the compute)")

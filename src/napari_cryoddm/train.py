@@ -82,7 +82,7 @@ class TrainConfig:
                 "original (SGD 1e-3, StepLR(100, 0.9) stepped per batch, as CryoDDM did)",
         "choices": RECIPES})
     lr: float | None = field(default=None, metadata={
-        "help": "learning rate (default: 1e-3·√(batch/32), at most 2e-3; the original recipe 1e-3)",
+        "help": "learning rate (default 1e-3 for both recipes)",
         "label": "learning rate"})
     warmup: int = field(default=200, metadata={
         "help": "batches over which the learning rate ramps up linearly from 0 (default recipe)"})
@@ -107,7 +107,7 @@ class TrainConfig:
     s3_weight: float = field(default=1.0, metadata={
         "help": "weight of the S3 (noise → other noise) loss; 0 leaves the phase out",
         "label": "S3 weight"})
-    s2_target: str = field(default="auto", metadata={
+    s2_target: str = field(default="step", metadata={
         "help": "what S2 learns from x_k: signal (the part of x_{k-1} that estimates x_k's clean "
                 "signal, derived from the chain's coefficients: a Noise2Noise target), step "
                 "(x_{k-1} itself, as the original did) or auto (signal when the forward folder "
@@ -160,12 +160,7 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        """Adam's rate follows the batch size (√ scaling, measured stable at 8–64); SGD's is fixed."""
-        if self.lr is not None:
-            return float(self.lr)
-        if self.recipe == "original":
-            return 1e-3
-        return min(2e-3, 1e-3 * math.sqrt(self.batch_size / 32))
+        return float(self.lr) if self.lr is not None else 1e-3
 
 
 # Fields that decide the sequence of batches: a resumed run keeps the stopped run's values.
@@ -602,14 +597,12 @@ def epoch_plan(counts: dict[str, int], batch_size: int, seed: int, epoch: int,
         keys = np.stack([np.full(len(idx), phase), idx,
                          partners if partners is not None else np.full(len(idx), -1),
                          seeds, np.ones(len(idx), dtype=np.int64)], axis=1).astype(np.int64)
-        if phase in skip:
-            continue
         for b in range(0, len(keys), batch_size):
             batches.append(keys[b:b + batch_size])
-    if interleave:
+    if interleave:  # the order of every phase's batches, so leaving one out keeps the others'
         order = np.random.default_rng([int(seed), int(epoch), 0x1A7E]).permutation(len(batches))
         batches = [batches[i] for i in order]
-    return batches
+    return [b for b in batches if int(b[0, 0]) not in skip]
 
 
 def local_keys(batch: np.ndarray, rank: int, world: int) -> np.ndarray:
@@ -956,6 +949,7 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
     interleave = config.recipe != "original"
     n_batches = len(epoch_plan(data.counts, config.batch_size, config.seed, 0, fresh_s2, skip, interleave))
     total = epochs * n_batches
+    warmup = min(warmup, max(1, total // 10)) if warmup else 0  # a short run warms up for a tenth
     plan_config = {k: to_jsonable(getattr(config, k)) for k in _PLAN_FIELDS}
     plan_config["epochs"] = epochs  # a resume without --epochs keeps it
 
