@@ -157,12 +157,15 @@ def scheme_ours(ckpt: str, src: str, dst: str, max_tiles: int = 0, precision: st
 
     P.estimate_job = timed
     out_dir = Path(dst).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
     cfg = P.PredictConfig(device=device, precision=precision, tile=tile, compile=compile)
     t0 = time.perf_counter()
     try:
         collect(P.predict_files(ckpt, src, out_dir, cfg, cancel=cancel))
     except Cancelled:
         pass
+    finally:
+        P.estimate_job = inner
     e2e = time.perf_counter() - t0
     g = spent["shape"]
     info = {"model_s": spent["s"], "e2e_s": e2e, "tiles_run": spent["tiles"],

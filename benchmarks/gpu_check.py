@@ -80,11 +80,21 @@ def _checkpoint_and_micrograph(work: Path, size: int) -> tuple[Path, Path]:
     return ckpt, src
 
 
-def part_predict(args: argparse.Namespace) -> dict[str, Any]:
-    from bench_predict import run_child
+def _scheme(args: argparse.Namespace, name: str, ckpt: Path, src: Path, work: Path, **kw: Any) -> dict[str, Any]:
+    """One prediction scheme: in its own process (its own peak RSS) or, for --smoke, in this one."""
+    from bench_predict import SCHEMES, peak_rss_mb, run_child
 
+    if not args.smoke:
+        return run_child(name, ckpt, src, work, os.cpu_count() or 1, device=args.device, **kw)
+    dst = work / name / (src.stem + ".mrc")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    res = SCHEMES[name](str(ckpt), str(src), str(dst), device=args.device, **kw)
+    res["peak_rss_mb"] = peak_rss_mb()
+    return res
+
+
+def part_predict(args: argparse.Namespace) -> dict[str, Any]:
     size = 256 if args.smoke else 4096
-    threads = os.cpu_count() or 1
     variants = [("topaz", "fp32", False), ("original", "fp32", False), ("ours", "fp32", False)]
     if not args.smoke:
         variants += [("ours", "bf16", False), ("ours", "bf16", True)]
@@ -94,8 +104,8 @@ def part_predict(args: argparse.Namespace) -> dict[str, Any]:
         ckpt, src = _checkpoint_and_micrograph(work, size)
         for name, precision, compiled in variants:
             label = name + ("" if name != "ours" else f" {precision}") + (" compile" if compiled else "")
-            rows[label] = run_child(name, ckpt, src, work / label.replace(" ", "_"), threads,
-                                    precision=precision, device=args.device, compile=compiled)
+            rows[label] = _scheme(args, name, ckpt, src, work / label.replace(" ", "_"),
+                                  precision=precision, compile=compiled)
     topaz = rows["topaz"]["model_s"]
     for label, r in rows.items():
         if label.startswith("ours"):
@@ -146,22 +156,19 @@ def part_ddp(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def part_cpu(args: argparse.Namespace) -> dict[str, Any]:
-    from bench_predict import run_child
-
-    sizes = (256, 512) if args.smoke else (2048, 4096)
-    big, big_tiles = (1024, 2) if args.smoke else (8192, 4)
-    threads = os.cpu_count() or 1
+    sizes = (256,) if args.smoke else (2048, 4096)
+    big, big_tiles = (512, 1) if args.smoke else (8192, 4)
     rows: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for size in sizes:
             ckpt, src = _checkpoint_and_micrograph(work / str(size), size)
-            orig = run_child("original", ckpt, src, work / str(size) / "original", threads)
-            ours = run_child("ours", ckpt, src, work / str(size) / "ours", threads)
+            orig = _scheme(args, "original", ckpt, src, work / str(size) / "original")
+            ours = _scheme(args, "ours", ckpt, src, work / str(size) / "ours")
             rows[str(size)] = {"original_e2e_s": orig["e2e_s"], "ours_e2e_s": ours["e2e_s"],
                                "speedup": orig["e2e_s"] / ours["e2e_s"]}
         ckpt, src = _checkpoint_and_micrograph(work / "big", big)
-        r = run_child("ours", ckpt, src, work / "big" / "ours", threads, max_tiles=big_tiles)
+        r = _scheme(args, "ours", ckpt, src, work / "big" / "ours", max_tiles=big_tiles)
         rows["peak_rss"] = {"size": big, "peak_rss_mb": r["peak_rss_mb"], "tiles_run": r.get("tiles_run")}
     return {"rows": rows}
 
@@ -247,7 +254,18 @@ def markdown(results: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- orchestration
 
 def run_part(name: str, args: argparse.Namespace, budget: float) -> dict[str, Any]:
-    """One part in a child process, killed at its cap; returns its result or why it has none."""
+    """One part in a child process, killed at its cap; returns its result or why it has none
+    (--smoke runs the parts in this process: it checks the code paths, not the caps)."""
+    if args.smoke:
+        import traceback
+
+        t0 = time.perf_counter()
+        try:
+            res = RUNNERS[name](args)
+        except Exception:  # noqa: BLE001 - reported in the table, and the run fails
+            return {"error": traceback.format_exc()[-1500:]}
+        res["part_seconds"] = time.perf_counter() - t0
+        return res
     out = Path(args.out) / f"{name}.json"
     out.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--part", name, "--out", str(args.out), "--device", args.device]
