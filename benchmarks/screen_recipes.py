@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 from _machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from napari_cryoddm.d4 import d4, d4_inverse  # noqa: E402
 from napari_cryoddm.jobs import collect  # noqa: E402
 
 # name → (TrainConfig overrides, data overrides)
@@ -189,8 +190,8 @@ def main(argv: list[str] | None = None) -> None:
                 acc = [np.zeros_like(d) for d in den]
                 for code in range(8):
                     for i, im in enumerate(raw):
-                        t = np.ascontiguousarray(_d4(im, code))
-                        acc[i] += _d4_inv(np.asarray(denoise_array(pm, t, pc, rt), np.float32), code)
+                        t = np.ascontiguousarray(d4(im, code))
+                        acc[i] += d4_inverse(np.asarray(denoise_array(pm, t, pc, rt), np.float32), code)
                 rows[f"{label} + 8× flip/rot TTA"] = q.score([a / 8 for a in acc], clean).as_row()
             meta[label] = {"forward": {"crops": fwm.get("counts")}, "config": overrides, "data": data}
             print(f"  {label}: r {row['r']:.4f} T_high {row['T_high']:.2f} shift {shift} "
@@ -212,16 +213,6 @@ def main(argv: list[str] | None = None) -> None:
         old = json.loads(path.read_text()) if path.is_file() else []
         old.append({"args": vars(args), "machine": machine(), "rows": rows, "meta": meta})
         path.write_text(json.dumps(old, indent=1, default=str))
-
-
-def _d4(image: np.ndarray, code: int) -> np.ndarray:
-    out = np.rot90(image, code % 4)
-    return out[:, ::-1] if code >= 4 else out
-
-
-def _d4_inv(image: np.ndarray, code: int) -> np.ndarray:
-    out = image[:, ::-1] if code >= 4 else image
-    return np.rot90(out, -(code % 4))
 
 
 if __name__ == "__main__":

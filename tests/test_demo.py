@@ -15,10 +15,9 @@ from napari_cryoddm.errors import CryoDDMError
 
 HERE = Path(__file__).parent
 # The model-beats-raw check needs weights that already denoise (one epoch of training here from
-# random weights is a coin toss): a checkpoint from a long enough `cryoddm demo --quick`-sized
-# run (3 Å/px, W = 128) committed here. None exists yet — the 4-epoch CPU run measured in
-# docs/benchmarks.md (the quick demo) stays below the raw data (r 0.057 vs 0.064) — so that check
-# skips, saying so.
+# random weights is a coin toss): a checkpoint that beats its input, committed here. None exists:
+# the CPU runs of docs/research/cpu-denoiser.md all stay below their input, so the check skips,
+# saying so.
 INIT = HERE / "data" / "demo_quick_w128.pt"
 # Required lead of r(model) over r(raw); to be set from seeds 0, 1, 2 when INIT is committed.
 MARGIN = 0.05

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .binning import fourier_bin
+from .d4 import d4, d4_inverse
 from .errors import CryoDDMError, InputError, OutputError, OutputExistsError
 from .estimators import ESTIMATORS, Estimator, default_estimator, resolve_estimator
 from .io.mrc import MrcInfo, list_micrographs, read_micrograph, write_mrc
@@ -452,16 +453,6 @@ def predict_image_job(rt: Runtime, image: np.ndarray, cancel: CancelToken | None
             _shrink(rt, exc)
 
 
-def _d4(image: np.ndarray, code: int) -> np.ndarray:
-    out = np.rot90(image, code % 4)
-    return out[:, ::-1] if code >= 4 else out
-
-
-def _d4_inverse(image: np.ndarray, code: int) -> np.ndarray:
-    out = image[:, ::-1] if code >= 4 else image
-    return np.rot90(out, -(code % 4))
-
-
 def estimate_job(rt: Runtime, image: np.ndarray, cancel: CancelToken | None = None) -> Job[np.ndarray]:
     """The signal estimate of one normalised micrograph: the runtime's estimator around the tiled
     network (`predict_image_job`), averaged over the 8 flips/rotations when `rt.tta`."""
@@ -470,9 +461,9 @@ def estimate_job(rt: Runtime, image: np.ndarray, cancel: CancelToken | None = No
     codes = range(8) if rt.tta else (0,)
     acc: np.ndarray | None = None
     for code in codes:
-        view = np.ascontiguousarray(_d4(x, code)) if code else x
+        view = np.ascontiguousarray(d4(x, code)) if code else x
         pred = yield from predict_image_job(rt, view, cancel)
-        pred = _d4_inverse(pred, code) if code else pred
+        pred = d4_inverse(pred, code) if code else pred
         if acc is None:
             acc = np.ascontiguousarray(pred, dtype=np.float32)
         else:

@@ -53,6 +53,7 @@ from .checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from .config import to_jsonable
 from .errors import CryoDDMError, InputError
 from .jobs import CancelToken, Job, Progress
+from .d4 import d4
 from .linear import LinearPlusNet, fit_transfer, zero_output_layer
 from .model import ARCHITECTURE, STRIDE, UDenoiseNet
 from .normalise import MINMAX, Normalisation
@@ -324,12 +325,6 @@ def open_forward(folder: str | os.PathLike[str]) -> ForwardData:
 
 # ----------------------------------------------------------------------------- augmentation
 
-def d4(image: np.ndarray, code: int) -> np.ndarray:
-    """One of the 8 flips/rotations of a square image (code 0 = identity)."""
-    out = np.rot90(image, code % 4)
-    if code >= 4:
-        out = out[:, ::-1]
-    return out
 
 
 # ----------------------------------------------------------------------------- fresh noise
