@@ -13,7 +13,7 @@ noises of one spectrum, so
 and the signal estimate is Ŝ = (D − λ_k·x_k) / (c_{k−1}·(1 − a_k·λ_k)). For one step that adds
 noise of the same variance (a = c = V_0 = b = 1) this is Noisier2Noise's 2·D − x.
 
-Training can use that split directly (`--s2-target signal`, the default): the target
+Training can use that split directly (`--s2-target signal`): the target
 t = (c_k/keep)·(x_{k−1} − λ_k·x_k), keep = c_{k−1}·(1 − a_k·λ_k), holds c_k·s, the signal part of
 the input x_k, plus noise that is uncorrelated with x_k's (a_k·V_{k−1} − λ_k·V_k = 0). The network
 then learns E[c_k·s | x_k] as a Noise2Noise denoiser does, without first having to learn the
@@ -37,7 +37,6 @@ import numpy as np
 from .errors import CryoDDMError
 
 ESTIMATORS = ("chain", "direct")
-DEFAULT_ESTIMATOR = "chain"
 
 
 @dataclass(frozen=True)
@@ -103,15 +102,14 @@ def estimator_of(st: dict[str, np.ndarray], step: int) -> Estimator:
 
 def signal_target(st: dict[str, np.ndarray], step: int) -> tuple[float, float]:
     """(λ_k, factor): the `signal` training target of pair k is factor·(x_{k−1} − λ_k·x_k)."""
-    est = estimator_of(st, step)
-    keep = st["signal"][step] / (est.gain * est.scale)
-    return est.weight, float(st["signal"][step] / keep)
+    est = estimator_of(st, step)  # factor = c_k/keep, which is the estimator's gain·scale
+    return est.weight, float(est.gain * est.scale)
 
 
 def resolve_estimator(name: str, metadata: dict[str, Any] | None, step: int = 0,
                       source: str = "the model") -> Estimator:
     """The estimator `name` for a checkpoint's metadata; step 0 = the last step it was trained on."""
-    name = (name or DEFAULT_ESTIMATOR).strip().lower()
+    name = name.strip().lower()
     if name not in ESTIMATORS:
         raise CryoDDMError(f"--estimator {name!r}: choose one of {', '.join(ESTIMATORS)}")
     if name == "direct":
@@ -143,6 +141,6 @@ def default_estimator(metadata: dict[str, Any] | None) -> str:
     return "chain" if known and meta.get("s2_target") == "signal" else "direct"
 
 
-__all__ = ["ESTIMATORS", "DEFAULT_ESTIMATOR", "Estimator", "chain_statistics", "chain_estimator",
+__all__ = ["ESTIMATORS", "Estimator", "chain_statistics", "chain_estimator",
            "statistics_of", "estimator_of", "signal_target",
            "resolve_estimator", "default_estimator"]

@@ -158,7 +158,7 @@ class PredictModel:
 
 def estimator_for(pm: PredictModel, config: PredictConfig) -> Estimator:
     """The estimator `config` asks for, derived from the checkpoint's schedule (see `estimators`)."""
-    name = default_estimator(pm.metadata) if config.estimator in ("", "auto") else config.estimator
+    name = default_estimator(pm.metadata) if config.estimator == "auto" else config.estimator
     return resolve_estimator(name, pm.metadata, config.estimator_step, source=pm.name)
 
 

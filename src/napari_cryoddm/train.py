@@ -441,18 +441,13 @@ class PairDataset(Dataset):
 
     def __init__(self, data: ForwardData, augment: bool = True, pool: NoisePool | None = None,
                  coefficients: dict[str, np.ndarray] | None = None,
-                 targets: dict[int, tuple[float, float]] | None = None) -> None:
+                 targets: dict[int, tuple[float, float]] | None = None, noise_scale: float = 1.0) -> None:
         self.data = data
         self.augment = augment
         self.pool = pool
         self.coef = coefficients
         self.targets = targets  # k → (λ_k, factor): S2 learns factor·(x_{k−1} − λ_k·x_k)
-        self.noise_scale = 1.0  # S3 input scale in the signal framing: √V of the last trained step
-        if targets is not None and data.schedule and data.schedule.get("beta") is not None:
-            from .estimators import chain_statistics
-
-            st = chain_statistics(float(data.schedule["beta"]), int(data.schedule["steps"]))
-            self.noise_scale = float(np.sqrt(st["variance"][int(data.schedule["steps"]) - 1]))
+        self.noise_scale = noise_scale  # S3 input scale in the signal framing (`_signal_targets`)
         self._maps: dict[str, np.ndarray] | None = None
         if pool is not None:
             sched = data.schedule or {}
@@ -880,8 +875,9 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
         cache = out / ".cache" / f"rank{rank}"  # each rank its own: no two writers of one file
         pool = yield from build_noise_pool(data, cache, config.max_shift, cancel)
         fresh_s2 = data.counts["particles"] * (int(sched_info["steps"]) - int(sched_info["start"]))
-    targets = _signal_targets(data) if config.s2_target == "signal" else None
-    dataset = PairDataset(data, augment=config.augment, pool=pool, coefficients=coef, targets=targets)
+    targets, noise_scale = _signal_targets(data) if config.s2_target == "signal" else (None, 1.0)
+    dataset = PairDataset(data, augment=config.augment, pool=pool, coefficients=coef, targets=targets,
+                          noise_scale=noise_scale)
 
     # the model: D = H∗x + U(x) with H the closed-form linear solution (see linear.py), or U alone
     transfer = None
@@ -938,13 +934,13 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
         out.mkdir(parents=True, exist_ok=True)
 
     weights = (config.s1_weight, 1.0, config.s3_weight)
-    warmup = config.warmup if config.recipe != "original" else 0
     clip = config.clip if config.recipe != "original" else 0.0
     skip = tuple(p for p, w in enumerate(weights) if w == 0)
     interleave = config.recipe != "original"
     n_batches = len(epoch_plan(data.counts, config.batch_size, config.seed, 0, fresh_s2, skip, interleave))
     total = epochs * n_batches
-    warmup = min(warmup, max(1, total // 10)) if warmup else 0  # a short run warms up for a tenth
+    # the default recipe ramps up over --warmup batches, a short run over its first tenth
+    warmup = 0 if config.recipe == "original" else min(config.warmup, max(1, total // 10))
     plan_config = {k: to_jsonable(getattr(config, k)) for k in _PLAN_FIELDS}
     plan_config["epochs"] = epochs  # a resume without --epochs keeps it
 
@@ -1123,8 +1119,9 @@ def _cpu_has_bf16() -> bool:
         torch.backends.cpu.get_cpu_capability().upper()
 
 
-def _signal_targets(data: ForwardData) -> dict[int, tuple[float, float]]:
-    """k → (λ_k, factor) of the `signal` S2 target for every pair k = start … T of the folder."""
+def _signal_targets(data: ForwardData) -> tuple[dict[int, tuple[float, float]], float]:
+    """k → (λ_k, factor) of the `signal` S2 target for every pair k = start … T of the folder,
+    and S3's input scale: √V of the last trained step, the noise level S2's inputs have."""
     from .estimators import chain_statistics, signal_target
 
     sched = data.schedule or {}
@@ -1132,7 +1129,9 @@ def _signal_targets(data: ForwardData) -> dict[int, tuple[float, float]]:
         raise InputError(data.folder, "records no forward schedule (the original CryoDDM's "
                                       "layout): train it with --s2-target step")
     st = chain_statistics(float(sched["beta"]), int(sched["steps"]))
-    return {k: signal_target(st, k) for k in range(1, int(sched["steps"]) + 1)}
+    steps = int(sched["steps"])
+    return ({k: signal_target(st, k) for k in range(1, steps + 1)},
+            float(np.sqrt(st["variance"][steps - 1])))
 
 
 def _history_epochs(out: Path) -> int | None:
