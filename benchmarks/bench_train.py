@@ -37,13 +37,14 @@ from napari_cryoddm.jobs import collect  # noqa: E402
 
 # ----------------------------------------------------------------------------- speed
 
-def _forward_folder(root: Path, window: int, n: int) -> Path:
-    """A forward folder of n crops at W×W (random-normal pixels: speed does not depend on them)."""
+def _forward_folder(root: Path, window: int, n: int, pairs: int = 3) -> Path:
+    """A forward folder of n crops at W×W with `pairs` S2 pairs per crop (random-normal pixels:
+    speed does not depend on them)."""
     from napari_cryoddm.io.mrc import write_mrc
 
     rng = np.random.default_rng(0)
     fw = root / "fw"
-    for rel, count in (("s1/particles", n), ("s2/input", 3 * n), ("s2/label", 3 * n),
+    for rel, count in (("s1/particles", n), ("s2/input", pairs * n), ("s2/label", pairs * n),
                        ("val/input", 2), ("val/label", 2), ("s3/noise", n)):
         write_mrc(fw / f"{rel}.mrcs", rng.standard_normal((count, window, window), dtype=np.float32))
     return fw

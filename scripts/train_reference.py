@@ -71,7 +71,8 @@ def train_model(fwd: Path, run: Path, args: argparse.Namespace) -> dict[str, Any
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch, device=args.device, precision=args.precision,
                       fresh_noise=True, s1_weight=args.s1_weight, s3_weight=args.s3_weight,
                       seed=args.seed, overwrite=True, lr=args.lr, warmup=args.warmup, clip=args.clip,
-                      init=Path(args.init) if args.init else None)
+                      init=Path(args.init) if args.init else None, s2_target=args.s2_target,
+                      workers=args.workers)
     cancel = CancelToken()
     timer = threading.Timer(args.minutes * 60, cancel.cancel) if args.minutes else None
     losses: list[dict[str, Any]] = []
@@ -219,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--s2-target", default="step", choices=("step", "signal", "auto"))
+    ap.add_argument("--workers", type=int, default=None, help="data-loader processes (default: train's)")
+    ap.add_argument("--forward", type=Path, default=None,
+                    help="train on this forward folder (another run's OUT/forward) instead of building one")
     ap.add_argument("--s1-weight", type=float, default=0.0)
     ap.add_argument("--s3-weight", type=float, default=0.0)
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
@@ -232,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-tta", dest="tta", action="store_false")
     ap.add_argument("--no-export", dest="export", action="store_false")
     ap.add_argument("--evaluate-only", action="store_true")
+    ap.add_argument("--data-only", action="store_true", help="build OUT/forward and stop")
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -245,13 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     report["machine"] = machine()
     report["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     t0 = time.perf_counter()
-    fwd = build_data(root, args)
+    fwd = args.forward or build_data(root, args)
     fm = json.loads((fwd / "forward.json").read_text())
     report["data"] = {"micrographs": args.micrographs, "particles_per_micrograph": args.particles,
                       "crops": fm.get("counts", {}).get("crops"), "noise_boxes": len(fm.get("noise") or []),
                       "window": fm.get("window"), "schedule": fm.get("schedule"), "snr": args.snr,
                       "data_seed": args.data_seed, "seconds": time.perf_counter() - t0}
     print(f"{machine()}\ndata: {report['data']}", flush=True)
+    if args.data_only:
+        report_path.write_text(json.dumps(report, indent=1, default=str))
+        return 0
     run = root / "train"
     if not args.evaluate_only:
         report["train"] = train_model(fwd, run, args)
