@@ -97,17 +97,20 @@ def _scheme(args: argparse.Namespace, name: str, ckpt: Path, src: Path, work: Pa
 
 def part_predict(args: argparse.Namespace) -> dict[str, Any]:
     size = 256 if args.smoke else 4096
-    variants = [("topaz", "fp32", False), ("original", "fp32", False), ("ours", "fp32", False)]
+    variants = [("topaz", "fp32", False, 0), ("original", "fp32", False, 0), ("ours", "fp32", False, 0)]
     if not args.smoke:
-        variants += [("ours", "bf16", False), ("ours", "bf16", True)]
+        variants += [("ours", "bf16", False, 0), ("ours", "bf16", True, 0)]
+    # larger GPU tiles: fewer pixels pushed through the network per output pixel
+    variants += [("ours", p, False, t) for t in args.predict_tiles for p in ("fp32", "bf16")]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         ckpt, src = _checkpoint_and_micrograph(work, size)
-        for name, precision, compiled in variants:
-            label = name + ("" if name != "ours" else f" {precision}") + (" compile" if compiled else "")
+        for name, precision, compiled, tile in variants:
+            label = (name + ("" if name != "ours" else f" {precision}") + (" compile" if compiled else "")
+                     + (f" tile {tile}" if tile else ""))
             rows[label] = _scheme(args, name, ckpt, src, work / label.replace(" ", "_"),
-                                  precision=precision, compile=compiled)
+                                  precision=precision, compile=compiled, tile=tile)
     topaz = rows["topaz"]["model_s"]
     for label, r in rows.items():
         if label.startswith("ours"):
@@ -273,6 +276,8 @@ def run_part(name: str, args: argparse.Namespace, budget: float) -> dict[str, An
     cmd = [sys.executable, __file__, "--part", name, "--out", str(args.out), "--device", args.device]
     if args.smoke:
         cmd.append("--smoke")
+    if args.predict_tiles:
+        cmd += ["--predict-tiles", *map(str, args.predict_tiles)]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=budget)
@@ -292,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="default: cuda, or cpu with --smoke")
     ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     ap.add_argument("--limit", type=float, default=480.0, help="seconds for the whole run")
+    ap.add_argument("--predict-tiles", type=int, nargs="*", default=[],
+                    help="also predict with these tile sizes (ours, fp32 and bf16)")
     ap.add_argument("--cap", type=float, default=None,
                     help="seconds each part may take (default: the budgeted caps of the GPU run)")
     ap.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 STRIDE = 32                 # five 2× poolings: tile origins and sizes are multiples of this
 RECEPTIVE_FIELD_PX = 161    # measured one-sided reach of UDenoiseNet (see measure_receptive_field)
 DEFAULT_OVERLAP = 192       # the smallest multiple of 32 covering it (see plan_tiles)
-DEFAULT_TILE_GPU = 1024
+DEFAULT_TILE_GPU = 2048    # H200, 4096²: 0.68 s model-only vs 0.87 s at 1024 (docs/benchmarks.md)
 DEFAULT_TILE_CPU = 1792     # with lean_forward: 9 tiles per 4k (docs/benchmarks.md)
 CPU_TILES = (1792, 1536, 1280, 1024, 768)  # automatic CPU tiles, largest first
 CPU_BYTES_PER_TILE_PX = 480  # measured peak of lean_forward's activations (fp32) per tile pixel
@@ -67,7 +67,7 @@ class PredictConfig:
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
     batch_size: int = _f(0, "tiles per forward pass; 0 picks one per device (halved automatically "
                             "on a GPU out-of-memory)")
-    tile: int = _f(0, "tile edge in px (a multiple of 32); 0: 1024 on a GPU, on a CPU the largest "
+    tile: int = _f(0, "tile edge in px (a multiple of 32); 0: 2048 on a GPU, on a CPU the largest "
                       "of 1792…768 that fits 1.75 GiB with the micrograph (1792 for 4k, 1536 for "
                       "8k); micrographs smaller than a tile are padded", unit="px")
     overlap: int = _f(DEFAULT_OVERLAP, "context kept on each side of a tile core; must cover the "
