@@ -14,7 +14,7 @@ import torch
 
 from napari_cryoddm.checkpoint import load_checkpoint
 from napari_cryoddm.errors import CryoDDMError, InputError
-from napari_cryoddm.forward import load_micrograph
+from napari_cryoddm.preprocess import read_prepared
 from napari_cryoddm.io.mrc import write_mrc
 from napari_cryoddm.jobs import CancelToken, collect
 from napari_cryoddm.normalise import Normalisation
@@ -131,7 +131,7 @@ def test_fresh_noise_chain_uses_recut_noise(tmp_path):
     flats = []
     for e in (data.manifest["noise"][0], data.manifest["noise"][-1]):  # one per micrograph
         mic = Path(data.manifest["micrographs"][e["micrograph"]]["path"])
-        norm, _ = load_micrograph(mic, 1.0, Normalisation("robust"))
+        norm = read_prepared(mic, 1.0, Normalisation("robust")).image
         flats.append(float(norm[e["y"], e["x"]]))
     assert pool.margin == 8 and pool.patches.shape == (4, 80, 80)
     ds = PairDataset(data, augment=False, pool=pool, coefficients=f["coef"])

@@ -33,25 +33,23 @@ import mrcfile
 import numpy as np
 import pandas as pd
 
-from . import __version__
+from . import __version__, binning, params
 from .atomic import atomic_dir
-from .binning import bin_factor as _bin_factor
-from .binning import binned_shape, fourier_bin
+from .binning import binned_shape
 from .config import to_jsonable
-from .errors import CryoDDMError, InputError, OutputExistsError
-from .io.mrc import MrcInfo, ascii_label, read_header, read_micrograph
+from .forward_layout import FORMAT, FORWARD_LAYOUT, MANIFEST, STACK_FILES, VERSION, is_forward_folder
+from .errors import CryoDDMError, InputError
+from .io.mrc import MrcInfo, ascii_label, read_header
 from .io.noise import read_noise_txt
 from .io.star import read_coordinates
 from .jobs import CancelToken, Job, Progress
+from .preprocess import read_prepared
 from .names import match_names, micrograph_stem
-from .normalise import Normalisation, check_finite, check_not_blank, normalisation_stats, normalise
+from .normalise import Normalisation
 from .params import check_window, window_for_diameter
-from .params import diameter_px as _diameter_px
 
 log = logging.getLogger(__name__)
 
-FORMAT = "napari-cryoddm-forward"
-VERSION = 1
 PRESETS: dict[str, tuple[float, int, int]] = {
     "config1": (0.1288, 5, 2),  # the original's "配置 1", its default and ours
     "config2": (0.1, 6, 2),     # "配置 2"
@@ -59,8 +57,6 @@ PRESETS: dict[str, tuple[float, int, int]] = {
     # target carries the most signal per unit of noise (estimators.py), measured best
     "reference": (0.1288, 5, 4),
 }
-STACKS = ("s1/particles.mrcs", "s2/input.mrcs", "s2/label.mrcs", "val/input.mrcs",
-          "val/label.mrcs", "s3/noise.mrcs")
 SUSPECT_NOISE_LEVEL = 3.0  # |patch median − micrograph median| in robust SDs that flags a patch
 _BLOCK = 32  # crops per chain block: ~32·(T+2)·W² floats in memory (≈ 130 MB at W = 384, T = 5)
 
@@ -313,11 +309,32 @@ def plan_forward(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLi
     Raises a `CryoDDMError` naming the problem for anything a run would fail on, so a bad run
     writes nothing.
     """
-    from .io.mrc import list_micrographs
-
     if out is not None:
         _check_output(Path(out), config.overwrite, [micrographs, _sources(particles),
                                                     _sources(noise)])
+    mics, factor, voxel_size, d, window = _plan_micrographs(micrographs, config)
+    names = [m.path.name for m in mics]
+    crops, counts, msgs = _plan_crops(particles, names, mics, factor, window, config)
+    noise_df, noise_counts = _plan_noise(noise, names, mics, factor, window)
+    _beta, steps, start = config.schedule
+    if d > (1 - 2 * config.jitter) * window:
+        msgs.append(f"the particle (d = {d:.0f} px) is larger than {1 - 2 * config.jitter:.2g}·W "
+                    f"= {(1 - 2 * config.jitter) * window:.0f} px: a jitter of ±{config.jitter:g}·W "
+                    f"can push part of it out of the {window}-px window; use a larger --window "
+                    f"or a smaller --jitter")
+    if d > window:
+        msgs.append(f"the particle (d = {d:.0f} px) is larger than the window W = {window} px")
+    n = len(crops)
+    counts = {"crops": n, "noise": len(noise_df), "s2_pairs": (steps - start) * n, "val_pairs": n,
+              **counts, **noise_counts}
+    return ForwardPlan(config, mics, factor, voxel_size, d, window, crops, noise_df, counts, msgs)
+
+
+def _plan_micrographs(micrographs: Any, config: ForwardConfig
+                      ) -> tuple[list[_Micrograph], float, float, float, int]:
+    """(micrographs, bin factor, binned Å/px or 0, binned diameter, window) from the headers."""
+    from .io.mrc import list_micrographs
+
     paths = list_micrographs(micrographs)
     infos = [read_header(p) for p in paths]
     for info in infos:
@@ -328,9 +345,8 @@ def plan_forward(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLi
     if (config.diameter_A is not None or config.target_apix is not None) and len(apix_values) > 1:
         raise CryoDDMError(f"the micrographs have different pixel sizes ({apix_values} Å/px); "
                            f"give --diameter and --bin in pixels, or run them separately")
-    factor = _bin_factor(apix, config.target_apix, config.bin)
-    d_raw = _diameter_px(config.diameter, config.diameter_A, apix)
-    d = d_raw / factor
+    factor = binning.bin_factor(apix, config.target_apix, config.bin)
+    d = params.diameter_px(config.diameter, config.diameter_A, apix) / factor
     window = check_window(int(config.window)) if config.window else window_for_diameter(d)
     mics = [_Micrograph(p, i, binned_shape(i.image_shape, factor)) for p, i in zip(paths, infos)]
     for m in mics:
@@ -338,18 +354,21 @@ def plan_forward(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLi
             raise InputError(m.path, f"the window W = {window} px is larger than the micrograph "
                                      f"({m.shape[1]}×{m.shape[0]} px after binning ×{factor:g}); "
                                      f"give a smaller --window or --diameter, or bin less")
-    names = [p.name for p in paths]
-    stems = [micrograph_stem(n) for n in names]
+    stems = [micrograph_stem(p.name) for p in paths]
     if len(set(stems)) < len(stems):
         dup = sorted({str(p) for p, s in zip(paths, stems) if stems.count(s) > 1})
         raise CryoDDMError(f"micrographs share a name stem, so coordinates cannot tell them apart: "
                            f"{dup[:4]}")
+    voxel_size = apix * factor if apix and len(apix_values) == 1 else 0.0
+    return mics, factor, voxel_size, d, window
+
+
+def _plan_crops(particles: Any, names: list[str], mics: list[_Micrograph], factor: float,
+                window: int, config: ForwardConfig) -> tuple[pd.DataFrame, dict[str, int], list[str]]:
+    """The crops, in file order: jittered windows inside their micrograph, within the limits."""
     half = window // 2
     shapes = np.array([m.shape for m in mics], dtype=np.int64)
-    seeds = np.random.SeedSequence(config.seed).spawn(2)
-    jitter_rng = np.random.default_rng(seeds[0])
-
-    # particles, in file order
+    jitter_rng = np.random.default_rng(np.random.SeedSequence(config.seed).spawn(2)[0])
     ptable, plabel = _as_table(particles, "particle")
     pidx = _match(ptable, plabel, "particle", names)
     px = np.asarray(ptable["x"], dtype=np.float64) / factor
@@ -380,16 +399,8 @@ def plan_forward(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLi
         per_mic[mi] += 1
         rows.append((mi, cx, cy, float(px[r]), float(py[r])))
     crops = pd.DataFrame(rows, columns=["micrograph", "x", "y", "particle_x", "particle_y"])
-    n_unmatched = int((pidx < 0).sum())
     n_matched = int((pidx >= 0).sum())
-    off_note = ""
-    if off_image:
-        r = off_image[0]
-        ny, nx = shapes[int(pidx[r])]
-        off_note = (f"{len(off_image)} of the {n_matched} matched particles lie outside their "
-                    f"micrograph (e.g. x {px[r] * factor:g}, y {py[r] * factor:g} on "
-                    f"{mics[int(pidx[r])].path.name}, {int(nx * factor)}×{int(ny * factor)} px): "
-                    "coordinates for another pixel size or binning, or for other micrographs?")
+    off_note = _off_image_note(off_image, pidx, px, py, shapes, mics, factor, n_matched)
     if crops.empty and len(off_image) == n_matched:
         raise CryoDDMError(f"{plabel}: {off_note} Nothing to crop; check the coordinates "
                            "(a smaller --window would not help)")
@@ -397,8 +408,29 @@ def plan_forward(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLi
         raise CryoDDMError(f"{plabel}: none of the {n_matched} matched particles "
                            f"gives a {window}×{window} crop inside its micrograph "
                            f"({skipped_outside} leave the image); use a smaller --window or --jitter")
+    counts = {"skipped_outside": skipped_outside, "skipped_limit": skipped_limit,
+              "unmatched_particles": int((pidx < 0).sum()), "particles_read": len(ptable)}
+    return crops, counts, [f"{plabel}: {off_note} They were left out"] if off_image else []
 
-    # noise boxes
+
+def _off_image_note(off_image: list[int], pidx: np.ndarray, px: np.ndarray, py: np.ndarray,
+                    shapes: np.ndarray, mics: list[_Micrograph], factor: float, n_matched: int) -> str:
+    """What to say when particles lie outside their micrograph (another pixel size?)."""
+    if not off_image:
+        return ""
+    r = off_image[0]
+    ny, nx = shapes[int(pidx[r])]
+    return (f"{len(off_image)} of the {n_matched} matched particles lie outside their "
+            f"micrograph (e.g. x {px[r] * factor:g}, y {py[r] * factor:g} on "
+            f"{mics[int(pidx[r])].path.name}, {int(nx * factor)}×{int(ny * factor)} px): "
+            "coordinates for another pixel size or binning, or for other micrographs?")
+
+
+def _plan_noise(noise: Any, names: list[str], mics: list[_Micrograph], factor: float,
+                window: int) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The noise boxes whose W×W patch lies inside their micrograph (duplicates dropped)."""
+    half = window // 2
+    shapes = np.array([m.shape for m in mics], dtype=np.int64)
     ntable, nlabel = _as_table(noise, "noise")
     nidx = _match(ntable, nlabel, "noise", names)
     nx_ = np.floor(np.asarray(ntable["x"], dtype=np.float64) / factor + 0.5).astype(np.int64)
@@ -421,34 +453,10 @@ def plan_forward(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLi
                            f"fits a {window}×{window} patch inside its micrograph "
                            f"({noise_outside} leave the image); pick boxes at least W/2 = {half} px "
                            f"from the edges (binned frame) or use a smaller --window")
-
-    beta, steps, start = config.schedule
-    msgs: list[str] = []
-    if off_image:
-        msgs.append(f"{plabel}: {off_note} They were left out")
-    if d > (1 - 2 * config.jitter) * window:
-        msgs.append(f"the particle (d = {d:.0f} px) is larger than {1 - 2 * config.jitter:.2g}·W "
-                    f"= {(1 - 2 * config.jitter) * window:.0f} px: a jitter of ±{config.jitter:g}·W "
-                    f"can push part of it out of the {window}-px window; use a larger --window "
-                    f"or a smaller --jitter")
-    if d > window:
-        msgs.append(f"the particle (d = {d:.0f} px) is larger than the window W = {window} px")
-    n = len(crops)
-    counts = {"crops": n, "noise": len(noise_df), "s2_pairs": (steps - start) * n, "val_pairs": n,
-              "skipped_outside": skipped_outside, "skipped_limit": skipped_limit,
-              "unmatched_particles": n_unmatched, "noise_outside": noise_outside,
-              "unmatched_noise": int((nidx < 0).sum()), "particles_read": len(ptable),
-              "noise_read": len(ntable)}
-    vs = apix * factor if apix and len(apix_values) == 1 else 0.0
-    return ForwardPlan(config, mics, factor, vs, d, window, crops, noise_df, counts, msgs)
+    return noise_df, {"noise_outside": noise_outside, "unmatched_noise": int((nidx < 0).sum()),
+                      "noise_read": len(ntable)}
 
 
-# what a forward folder holds (recognised for --overwrite in folders written before markers)
-FORWARD_LAYOUT = (*STACKS, "forward.json", "pairs.npz")
-
-
-def _is_forward_folder(folder: Path) -> bool:
-    return (folder / "forward.json").is_file()
 
 
 def _check_output(out: Path, overwrite: bool, inputs: Sequence[Any] = ()) -> None:
@@ -458,7 +466,7 @@ def _check_output(out: Path, overwrite: bool, inputs: Sequence[Any] = ()) -> Non
     from .safety import check_output_folder
 
     finished = (out / "forward.json").exists()
-    check_output_folder(out, "forward", overwrite, inputs, FORWARD_LAYOUT, _is_forward_folder,
+    check_output_folder(out, "forward", overwrite, inputs, FORWARD_LAYOUT, is_forward_folder,
                         ("it holds a finished forward dataset; " if finished else "")
                         + "pass --overwrite to replace it")
 
@@ -531,18 +539,6 @@ def _cut(image: np.ndarray, x: int, y: int, window: int) -> np.ndarray:
     return image[y - h:y - h + window, x - h:x - h + window]
 
 
-def load_micrograph(path: str | os.PathLike[str], factor: float,
-                    spec: Normalisation) -> tuple[np.ndarray, tuple[float, float, float, float]]:
-    """Read, bin (first, when asked) and normalise one micrograph; return it with its stats."""
-    image, _info = read_micrograph(path)
-    if factor != 1:
-        image = fourier_bin(image, factor)
-    check_finite(image, str(path))
-    check_not_blank(image, str(path))
-    stats = normalisation_stats(image, spec)
-    return normalise(image, spec, stats), stats
-
-
 # ----------------------------------------------------------------------------- the job
 
 @dataclass
@@ -572,97 +568,129 @@ def run_forward(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLik
     for msg in plan.warnings:
         log.warning(msg)
         warnings.warn(msg, UserWarning, stacklevel=2)
-    beta, steps, start = plan.schedule
-    n, m, w = plan.counts["crops"], plan.counts["noise"], plan.window
-    used = sorted(set(plan.crops["micrograph"]) | set(plan.noise["micrograph"]))
-    total = len(used) + n
-    spec = config.normalisation
-    coef = schedule_coefficients(beta, steps)
-    stats: dict[int, list[float]] = {}
-    suspect: list[int] = []  # noise patches whose level is far from their micrograph's
-
+    n = plan.counts["crops"]
     with atomic_dir(out, overwrite=config.overwrite, kind="forward",
                     inputs=[micrographs, _sources(particles), _sources(noise)],
-                    layout=FORWARD_LAYOUT, manifest=_is_forward_folder) as tmp:
-        vs = plan.voxel_size
-        tag = f"napari-cryoddm {__version__} forward"
-        writers = {
-            "s1": StackWriter(tmp / "s1/particles.mrcs", n, w, vs, f"{tag}: x0 particle crops"),
-            "s2_in": StackWriter(tmp / "s2/input.mrcs", (steps - start) * n, w, vs, f"{tag}: x_(k-1)"),
-            "s2_lab": StackWriter(tmp / "s2/label.mrcs", (steps - start) * n, w, vs, f"{tag}: x_k"),
-            "val_in": StackWriter(tmp / "val/input.mrcs", n, w, vs, f"{tag}: x_(T-1)"),
-            "val_lab": StackWriter(tmp / "val/label.mrcs", n, w, vs, f"{tag}: x_T"),
-            "s3": StackWriter(tmp / "s3/noise.mrcs", m, w, vs, f"{tag}: noise patches"),
-        }
+                    layout=FORWARD_LAYOUT, manifest=is_forward_folder) as tmp:
+        writers = _open_writers(tmp, plan)
         try:
-            # pass 2: each micrograph once → its crops into s1, its noise patches into s3
-            crop_rows = plan.crops.groupby("micrograph").indices
-            noise_rows = plan.noise.groupby("micrograph").indices
-            for done, mi in enumerate(used):
-                cancel.raise_if_cancelled()
-                mic = plan.micrographs[mi]
-                yield Progress(done, total, f"cutting {mic.path.name}")
-                image, st = load_micrograph(mic.path, plan.factor, spec)
-                stats[mi] = [float(v) for v in st]
-                for i in crop_rows.get(mi, ()):
-                    r = plan.crops.iloc[i]
-                    writers["s1"].write(int(i), _cut(image, int(r.x), int(r.y), w))
-                centre, spread = _background_level(image)
-                for i in noise_rows.get(mi, ()):
-                    r = plan.noise.iloc[i]
-                    patch = _cut(image, int(r.x), int(r.y), w)
-                    writers["s3"].write(int(i), patch)
-                    if abs(float(np.median(patch)) - centre) > SUSPECT_NOISE_LEVEL * spread:
-                        suspect.append(int(i))
-                del image
-
-            # pass 3: the chains, a block of crops at a time, noise read back from s3
-            pair_rng = np.random.default_rng(np.random.SeedSequence(config.seed).spawn(2)[1])
-            noise_index = pair_noise(n, m, steps, pair_rng)
-            for b0 in range(0, n, _BLOCK):
-                cancel.raise_if_cancelled()
-                b1 = min(n, b0 + _BLOCK)
-                yield Progress(len(used) + b0, total, f"diffusing crops {b0 + 1}–{b1} of {n}")
-                x = writers["s1"].read(range(b0, b1))
-                for k in range(1, steps + 1):
-                    noises = writers["s3"].read(noise_index[b0:b1, k - 1])
-                    x_new = diffuse_step(x, noises, coef["x_coef"][k - 1], coef["noise_coef"][k - 1])
-                    if start <= k < steps:
-                        writers["s2_in"].write((k - start) * n + b0, x)
-                        writers["s2_lab"].write((k - start) * n + b0, x_new)
-                    elif k == steps:
-                        writers["val_in"].write(b0, x)
-                        writers["val_lab"].write(b0, x_new)
-                    x = x_new
+            stats, suspect = yield from _cut_micrographs(plan, writers, cancel)
+            noise_index = yield from _diffuse(plan, writers, cancel)
         finally:
             for wr in writers.values():
                 wr.close()
         cancel.raise_if_cancelled()
-
-        # pairs.npz: enough to recompute every saved pair from s1 and s3
-        ks = np.arange(start, steps + 1)
-        pair_k = np.repeat(ks, n).astype(np.int32)
-        pair_crop = np.tile(np.arange(n), len(ks)).astype(np.int64)
-        pair_set = np.where(pair_k < steps, "s2", "val")
-        pair_index = np.where(pair_k < steps, (pair_k - start) * n + pair_crop, pair_crop)
-        with open(tmp / "pairs.npz", "wb") as fh:
-            np.savez(fh, crop=pair_crop, k=pair_k, set=pair_set.astype("U3"),
-                     index=pair_index.astype(np.int64), noise=noise_index[pair_crop].astype(np.int64),
-                     beta=np.float64(beta), steps=np.int64(steps), start=np.int64(start))
-        suspect.sort()
-        plan.counts["noise_suspect"] = len(suspect)
-        if suspect:
-            msg = (f"{len(suspect)} of {m} noise patches (s3 indices {suspect[:8]}"
-                   f"{' …' if len(suspect) > 8 else ''}) sit more than {SUSPECT_NOISE_LEVEL:g} "
-                   f"robust SDs from their micrograph's median — likely contamination, carbon or "
-                   f"ice edges, not background; check those boxes")
-            log.warning(msg)
-            warnings.warn(msg, UserWarning, stacklevel=2)
-            plan.warnings.append(msg)
+        _write_pairs(tmp / "pairs.npz", plan, noise_index)
+        _flag_suspect(plan, suspect)
         manifest = _manifest(plan, stats, suspect)
-        (tmp / "forward.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    yield Progress(total, total, f"wrote {n} crops, {plan.counts['s2_pairs']} s2 pairs")
-    return ForwardResult(out, plan.counts, w, manifest, plan.warnings)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    yield Progress(_total(plan), _total(plan), f"wrote {n} crops, {plan.counts['s2_pairs']} s2 pairs")
+    return ForwardResult(out, plan.counts, plan.window, manifest, plan.warnings)
+
+
+def _used(plan: ForwardPlan) -> list[int]:
+    """The micrographs that hold a crop or a noise patch."""
+    return sorted(set(plan.crops["micrograph"]) | set(plan.noise["micrograph"]))
+
+
+def _total(plan: ForwardPlan) -> int:
+    return len(_used(plan)) + plan.counts["crops"]
+
+
+def _open_writers(folder: Path, plan: ForwardPlan) -> dict[str, StackWriter]:
+    """One preallocated stack per role of the layout (`forward_layout.STACK_FILES`)."""
+    _beta, steps, start = plan.schedule
+    n, m, w, vs = plan.counts["crops"], plan.counts["noise"], plan.window, plan.voxel_size
+    tag = f"napari-cryoddm {__version__} forward"
+    sizes = {"particles": (n, "x0 particle crops"), "s2_input": ((steps - start) * n, "x_(k-1)"),
+             "s2_label": ((steps - start) * n, "x_k"), "val_input": (n, "x_(T-1)"),
+             "val_label": (n, "x_T"), "noise": (m, "noise patches")}
+    return {key: StackWriter(folder / STACK_FILES[key], count, w, vs, f"{tag}: {what}")
+            for key, (count, what) in sizes.items()}
+
+
+def _cut_micrographs(plan: ForwardPlan, writers: dict[str, StackWriter],
+                     cancel: CancelToken) -> Job[tuple[dict[int, list[float]], list[int]]]:
+    """Pass 2: each micrograph once → its crops into s1, its noise patches into s3; returns the
+    normalisation stats per micrograph and the noise patches whose level is far from theirs."""
+    w, spec = plan.window, plan.config.normalisation
+    stats: dict[int, list[float]] = {}
+    suspect: list[int] = []
+    crop_rows = plan.crops.groupby("micrograph").indices
+    noise_rows = plan.noise.groupby("micrograph").indices
+    for done, mi in enumerate(_used(plan)):
+        cancel.raise_if_cancelled()
+        mic = plan.micrographs[mi]
+        yield Progress(done, _total(plan), f"cutting {mic.path.name}")
+        prep = read_prepared(mic.path, plan.factor, spec)
+        image, st = prep.image, prep.stats
+        stats[mi] = [float(v) for v in st]
+        for i in crop_rows.get(mi, ()):
+            r = plan.crops.iloc[i]
+            writers["particles"].write(int(i), _cut(image, int(r.x), int(r.y), w))
+        centre, spread = _background_level(image)
+        for i in noise_rows.get(mi, ()):
+            r = plan.noise.iloc[i]
+            patch = _cut(image, int(r.x), int(r.y), w)
+            writers["noise"].write(int(i), patch)
+            if abs(float(np.median(patch)) - centre) > SUSPECT_NOISE_LEVEL * spread:
+                suspect.append(int(i))
+        del image
+    return stats, sorted(suspect)
+
+
+def _diffuse(plan: ForwardPlan, writers: dict[str, StackWriter], cancel: CancelToken) -> Job[np.ndarray]:
+    """Pass 3: the chains, a block of crops at a time, noise read back from s3; returns the
+    noise index (crop × step) for pairs.npz."""
+    beta, steps, start = plan.schedule
+    n, m = plan.counts["crops"], plan.counts["noise"]
+    coef = schedule_coefficients(beta, steps)
+    pair_rng = np.random.default_rng(np.random.SeedSequence(plan.config.seed).spawn(2)[1])
+    noise_index = pair_noise(n, m, steps, pair_rng)
+    for b0 in range(0, n, _BLOCK):
+        cancel.raise_if_cancelled()
+        b1 = min(n, b0 + _BLOCK)
+        yield Progress(len(_used(plan)) + b0, _total(plan), f"diffusing crops {b0 + 1}–{b1} of {n}")
+        x = writers["particles"].read(range(b0, b1))
+        for k in range(1, steps + 1):
+            noises = writers["noise"].read(noise_index[b0:b1, k - 1])
+            x_new = diffuse_step(x, noises, coef["x_coef"][k - 1], coef["noise_coef"][k - 1])
+            if start <= k < steps:
+                writers["s2_input"].write((k - start) * n + b0, x)
+                writers["s2_label"].write((k - start) * n + b0, x_new)
+            elif k == steps:
+                writers["val_input"].write(b0, x)
+                writers["val_label"].write(b0, x_new)
+            x = x_new
+    return noise_index
+
+
+def _write_pairs(path: Path, plan: ForwardPlan, noise_index: np.ndarray) -> None:
+    """pairs.npz: enough to recompute every saved pair from s1 and s3."""
+    beta, steps, start = plan.schedule
+    n = plan.counts["crops"]
+    ks = np.arange(start, steps + 1)
+    pair_k = np.repeat(ks, n).astype(np.int32)
+    pair_crop = np.tile(np.arange(n), len(ks)).astype(np.int64)
+    pair_set = np.where(pair_k < steps, "s2", "val")
+    pair_index = np.where(pair_k < steps, (pair_k - start) * n + pair_crop, pair_crop)
+    with open(path, "wb") as fh:
+        np.savez(fh, crop=pair_crop, k=pair_k, set=pair_set.astype("U3"),
+                 index=pair_index.astype(np.int64), noise=noise_index[pair_crop].astype(np.int64),
+                 beta=np.float64(beta), steps=np.int64(steps), start=np.int64(start))
+
+
+def _flag_suspect(plan: ForwardPlan, suspect: list[int]) -> None:
+    """Say which noise patches look like contamination rather than background."""
+    plan.counts["noise_suspect"] = len(suspect)
+    if suspect:
+        msg = (f"{len(suspect)} of {plan.counts['noise']} noise patches (s3 indices {suspect[:8]}"
+               f"{' …' if len(suspect) > 8 else ''}) sit more than {SUSPECT_NOISE_LEVEL:g} "
+               f"robust SDs from their micrograph's median — likely contamination, carbon or "
+               f"ice edges, not background; check those boxes")
+        log.warning(msg)
+        warnings.warn(msg, UserWarning, stacklevel=3)
+        plan.warnings.append(msg)
 
 
 def _background_level(image: np.ndarray) -> tuple[float, float]:
@@ -718,20 +746,6 @@ def _manifest(plan: ForwardPlan, stats: dict[int, list[float]],
     })
 
 
-def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """A finished forward folder's `forward.json` (for training and the widget)."""
-    path = Path(folder) / "forward.json"
-    if not path.is_file():
-        raise InputError(folder, "is not a forward dataset (no forward.json)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(path, f"not valid JSON ({exc})") from None
-    if manifest.get("format") != FORMAT or not manifest.get("complete"):
-        raise InputError(path, "is not a complete napari-cryoddm forward manifest")
-    return manifest
-
-
 # ----------------------------------------------------------------------------- preview
 
 def preview_chain(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
@@ -753,7 +767,7 @@ def preview_chain(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathL
 
     def image(mi: int) -> np.ndarray:
         if mi not in images:
-            images[mi] = load_micrograph(plan.micrographs[mi].path, plan.factor, spec)[0]
+            images[mi] = read_prepared(plan.micrographs[mi].path, plan.factor, spec).image
         return images[mi]
 
     x0 = _cut(image(int(target.micrograph)), int(target.x), int(target.y), plan.window).copy()

@@ -31,14 +31,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .binning import fourier_bin
 from .d4 import d4, d4_inverse
+
+from .devices import PREDICT_PRECISIONS, autocast_dtype, resolve_device
 from .errors import CryoDDMError, InputError, OutputError, OutputExistsError
 from .estimators import ESTIMATORS, Estimator, default_estimator, resolve_estimator
-from .io.mrc import MrcInfo, list_micrographs, read_micrograph, write_mrc
+from .io.mrc import list_micrographs, write_mrc
 from .jobs import CancelToken, Job, Progress, collect
 from .names import micrograph_stem
-from .normalise import Normalisation, check_finite, normalisation_stats, normalise
+from .preprocess import Prepared, prepare, read_prepared, restore_intensity
+from .normalise import Normalisation
 from .safety import NO_ROOM
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,6 @@ CPU_TILES = (1792, 1536, 1280, 1024, 768)  # automatic CPU tiles, largest first
 CPU_BYTES_PER_TILE_PX = 480  # measured peak of lean_forward's activations (fp32) per tile pixel
 CPU_MEMORY_BUDGET = int(1.75 * 2**30)  # keeps an 8k micrograph under 2 GB peak RSS
 INTENSITIES = ("normalised", "input")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -77,7 +78,7 @@ class PredictConfig:
                                       "on, comparable across micrographs) or 'input' (mapped back "
                                       "to the input's units)", choices=INTENSITIES)
     precision: str = _f("auto", "auto (bf16 autocast on a GPU that has it, else fp32), fp32, bf16, "
-                                "fp16 (GPU only)", choices=PRECISIONS)
+                                "fp16 (GPU only)", choices=PREDICT_PRECISIONS)
     estimator: str = _f("auto", "how the network's output becomes the estimate: chain (derived from "
                                 "the forward chain's coefficients) or direct (the original's single "
                                 "pass); auto: chain for models trained with --s2-target signal, "
@@ -102,8 +103,8 @@ class PredictConfig:
     def __post_init__(self) -> None:
         if self.intensity not in INTENSITIES:
             raise CryoDDMError(f"--intensity {self.intensity!r}: use normalised or input")
-        if self.precision not in PRECISIONS:
-            raise CryoDDMError(f"--precision {self.precision!r}: use {', '.join(PRECISIONS)}")
+        if self.precision not in PREDICT_PRECISIONS:
+            raise CryoDDMError(f"--precision {self.precision!r}: use {', '.join(PREDICT_PRECISIONS)}")
         if self.tile and (self.tile < 64 or self.tile % STRIDE):
             raise CryoDDMError(f"--tile {self.tile}: use a multiple of 32, at least 64")
         if self.overlap < 0:
@@ -243,28 +244,6 @@ def pad_image(image: np.ndarray, grid: TileGrid) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- devices and runtime
 
-def resolve_device(spec: str = "auto") -> torch.device:
-    from .train import resolve_device as _resolve
-
-    return _resolve(spec)
-
-
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """None = fp32. auto → bf16 on GPUs that have it (fp16 otherwise), fp32 on CPUs (bf16 on a
-    CPU is faster on AVX-512-BF16 parts but changes results; it is an explicit choice)."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise CryoDDMError("--precision fp16 needs a GPU; use bf16 or fp32 on a CPU")
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
-
-
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
@@ -314,7 +293,7 @@ def make_runtime(model: nn.Module, config: PredictConfig, device: torch.device |
     tile = config.tile or (DEFAULT_TILE_GPU if device.type == "cuda" else DEFAULT_TILE_CPU)
     batch = config.batch_size or (8 if device.type == "cuda" else 1)
     lean = device.type == "cpu" and not config.compile
-    return Runtime(model, device, tile, batch, config.overlap, autocast_dtype(device, config.precision),
+    return Runtime(model, device, tile, batch, config.overlap, autocast_dtype(device, config.precision, fp16=True),
                    channels_last, lean, auto_tile=not config.tile and device.type == "cpu",
                    estimator=estimator or Estimator("direct"), tta=bool(config.tta), linear=linear)
 
@@ -590,46 +569,6 @@ def measure_receptive_field(model: nn.Module | None = None, size: int = 416) -> 
 
 # ----------------------------------------------------------------------------- one micrograph
 
-@dataclass
-class Prepared:
-    """A micrograph read, binned and normalised: what the network sees, plus how to undo it."""
-
-    path: Path
-    info: MrcInfo
-    image: np.ndarray
-    stats: tuple[float, float, float, float]
-    voxel_size: float
-    bin_factor: float
-
-
-def prepare(path: str | os.PathLike[str], pm: PredictModel) -> Prepared:
-    """Read, check, bin (as the checkpoint was trained) and normalise one micrograph."""
-    raw, info = read_micrograph(path)
-    check_finite(raw, str(path))
-    return prepare_array(raw, pm, Path(path), info)
-
-
-def prepare_array(raw: np.ndarray, pm: PredictModel, path: Path | None = None,
-                  info: MrcInfo | None = None, voxel_size: float = 0.0) -> Prepared:
-    if pm.bin_factor and pm.bin_factor != 1:
-        raw = fourier_bin(raw, pm.bin_factor)
-    stats = normalisation_stats(raw, pm.normalisation)
-    img = normalise(raw, pm.normalisation, stats)
-    del raw
-    vs = (info.voxel_size if info is not None else voxel_size) or 0.0
-    return Prepared(path or Path("<array>"), info, img, stats, vs * (pm.bin_factor or 1.0),
-                    pm.bin_factor or 1.0)
-
-
-def finish(pred: np.ndarray, prep: Prepared, intensity: str) -> np.ndarray:
-    """Map back to the input's units when asked: the inverse of the normalisation's affine part."""
-    if intensity == "input":
-        _lo, _hi, offset, scale = prep.stats
-        pred *= np.float32(scale)
-        pred += np.float32(offset)
-    return pred
-
-
 def denoise_job(model: PredictModel | nn.Module, raw: np.ndarray, config: PredictConfig | None = None,
                 runtime: Runtime | None = None, cancel: CancelToken | None = None,
                 source: str = "image") -> Job[np.ndarray]:
@@ -637,11 +576,10 @@ def denoise_job(model: PredictModel | nn.Module, raw: np.ndarray, config: Predic
     what the widget shows, and what `predict_files` writes for the same pixels."""
     pm = as_predict_model(model)
     config = config or PredictConfig()
-    check_finite(raw, source)
     rt = runtime or runtime_for(pm, config)
-    prep = prepare_array(np.asarray(raw, dtype=np.float32), pm)
+    prep = prepare(np.asarray(raw, dtype=np.float32), pm.bin_factor, pm.normalisation, source)
     pred = yield from estimate_job(rt, prep.image, cancel)
-    return finish(pred, prep, config.intensity)
+    return restore_intensity(pred, prep, config.intensity)
 
 
 def denoise_array(model: PredictModel | nn.Module, raw: np.ndarray, config: PredictConfig | None = None,
@@ -726,8 +664,8 @@ def _check_out_dir(out_dir: Path, inputs: Sequence[Any] = ()) -> None:
 def predict_one_file(pm: PredictModel, rt: Runtime, src: Path, dst: Path, config: PredictConfig,
                      cancel: CancelToken | None = None) -> Path:
     """Denoise one file to `dst` (atomic). The unit of work of the dask path too."""
-    prep = prepare(src, pm)
-    pred = finish(collect(estimate_job(rt, prep.image, cancel)), prep, config.intensity)
+    prep = read_prepared(src, pm.bin_factor, pm.normalisation)
+    pred = restore_intensity(collect(estimate_job(rt, prep.image, cancel)), prep, config.intensity)
     check_output(pred, src, pm)
     grid = plan_tiles(prep.image.shape, rt.tile, rt.overlap)
     return write_mrc(dst, pred, voxel_size=prep.voxel_size or None, overwrite=config.overwrite,
@@ -809,7 +747,7 @@ def predict_files(model: PredictModel | nn.Module | str | os.PathLike[str], inpu
                 if cancel.cancelled:
                     break
                 prep = cur.result()
-                pred = finish(collect(estimate_job(rt, prep.image, cancel)), prep, config.intensity)
+                pred = restore_intensity(collect(estimate_job(rt, prep.image, cancel)), prep, config.intensity)
                 check_output(pred, src, pm)
                 grid = plan_tiles(prep.image.shape, rt.tile, rt.overlap)
                 labels = _labels(prep, pm, config, grid)
@@ -916,8 +854,8 @@ class _Pipeline:
 
     def read(self, path: Path, pm: PredictModel) -> Future:
         if self._reader is None:
-            return _LazyFuture(prepare, path, pm)
-        return self._reader.submit(prepare, path, pm)
+            return _LazyFuture(read_prepared, path, pm.bin_factor, pm.normalisation)
+        return self._reader.submit(read_prepared, path, pm.bin_factor, pm.normalisation)
 
     def write(self, dst: Path, pred: np.ndarray, voxel_size: float, overwrite: bool,
               labels: list[str]) -> Future:

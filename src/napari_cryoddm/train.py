@@ -51,20 +51,19 @@ from . import __version__
 from .atomic import atomic_write
 from .checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from .config import to_jsonable
+from .forward_layout import ForwardData, open_forward
 from .errors import CryoDDMError, InputError
 from .jobs import CancelToken, Job, Progress
 from .d4 import d4
+from .devices import TRAIN_PRECISIONS, agreed, autocast_dtype, cpu_has_bf16, join_process_group, resolve_device
 from .linear import LinearPlusNet, fit_transfer, zero_output_layer
-from .model import ARCHITECTURE, STRIDE, UDenoiseNet
-from .normalise import MINMAX, Normalisation
+from .model import ARCHITECTURE, UDenoiseNet
+from .normalise import Normalisation
 
 log = logging.getLogger(__name__)
 
 PHASES = ("s1", "s2", "s3")
 S1, S2, S3 = 0, 1, 2
-STACK_FILES = {"particles": "s1/particles.mrcs", "s2_input": "s2/input.mrcs",
-               "s2_label": "s2/label.mrcs", "val_input": "val/input.mrcs",
-               "val_label": "val/label.mrcs", "noise": "s3/noise.mrcs"}
 RECIPES = ("default", "original")
 HISTORY = "history.json"
 
@@ -94,7 +93,7 @@ class TrainConfig:
         "help": "auto, cpu, cuda, cuda:N or mps (auto: the GPU of this rank if any, else CPU)"})
     precision: str = field(default="auto", metadata={
         "help": "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16",
-        "choices": ("auto", "fp32", "bf16")})
+        "choices": TRAIN_PRECISIONS})
     augment: bool = field(default=True, metadata={
         "help": "random flips and 90° rotations (the same for input and target)"})
     fresh_noise: bool = field(default=False, metadata={
@@ -171,160 +170,11 @@ _PLAN_FIELDS = ("batch_size", "recipe", "lr", "augment", "fresh_noise", "max_shi
 
 # ----------------------------------------------------------------------------- devices
 
-def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.device:
-    """`auto`/`cpu`/`cuda`/`cuda:N`/`mps` → a device that exists, or a `CryoDDMError` saying why not."""
-    spec = (spec or "auto").strip().lower()
-    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if spec == "auto":
-        if n_cuda:
-            return torch.device("cuda", (local_rank or 0) % n_cuda)
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise CryoDDMError("--device mps: Apple's Metal backend is not available here "
-                               "(macOS with an Apple-silicon GPU and an MPS build of PyTorch)")
-        return torch.device("mps")
-    if spec == "cuda" or spec.startswith("cuda:") or spec.isdigit():
-        index_text = spec.split(":", 1)[1] if ":" in spec else (spec if spec.isdigit() else "")
-        if index_text and not index_text.isdigit():
-            raise CryoDDMError(f"--device {spec}: a GPU is named cuda:N with N a number")
-        index = int(index_text) if index_text else (local_rank or 0)
-        if not n_cuda:
-            raise CryoDDMError(f"--device {spec}: no CUDA GPU is available here (PyTorch "
-                               f"{torch.__version__}, CUDA {'built' if torch.backends.cuda.is_built() else 'not built'}); "
-                               "use --device cpu")
-        if index >= n_cuda:
-            listed = ", ".join(f"cuda:{i}" for i in range(n_cuda))
-            raise CryoDDMError(f"--device {spec}: there is no GPU {index}; this machine has "
-                               f"{n_cuda} ({listed})")
-        return torch.device("cuda", index)
-    raise CryoDDMError(f"--device {spec!r}: use auto, cpu, cuda, cuda:N or mps")
-
-
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """bf16 autocast on GPUs that support it (auto), or when asked; None means plain fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
 
 # ----------------------------------------------------------------------------- the forward folder
 
-def _stack_header(path: Path) -> tuple[int, int, int, int]:
-    """(n, y, x, data offset) of a float32 stack, from its header; InputError otherwise."""
-    from .io.mrc import read_header
-
-    info = read_header(path)
-    if len(info.shape) == 2:
-        n, (ny, nx) = 1, info.shape
-    else:
-        n, ny, nx = info.shape
-    if np.dtype(info.dtype) != np.dtype("<f4"):
-        raise InputError(path, f"holds {np.dtype(info.dtype).name} pixels; the forward step writes float32")
-    if info.compressed:
-        raise InputError(path, "is compressed; training memory-maps the stacks (decompress it first)")
-    return n, ny, nx, 1024 + info.nsymbt
-
-
-@dataclass
-class ForwardData:
-    """A checked forward folder: stack sizes, window, manifest (None for the original's folders)."""
-
-    folder: Path
-    window: int
-    counts: dict[str, int]
-    offsets: dict[str, int]
-    manifest: dict[str, Any] | None
-    warnings: list[str] = field(default_factory=list)
-
-    def path(self, key: str) -> Path:
-        return self.folder / STACK_FILES[key]
-
-    @property
-    def normalisation(self) -> dict[str, Any]:
-        if self.manifest and self.manifest.get("normalisation"):
-            return dict(self.manifest["normalisation"])
-        return MINMAX.to_dict()
-
-    @property
-    def schedule(self) -> dict[str, Any] | None:
-        if not self.manifest:
-            return None
-        s = self.manifest.get("schedule") or {}
-        return {"beta": s.get("beta"), "steps": s.get("steps"), "start": s.get("start")}
-
-    def summary(self) -> dict[str, Any]:
-        """What a checkpoint records about its training data (JSON-safe, small)."""
-        m = self.manifest or {}
-        return to_jsonable({
-            "path": str(self.folder.resolve()), "window": self.window, "stacks": self.counts,
-            "has_manifest": self.manifest is not None,
-            "counts": m.get("counts"), "seed": m.get("seed"), "jitter": m.get("jitter"),
-            "noisier_member": m.get("noisier_member", "label"),
-            "micrographs": len(m.get("micrographs") or []),
-            "package_version": m.get("package_version"),
-        })
-
-
-def open_forward(folder: str | os.PathLike[str]) -> ForwardData:
-    """Check a forward folder (ours or the original's) before anything is trained or written."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise InputError(folder, "no such folder")
-    if not folder.is_dir():
-        raise InputError(folder, "is not a folder (give the forward step's output folder)")
-    missing = [rel for rel in STACK_FILES.values() if not (folder / rel).is_file()]
-    if missing:
-        raise InputError(folder, "is not a forward folder: missing " + ", ".join(missing)
-                         + " (a forward folder holds s1/, s2/, s3/ and val/; run `cryoddm forward`)")
-    counts, offsets, shapes = {}, {}, {}
-    for key, rel in STACK_FILES.items():
-        n, ny, nx, off = _stack_header(folder / rel)
-        counts[key], offsets[key], shapes[key] = n, off, (ny, nx)
-    sizes = set(shapes.values())
-    if len(sizes) != 1:
-        listed = ", ".join(f"{STACK_FILES[k]} {s[1]}×{s[0]}" for k, s in shapes.items())
-        raise InputError(folder, f"the stacks have different image sizes ({listed})")
-    ny, nx = sizes.pop()
-    if ny != nx:
-        raise InputError(folder / STACK_FILES["particles"], f"images are {nx}×{ny}; training needs square W×W crops")
-    if nx % STRIDE or nx < STRIDE:
-        raise InputError(folder / STACK_FILES["particles"],
-                         f"window {nx} px is not a multiple of {STRIDE} (the network pools five times)")
-    for a, b in (("s2_input", "s2_label"), ("val_input", "val_label")):
-        if counts[a] != counts[b]:
-            raise InputError(folder / STACK_FILES[b], f"holds {counts[b]} images but "
-                             f"{STACK_FILES[a]} holds {counts[a]}: the pairs do not match")
-    if counts["noise"] < 2:
-        raise InputError(folder / STACK_FILES["noise"], "S3 pairs different noise patches: needs at least 2")
-    notes: list[str] = []
-    manifest = None
-    if (folder / "forward.json").is_file():
-        from .forward import read_manifest
-
-        manifest = read_manifest(folder)
-        if int(manifest.get("window", nx)) != nx:
-            raise InputError(folder / "forward.json", f"says window {manifest.get('window')} but "
-                             f"the stacks hold {nx}×{nx} images")
-        if manifest.get("noisier_member", "label") != "label":
-            raise InputError(folder / "forward.json", "noisier_member is not 'label'; "
-                             "this folder was written by an incompatible forward step")
-    else:
-        notes.append(f"{folder}: no forward.json (the original CryoDDM's layout): assuming min–max "
-                     "normalised micrographs, bin 1, schedule unknown")
-    return ForwardData(folder, nx, counts, offsets, manifest, notes)
-
 
 # ----------------------------------------------------------------------------- augmentation
-
 
 
 # ----------------------------------------------------------------------------- fresh noise
@@ -346,7 +196,7 @@ def build_noise_pool(data: ForwardData, cache: Path, max_shift: int | None = Non
                      cancel: CancelToken | None = None) -> Job[NoisePool]:
     """Re-read the micrographs of the recorded noise centres (binned and normalised exactly as the
     forward step did) and cache W+2S patches around them as one float32 file."""
-    from .forward import load_micrograph
+    from .preprocess import read_prepared
 
     m = data.manifest
     if not m or not m.get("noise") or not m.get("micrographs"):
@@ -384,7 +234,7 @@ def build_noise_pool(data: ForwardData, cache: Path, max_shift: int | None = Non
         if not mpath.exists():
             raise InputError(mpath, "micrograph named in forward.json is gone; --fresh-noise re-cuts "
                                     "noise from the micrographs (train without it, or restore the file)")
-        image, _ = load_micrograph(mpath, factor, spec)
+        image = read_prepared(mpath, factor, spec).image
         ny, nx = image.shape
         pts = np.asarray(parts.get(mi, []), dtype=np.float64).reshape(-1, 2)
         for i in idx:
@@ -702,23 +552,6 @@ class TrainResult:
     best: Path | None = None
 
 
-def _dist(device_spec: str = "auto") -> tuple[int, int, bool]:
-    """(rank, world size, initialised here?) — joining a torchrun launch when there is one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and dist.is_available():
-        on_gpu = torch.cuda.is_available() and device_spec.strip().lower() != "cpu"
-        backend = "nccl" if on_gpu else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
-        return dist.get_rank(), dist.get_world_size(), True
-    return 0, 1, False
-
-
 def _is_our_checkpoint(path: Path) -> bool:
     """A napari-cryoddm checkpoint, told from its pickle's bytes without unpickling anything."""
     try:
@@ -777,7 +610,7 @@ def train(forward_dir: str | os.PathLike[str], out: str | os.PathLike[str],
     cancel = cancel or CancelToken()
     out = Path(out)
     data = open_forward(forward_dir)
-    rank, world, own_group = _dist(config.device)
+    rank, world, own_group = join_process_group(config.device)
     try:
         return (yield from _train(data, out, config, cancel, rank, world, epochs_given))
     finally:
@@ -854,7 +687,7 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     amp = autocast_dtype(device, config.precision)
-    if amp is torch.bfloat16 and device.type == "cpu" and not _cpu_has_bf16():
+    if amp is torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16():
         log.warning("--precision bf16 on a CPU without bf16 instructions (%s): PyTorch emulates "
                     "it, measured ~37× slower than fp32 here; use --precision fp32",
                     torch.backends.cpu.get_cpu_capability())
@@ -1007,7 +840,7 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
             per = F.mse_loss(pred.float(), y, reduction="none").mean(dim=(1, 2, 3)) * real
             loss_sum = per.sum()
             loss_value = float(loss_sum.detach())  # the one host sync per batch (unweighted: logged)
-            bad = _agreed(not math.isfinite(loss_value), world, device)
+            bad = agreed(not math.isfinite(loss_value), world, device)
             if bad:
                 raise CryoDDMError(
                     f"the loss became NaN/infinite at epoch {epoch + 1}, phase {PHASES[phase].upper()}, "
@@ -1029,7 +862,7 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
                                         f"loss {mean_loss:.4g}",
                            {"epoch": epoch + 1, "phase": PHASES[phase], "batch": j + 1,
                             "batches": n_batches, "loss": mean_loss, "lr": opt.param_groups[0]["lr"]})
-            stop_now = _agreed(cancel.cancelled, world, device)  # all ranks stop at the same batch
+            stop_now = agreed(cancel.cancelled, world, device)  # all ranks stop at the same batch
             if stop_now and j + 1 < n_batches:
                 save_last(epoch, j + 1, last_losses)
                 stopped = True
@@ -1080,7 +913,7 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
                        f"epoch {epoch}/{epochs}: S1 {losses['s1']:.4g} S2 {losses['s2']:.4g} "
                        f"S3 {losses['s3']:.4g} val {losses['val']:.4g}",
                        {"epoch_end": True, "epoch": epoch, "losses": dict(losses)})
-        if _agreed(cancel.cancelled, world, device):
+        if agreed(cancel.cancelled, world, device):
             stopped = epoch < epochs
             break
     if world > 1:
@@ -1111,12 +944,6 @@ def fit_linear_start(dataset: PairDataset, data: ForwardData, config: TrainConfi
                 yield x[0].numpy(), y[0].numpy(), w
 
     return fit_transfer(pairs())
-
-
-def _cpu_has_bf16() -> bool:
-    """AVX-512 (with BF16) or AMX: the CPUs on which bf16 autocast is not emulated."""
-    return "AVX512" in torch.backends.cpu.get_cpu_capability().upper() or "AMX" in \
-        torch.backends.cpu.get_cpu_capability().upper()
 
 
 def _signal_targets(data: ForwardData) -> tuple[dict[int, tuple[float, float]], float]:
@@ -1158,17 +985,6 @@ def _resumed_epochs(config: TrainConfig, planned: int | None, given: bool, out: 
     log.warning(note)
     warnings.warn(note, UserWarning, stacklevel=4)
     return config
-
-
-def _agreed(flag: bool, world: int, device: torch.device) -> bool:
-    """True on every rank if it is true on any (a Stop seen by one rank stops them all)."""
-    if world == 1:
-        return flag
-    import torch.distributed as dist
-
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def _norm(v: Any) -> Any:
