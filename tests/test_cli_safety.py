@@ -551,16 +551,16 @@ def test_14_a_second_predict_run_counts_the_firsts_files_as_done(model, tmp_path
     import napari_cryoddm.predict as predict_mod
 
     # the other run finishes every file while this one is busy with its first
-    real_prepare, other_ran = predict_mod.prepare, []
+    real_read, other_ran = predict_mod.read_prepared, []
 
-    def prepare(path, pm):
+    def read_prepared(path, *args):
         if not other_ran:
             other_ran.append(True)
-            monkeypatch.setattr(predict_mod, "prepare", real_prepare)
+            monkeypatch.setattr(predict_mod, "read_prepared", real_read)
             assert main([str(a) for a in argv]) == 0
-        return real_prepare(path, pm)
+        return real_read(path, *args)
 
-    monkeypatch.setattr(predict_mod, "prepare", prepare)
+    monkeypatch.setattr(predict_mod, "read_prepared", read_prepared)
     rc, _, err = cli(capsys, *argv)
     assert rc == 0 and other_ran
     assert err.strip().splitlines()[-1].startswith("0 denoised, 3 already done (skipped), 0 failed")

@@ -6,15 +6,21 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mrcfile
 import numpy as np
 
 from .config import to_jsonable
 from .errors import InputError
+from .io.mrc import ascii_label
 from .model import STRIDE
 from .normalise import MINMAX
 
@@ -148,3 +154,63 @@ def open_forward(folder: str | os.PathLike[str]) -> ForwardData:
         notes.append(f"{folder}: no forward.json (the original CryoDDM's layout): assuming min–max "
                      "normalised micrographs, bin 1, schedule unknown")
     return ForwardData(folder, nx, counts, offsets, manifest, notes)
+
+
+class StackWriter:
+    """A float32 `.mrcs` of known size written image by image with `pwrite` (no memory map, so
+    written pages never count towards the process's memory); header statistics at close."""
+
+    def __init__(self, path: Path, n: int, window: int, voxel_size: float = 0.0,
+                 label: str = "") -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mrcfile.new_mmap(path, shape=(n, window, window), mrc_mode=2, overwrite=True) as mrc:
+                mrc.set_image_stack()
+                mrc.header.label[0] = b""  # no "Created by mrcfile.py <time>": seeded runs are
+                mrc.header.nlabl = 0       # byte-identical
+                if voxel_size:
+                    mrc.voxel_size = float(voxel_size)
+                if label:
+                    mrc.add_label(ascii_label(label))
+                self.offset = int(mrc.header.nbytes + mrc.header.nsymbt)
+        self.path, self.n, self.window = path, n, window
+        self.image_bytes = window * window * 4
+        self.fd = os.open(path, os.O_RDWR)
+        self._min, self._max, self._sum, self._sumsq = np.inf, -np.inf, 0.0, 0.0
+
+    def write(self, index: int, images: np.ndarray) -> None:
+        """Write `images` (one W×W image or a block of them) starting at `index`."""
+        arr = np.ascontiguousarray(images, dtype="<f4")
+        if arr.ndim == 2:
+            arr = arr[None]
+        if index < 0 or index + len(arr) > self.n:
+            raise IndexError(f"{self.path}: images {index}…{index + len(arr) - 1} outside 0…{self.n - 1}")
+        os.pwrite(self.fd, arr.tobytes(), self.offset + index * self.image_bytes)
+        if arr.size:
+            a64 = arr.astype(np.float64)
+            self._min = min(self._min, float(arr.min()))
+            self._max = max(self._max, float(arr.max()))
+            self._sum += float(a64.sum())
+            self._sumsq += float(np.square(a64).sum())
+
+    def read(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Images back from the file (pread), in the order given."""
+        out = np.empty((len(indices), self.window, self.window), dtype="<f4")
+        for j, i in enumerate(indices):
+            buf = os.pread(self.fd, self.image_bytes, self.offset + int(i) * self.image_bytes)
+            out[j] = np.frombuffer(buf, dtype="<f4").reshape(self.window, self.window)
+        return out
+
+    def close(self) -> None:
+        """Set dmin, dmax, dmean and rms in the header, then close."""
+        if self.fd < 0:
+            return
+        total = self.n * self.window * self.window
+        if total and np.isfinite(self._min):
+            mean = self._sum / total
+            rms = math.sqrt(max(0.0, self._sumsq / total - mean * mean))
+            os.pwrite(self.fd, struct.pack("<fff", self._min, self._max, mean), 76)
+            os.pwrite(self.fd, struct.pack("<f", rms), 216)
+        os.close(self.fd)
+        self.fd = -1
