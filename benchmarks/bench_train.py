@@ -57,7 +57,7 @@ def _bare(window: int, batch: int, steps: int, device: str, precision: str, q: A
     import torch.nn.functional as F
 
     from napari_cryoddm.model import UDenoiseNet
-    from napari_cryoddm.train import autocast_dtype, resolve_device
+    from napari_cryoddm.devices import autocast_dtype, resolve_device
 
     dev = resolve_device(device)
     amp = autocast_dtype(dev, precision)

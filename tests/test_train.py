@@ -18,9 +18,12 @@ from napari_cryoddm.preprocess import read_prepared
 from napari_cryoddm.io.mrc import write_mrc
 from napari_cryoddm.jobs import CancelToken, collect
 from napari_cryoddm.normalise import Normalisation
-from napari_cryoddm.train import (S1, S2, S3, PairDataset, PlanBatchSampler, TrainConfig, ValDataset,
-                                  build_noise_pool, epoch_plan, local_keys, open_forward,
-                                  resolve_device, train)
+from napari_cryoddm.d4 import d4
+from napari_cryoddm.devices import resolve_device
+from napari_cryoddm.forward_layout import open_forward
+from napari_cryoddm.train import TrainConfig, train
+from napari_cryoddm.train_data import (S1, S2, S3, PairDataset, PlanBatchSampler, ValDataset, build_noise_pool,
+                                       epoch_plan, local_keys, recut)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import make_forward  # noqa: E402
@@ -102,7 +105,6 @@ def test_epoch_plan_phases_partners_and_augmentation(fw):
         i = int(key[1])
         k, crop = fw["start"] + i // 4, i % 4
         for code in range(8):
-            from napari_cryoddm.train import d4
 
             if np.array_equal(x[0].numpy(), d4(fw["chains"][crop, k], code)):
                 np.testing.assert_array_equal(y[0].numpy(), d4(fw["chains"][crop, k - 1], code))
@@ -147,7 +149,6 @@ def test_fresh_noise_chain_uses_recut_noise(tmp_path):
         assert rest.std() < 1e-4
     assert len(ks) > 1
     rng = np.random.default_rng(0)
-    from napari_cryoddm.train import recut
 
     shifted = [recut(pool, 1, rng) for _ in range(6)]
     assert all(np.allclose(s, flats[0]) or np.allclose(s, flats[1]) for s in shifted)
