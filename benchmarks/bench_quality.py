@@ -1,7 +1,7 @@
 """The quality harness (issue 11): every denoiser against the clean truth, in one process.
 
-Data: sample micrographs (`napari_cryoddm.sample`) with two conformations, 1.5 Å/px, 90-px
-particles, at SNR 0.05 (hinge 12°) and SNR 0.01 (hinge 6°). Metrics: `napari_cryoddm.quality`
+Data: sample micrographs (`napari_cryoddm.simulation.sample`) with two conformations, 1.5 Å/px, 90-px
+particles, at SNR 0.05 (hinge 12°) and SNR 0.01 (hinge 6°). Metrics: `napari_cryoddm.simulation.quality`
 (definitions: docs/quality.md) — r after the ice-band fit, the plain r, FRC and
 signal transfer per band, and conformation accuracy paired against the raw data.
 
@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from napari_cryoddm import quality as q
+from napari_cryoddm.simulation import quality as q
 from napari_cryoddm.jobs import Progress, collect
-from napari_cryoddm.sample import SampleConfig, iter_micrographs, molecule_for
+from napari_cryoddm.simulation.sample import SampleConfig, iter_micrographs, molecule_for
 from _machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 SETTINGS = {"0.05": (0.05, 12.0), "0.01": (0.01, 6.0)}
@@ -103,7 +103,7 @@ def peers() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
 
 
 def train_model(out: Path, snr: float, hinge: float, args: argparse.Namespace, recipe: str) -> tuple[Path, float]:
-    from napari_cryoddm.demo import train_on_sample
+    from napari_cryoddm.simulation.demo import train_on_sample
     from napari_cryoddm.train import TrainConfig
 
     scfg = SampleConfig(n_micrographs=args.train_micrographs, width=args.size, height=args.size,

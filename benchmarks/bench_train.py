@@ -147,10 +147,10 @@ def speed(args: argparse.Namespace) -> None:
 def recipes(args: argparse.Namespace) -> None:
     import torch
 
-    from napari_cryoddm import quality as q
-    from napari_cryoddm.demo import train_on_sample
+    from napari_cryoddm.simulation import quality as q
+    from napari_cryoddm.simulation.demo import train_on_sample
     from napari_cryoddm.predict import PredictConfig, PredictModel, denoise_array, make_runtime
-    from napari_cryoddm.sample import SampleConfig, iter_micrographs, molecule_for
+    from napari_cryoddm.simulation.sample import SampleConfig, iter_micrographs, molecule_for
     from napari_cryoddm.train import TrainConfig
 
     torch.set_num_threads(args.threads)
@@ -210,9 +210,9 @@ def score(args: argparse.Namespace) -> None:
     Gaussian low-passes (the same test set as `recipes`)."""
     import torch
 
-    from napari_cryoddm import quality as q
+    from napari_cryoddm.simulation import quality as q
     from napari_cryoddm.predict import PredictConfig, PredictModel, denoise_array, make_runtime
-    from napari_cryoddm.sample import SampleConfig, iter_micrographs, molecule_for
+    from napari_cryoddm.simulation.sample import SampleConfig, iter_micrographs, molecule_for
 
     torch.set_num_threads(args.threads)
     methods: dict[str, Any] = {"raw": lambda im: im, **q.PEERS}

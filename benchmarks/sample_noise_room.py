@@ -16,7 +16,7 @@ import argparse
 import numpy as np
 
 from napari_cryoddm.picking import auto_boxes_from_particles
-from napari_cryoddm.sample import SampleConfig, micrograph_layout
+from napari_cryoddm.simulation.sample import SampleConfig, micrograph_layout
 
 
 def counts(config: SampleConfig, seeds: int) -> np.ndarray:

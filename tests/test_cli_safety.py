@@ -39,7 +39,7 @@ from napari_cryoddm.jobs import CancelToken, collect
 from napari_cryoddm.model import UDenoiseNet
 from napari_cryoddm.predict import plan_outputs
 from napari_cryoddm.safety import MARKER, inside, real
-from napari_cryoddm.sample import SampleConfig, generate_sample
+from napari_cryoddm.simulation.sample import SampleConfig, generate_sample
 from napari_cryoddm.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -442,7 +442,7 @@ def test_11_and_14_unwritable_output_fails_first_with_one_line(model, tmp_path, 
         monkeypatch.setattr("napari_cryoddm.train.UDenoiseNet", no_work)
         argv = ["train", fw["folder"], "-o", SYS_KERNEL / "cryoddm-run", "--device", "cpu"]
     elif command == "demo":
-        monkeypatch.setattr("napari_cryoddm.sample.molecule_for", no_work)
+        monkeypatch.setattr("napari_cryoddm.simulation.sample.molecule_for", no_work)
         argv = ["demo", "--quick", "--out", SYS_KERNEL / "cryoddm-demo"]
     else:
         (src,) = mics(tmp_path / "in")

@@ -534,7 +534,7 @@ def test_cli_files_and_job_dir(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def sample_set(tmp_path_factory):
-    from napari_cryoddm.sample import SampleConfig, generate_sample
+    from napari_cryoddm.simulation.sample import SampleConfig, generate_sample
 
     out = tmp_path_factory.mktemp("sample") / "sample"
     config = SampleConfig(n_micrographs=2, width=320, height=256, particles=4, pixel_size=3.0)
@@ -557,7 +557,7 @@ def _match_truth(particles: pd.DataFrame, truth: pd.DataFrame, factor: float = 1
 
 
 def test_sample_pair_back_to_truth(sample_set, tmp_path):
-    from napari_cryoddm.sample import read_truth
+    from napari_cryoddm.simulation.sample import read_truth
 
     _, truth = read_truth(sample_set.truth_json)
     out = tmp_path / "s.star"
@@ -582,7 +582,7 @@ def test_sample_pair_binned_by_two(sample_set, tmp_path):
     """cryoSPARC saw the micrographs binned ×2 (half the shape, the same fractions)."""
     from cryosparc.dataset import Dataset
 
-    from napari_cryoddm.sample import read_truth
+    from napari_cryoddm.simulation.sample import read_truth
 
     _, truth = read_truth(sample_set.truth_json)
     files = []

@@ -509,7 +509,7 @@ def test_cli_bad_input_exits_2_and_writes_nothing(synth, tmp_path, capsys):
 def test_sample_data_crops_are_centred_on_the_true_particles(tmp_path):
     """The team's simulated sample: with jitter 0 the cross-correlation of each noisy crop with the
     clean signal cut at the true particle position peaks at zero shift."""
-    sample = pytest.importorskip("napari_cryoddm.sample")
+    sample = pytest.importorskip("napari_cryoddm.simulation.sample")
     from napari_cryoddm.picking import auto_boxes_from_particles
 
     cfg = sample.SampleConfig(n_micrographs=2, width=512, height=448, particles=5, snr=1.0, seed=3)

@@ -402,7 +402,7 @@ def test_real_autopick_boxes_avoid_every_pick(real_data, tmp_path):
 
 @pytest.fixture(scope="module")
 def sample_sets():
-    from napari_cryoddm.sample import SampleConfig, sample_arrays
+    from napari_cryoddm.simulation.sample import SampleConfig, sample_arrays
 
     default = sample_arrays(SampleConfig())
     more = [sample_arrays(SampleConfig(n_micrographs=4, seed=s)) for s in (1, 2)]

@@ -24,10 +24,9 @@ from napari_cryoddm.cli import main
 from napari_cryoddm.errors import CryoDDMError, InputError, OutputExistsError
 from napari_cryoddm.io.star import read_coordinates, read_star_blocks
 from napari_cryoddm.jobs import CancelToken, Cancelled, collect
-from napari_cryoddm.sample import (
-    MIN_SEPARATION, Molecule, SampleConfig, build_molecule, config_from_truth, cs_datasets, ctf,
-    electron_wavelength, envelope, generate_sample, iter_micrographs, molecule_for,
-    particle_reference, project, read_truth, rotation_from_relion, sample_arrays)
+from napari_cryoddm.simulation.sample import MIN_SEPARATION, SampleConfig, config_from_truth, generate_sample, iter_micrographs, molecule_for, particle_reference, read_truth, sample_arrays
+from napari_cryoddm.simulation.physics import Molecule, build_molecule, ctf, electron_wavelength, envelope, project, rotation_from_relion
+from napari_cryoddm.simulation.sample_files import cs_datasets
 
 REPO = Path(__file__).resolve().parents[1]
 # non-square, so a swapped x/y anywhere (STAR, .cs fractions, micrograph_shape) shows

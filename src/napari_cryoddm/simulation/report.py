@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from . import quality as q
-from .atomic import atomic_write
-from .config import to_jsonable
+from ..atomic import atomic_write
+from ..config import to_jsonable
 
 
 @dataclass
@@ -201,7 +201,7 @@ def write_report(folder: str | Path, data: ReportInput,
     montage(files["montage"], data)
     spectra(files["spectra"], data)
     frc_plot(files["frc"], scores)
-    payload = {"definitions": "docs/quality.md (napari_cryoddm.quality)",
+    payload = {"definitions": "docs/quality.md (napari_cryoddm.simulation.quality)",
                "micrographs": data.names, "rows": rows, "notes": data.notes,
                "r_each": {name: s.r_each for name, s in scores.items()}}
     with atomic_write(files["metrics_json"], overwrite=True) as tmp:
@@ -242,5 +242,5 @@ def load_metrics(path: str | Path) -> dict[str, Any]:
 
 
 def images_of(paths: Sequence[str | Path]) -> list[np.ndarray]:
-    from .io.mrc import read_image
+    from ..io.mrc import read_image
     return [read_image(p) for p in paths]
