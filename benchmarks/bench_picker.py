@@ -26,13 +26,12 @@ from pathlib import Path
 
 import mrcfile
 import numpy as np
-from scipy import ndimage
-
 from napari_cryoddm import picking
 from napari_cryoddm.binning import fourier_bin
 from napari_cryoddm.cli import build_parser, main
 from napari_cryoddm.io.mrc import read_header
 from napari_cryoddm.normalise import Normalisation, normalise
+from scipy import ndimage
 
 
 def sparse_mrc(path: Path, ny: int, nx: int) -> None:
@@ -131,7 +130,8 @@ def _alt_scores(image: np.ndarray, d: float, w: int, kind: str) -> tuple[np.ndar
 
 
 def statistics(seeds: list[int]) -> None:
-    from napari_cryoddm.simulation.sample import SampleConfig, sample_arrays
+    from napari_cryoddm.simulation.sample import sample_arrays
+    from napari_cryoddm.simulation.sample_config import SampleConfig
 
     sets = [sample_arrays(SampleConfig(n_micrographs=4, seed=s)) for s in seeds]
     cfg = sets[0].config

@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from napari_cryoddm.simulation import quality as q
-from napari_cryoddm.jobs import Progress, collect
-from napari_cryoddm.simulation.sample import SampleConfig, iter_micrographs, molecule_for
 from _machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from napari_cryoddm.jobs import Progress, collect
+from napari_cryoddm.simulation import quality as q
+from napari_cryoddm.simulation.sample import iter_micrographs, molecule_for
+from napari_cryoddm.simulation.sample_config import SampleConfig
 
 SETTINGS = {"0.05": (0.05, 12.0), "0.01": (0.01, 6.0)}
 PIXEL_SIZE = 1.5      # Å/px: with the 135 Å molecule, 90-px particles
@@ -65,7 +65,12 @@ def drain(job, label: str, verbose: bool) -> Any:
 
 def model_denoiser(checkpoint: Path, device: str) -> Callable[[np.ndarray], np.ndarray]:
     """Our trained model as users run it: `predict.denoise_array` (normalise as trained, tiles)."""
-    from napari_cryoddm.predict import PredictConfig, PredictModel, denoise_array, make_runtime
+    from napari_cryoddm.predict import (
+        PredictConfig,
+        PredictModel,
+        denoise_array,
+        make_runtime,
+    )
 
     pm = PredictModel.from_checkpoint(checkpoint)
     config = PredictConfig(device=device)

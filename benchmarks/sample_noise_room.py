@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-
 from napari_cryoddm.picking import auto_boxes_from_particles
-from napari_cryoddm.simulation.sample import SampleConfig, micrograph_layout
+from napari_cryoddm.simulation.sample import micrograph_layout
+from napari_cryoddm.simulation.sample_config import SampleConfig
 
 
 def counts(config: SampleConfig, seeds: int) -> np.ndarray:

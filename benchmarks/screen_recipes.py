@@ -70,7 +70,8 @@ def prepare(root: Path, args: argparse.Namespace, data: dict[str, Any]) -> Path:
     from napari_cryoddm.forward import ForwardConfig, run_forward
     from napari_cryoddm.io.star import read_coordinates
     from napari_cryoddm.picking import PickConfig, pick_noise, write_boxes
-    from napari_cryoddm.simulation.sample import SampleConfig, generate_sample
+    from napari_cryoddm.simulation.sample import generate_sample
+    from napari_cryoddm.simulation.sample_config import SampleConfig
 
     key = "data_" + "_".join(f"{k}{v}" for k, v in sorted(data.items())) if data else "data"
     out = root / f"n{data.get('micrographs', args.micrographs)}_{args.size}_p{args.particles}_snr{args.snr}" / key
@@ -125,11 +126,16 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     import torch
-
-    from napari_cryoddm.simulation import quality as q
     from napari_cryoddm.normalise import Normalisation, normalisation_stats, normalise
-    from napari_cryoddm.predict import PredictConfig, PredictModel, denoise_array, make_runtime
-    from napari_cryoddm.simulation.sample import SampleConfig, iter_micrographs, molecule_for
+    from napari_cryoddm.predict import (
+        PredictConfig,
+        PredictModel,
+        denoise_array,
+        make_runtime,
+    )
+    from napari_cryoddm.simulation import quality as q
+    from napari_cryoddm.simulation.sample import iter_micrographs, molecule_for
+    from napari_cryoddm.simulation.sample_config import SampleConfig
     from napari_cryoddm.train import TrainConfig, train
 
     torch.set_num_threads(args.threads)

@@ -21,8 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,12 +33,20 @@ from torch import nn
 
 from .d4 import d4, d4_inverse
 from .devices import PREDICT_PRECISIONS, autocast_dtype, resolve_device
-from .errors import CryoDDMError, InputError, OutputError, OutputExistsError
+from .errors import CryoDDMError, OutputError, OutputExistsError
 from .estimators import ESTIMATORS, Estimator, default_estimator, resolve_estimator
 from .io.mrc import list_micrographs, write_mrc
 from .jobs import CancelToken, Job, Progress, collect
-from .names import micrograph_stem
 from .normalise import Normalisation
+from .predict_outputs import (
+    PREDICT_LABEL,
+    check_out_dir,
+    check_output,
+    is_predict_output,
+    output_path,
+    plan_outputs,
+)
+from .prefetch import Pipeline
 from .preprocess import Prepared, prepare, read_prepared, restore_intensity
 from .safety import NO_ROOM
 from .tiling import (
@@ -286,49 +294,6 @@ def denoise_array(model: PredictModel | nn.Module, raw: np.ndarray, config: Pred
 
 # ----------------------------------------------------------------------------- naming
 
-def output_path(input_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], suffix: str = "") -> Path:
-    """OUT/<stem><suffix>.mrc, stem = the input's name without folder and MRC extensions, so
-    coordinates picked on the denoised file match the raw micrograph by name. The suffix is
-    part of a name (no separators, no `..`) and the result must resolve inside OUT."""
-    from .safety import check_name, inside
-
-    check_name(suffix, "--suffix")
-    name = check_name(f"{micrograph_stem(Path(input_path).name)}{suffix}.mrc", "output name", whole=True)
-    return inside(out_dir, Path(out_dir) / name)
-
-
-def plan_outputs(inputs: Sequence[Path], out_dir: Path, suffix: str) -> list[tuple[Path, Path]]:
-    """(input, output) pairs; no two inputs share an output and no output is any input."""
-    from .safety import real
-
-    pairs = [(p, output_path(p, out_dir, suffix)) for p in inputs]
-    sources = {real(p): p for p in inputs}
-    seen: dict[Path, Path] = {}
-    for src, dst in pairs:
-        if dst in seen:
-            raise CryoDDMError(f"{seen[dst]} and {src} would both be written to {dst}; "
-                               "rename one or predict them in separate runs")
-        seen[dst] = src
-        if real(dst) in sources:
-            raise CryoDDMError(f"{sources[real(dst)]}: the output of {src.name} would replace the "
-                               "input; choose another -o or --suffix")
-    return pairs
-
-
-PREDICT_LABEL = "napari-cryoddm predict:"
-
-
-def is_predict_output(path: str | os.PathLike[str]) -> bool:
-    """True for an MRC this command wrote (our label; mrcfile's 'Created by' comes first): the
-    only files --overwrite replaces and the only ones a rerun counts as done."""
-    from .io.mrc import read_header
-
-    try:
-        labels = read_header(path).labels
-    except CryoDDMError:
-        return False
-    return any(label.startswith(PREDICT_LABEL) for label in labels[:2])
-
 
 def _labels(prep: Prepared, pm: PredictModel, config: PredictConfig, grid: TileGrid) -> list[str]:
     lo, hi, off, sc = prep.stats
@@ -342,27 +307,12 @@ def _labels(prep: Prepared, pm: PredictModel, config: PredictConfig, grid: TileG
     return labels[:10]
 
 
-def _check_out_dir(out_dir: Path, inputs: Sequence[Any] = ()) -> None:
-    """Before any work: OUT holds no input and is a folder we can write in (tried, not guessed:
-    `os.access` says yes to root in /sys)."""
-    from .safety import check_location, check_writable
-
-    check_location(out_dir, inputs, what="the output folder", allow_workdir=True)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(out_dir, f"cannot create the output folder ({exc.strerror or exc})") from None
-    if not out_dir.is_dir():
-        raise InputError(out_dir, "the output path exists and is not a folder")
-    check_writable(out_dir)
-
-
 def predict_one_file(pm: PredictModel, rt: Runtime, src: Path, dst: Path, config: PredictConfig,
                      cancel: CancelToken | None = None) -> Path:
     """Denoise one file to `dst` (atomic). The unit of work of the dask path too."""
     prep = read_prepared(src, pm.bin_factor, pm.normalisation)
     pred = restore_intensity(collect(estimate_job(rt, prep.image, cancel)), prep, config.intensity)
-    check_output(pred, src, pm)
+    check_output(pred, src, pm.name)
     grid = plan_tiles(prep.image.shape, rt.tile, rt.overlap)
     return write_mrc(dst, pred, voxel_size=prep.voxel_size or None, overwrite=config.overwrite,
                      labels=_labels(prep, pm, config, grid))
@@ -398,7 +348,7 @@ def plan_run(model: PredictModel | nn.Module | str | os.PathLike[str], inputs: A
     sources = list_micrographs(inputs)
     pairs = plan_outputs(sources, out_dir, config.suffix)
     model_file = [model] if isinstance(model, (str, os.PathLike)) and Path(model).exists() else []
-    _check_out_dir(out_dir, [sources, model_file])
+    check_out_dir(out_dir, [sources, model_file])
     pm = as_predict_model(model)
     result = PredictResult(out_dir)
     todo = []
@@ -434,17 +384,17 @@ def predict_files(model: PredictModel | nn.Module | str | os.PathLike[str], inpu
     rt = runtime_for(pm, config)
     t0 = time.perf_counter()
     workers = 1 if config.prefetch else 0
-    with _Pipeline(workers) as pipe:
-        nxt = pipe.read(todo[0][0], pm)
+    with Pipeline(workers) as pipe:
+        nxt = pipe.read(todo[0][0], pm.bin_factor, pm.normalisation)
         pending: Future | None = None
         for k, (src, dst) in enumerate(todo):
-            cur, nxt = nxt, (pipe.read(todo[k + 1][0], pm) if k + 1 < len(todo) else None)
+            cur, nxt = nxt, (pipe.read(todo[k + 1][0], pm.bin_factor, pm.normalisation) if k + 1 < len(todo) else None)
             try:
                 if cancel.cancelled:
                     break
                 prep = cur.result()
                 pred = restore_intensity(collect(estimate_job(rt, prep.image, cancel)), prep, config.intensity)
-                check_output(pred, src, pm)
+                check_output(pred, src, pm.name)
                 grid = plan_tiles(prep.image.shape, rt.tile, rt.overlap)
                 labels = _labels(prep, pm, config, grid)
                 del prep.image
@@ -515,68 +465,7 @@ def _stopped_writing(exc: OutputError, result: PredictResult) -> StoppedWriting:
                           "rerun of the same command resumes")
 
 
-def check_output(pred: np.ndarray, src: Path, pm: PredictModel) -> None:
-    """NaN or infinite output (a diverged checkpoint, fp16 overflow) is a failure, never a file."""
-    bad = int(np.size(pred) - np.count_nonzero(np.isfinite(pred)))
-    if bad:
-        raise CryoDDMError(f"{src}: the network gave {bad} NaN or infinite pixels with model "
-                           f"{pm.name}; nothing was written (is the checkpoint diverged? try "
-                           "--precision fp32)")
-
-
-class _Pipeline:
-    """Reads ahead and writes behind in threads (I/O and numpy release the GIL); inline when 0."""
-
-    def __init__(self, workers: int) -> None:
-        self._reader = ThreadPoolExecutor(1, "cryoddm-read") if workers else None
-        self._writer = ThreadPoolExecutor(1, "cryoddm-write") if workers else None
-
-    def __enter__(self) -> _Pipeline:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for pool in (self._reader, self._writer):
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-
-    @staticmethod
-    def _done(fn: Callable[..., Any], *args: Any) -> Future:
-        fut: Future = Future()
-        try:
-            fut.set_result(fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - surfaced by .result()
-            fut.set_exception(exc)
-        return fut
-
-    def read(self, path: Path, pm: PredictModel) -> Future:
-        if self._reader is None:
-            return _LazyFuture(read_prepared, path, pm.bin_factor, pm.normalisation)
-        return self._reader.submit(read_prepared, path, pm.bin_factor, pm.normalisation)
-
-    def write(self, dst: Path, pred: np.ndarray, voxel_size: float, overwrite: bool,
-              labels: list[str]) -> Future:
-        args = (dst, pred, voxel_size or None, overwrite, labels)
-        fut = self._done(write_mrc, *args) if self._writer is None else self._writer.submit(write_mrc, *args)
-        fut.path = dst  # type: ignore[attr-defined]  # named in a failure
-        return fut
-
-
-class _LazyFuture(Future):
-    """Without prefetch, read when the result is wanted (keeps one micrograph in memory)."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        super().__init__()
-        self._fn, self._args = fn, args
-
-    def result(self, timeout: float | None = None) -> Any:
-        if not self.done():
-            try:
-                self.set_result(self._fn(*self._args))
-            except BaseException as exc:  # noqa: BLE001
-                self.set_exception(exc)
-        return super().result(timeout)
-
-
+# the step's public face: the CLI, the widget, distributed prediction and scripts import from here
 __all__ = ["PredictConfig", "PredictModel", "PredictResult", "denoise_array", "denoise_job", "estimate_job",
-           "make_runtime", "output_path", "plan_outputs", "predict_files", "predict_image", "predict_one_file",
-           "runtime_for"]
+           "is_predict_output", "make_runtime", "output_path", "plan_outputs", "plan_run", "predict_files",
+           "predict_image", "predict_one_file", "runtime_for"]

@@ -15,7 +15,13 @@ import numpy as np
 
 from .binning import fourier_bin
 from .io.mrc import MrcInfo, read_micrograph
-from .normalise import Normalisation, check_finite, check_not_blank, normalisation_stats, normalise
+from .normalise import (
+    Normalisation,
+    check_finite,
+    check_not_blank,
+    normalisation_stats,
+    normalise,
+)
 
 
 @dataclass

@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from . import quality as q
 from ..atomic import atomic_write
 from ..config import to_jsonable
 from ..errors import CryoDDMError
 from ..jobs import CancelToken, Job, Progress
+from . import quality as q
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from . import quality as q
 from ..atomic import atomic_write
 from ..config import to_jsonable
+from . import quality as q
 
 
 @dataclass

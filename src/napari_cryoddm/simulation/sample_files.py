@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .sample import SampleConfig
+    from .sample_config import SampleConfig
 
 FORMAT = "napari-cryoddm-sample"
 FORMAT_VERSION = 1
