@@ -462,7 +462,7 @@ def test_11_and_14_unwritable_output_fails_first_with_one_line(model, tmp_path, 
     (["train", "fw", "-o", "run", "--seed", "-1"], "--seed must be 0 or more, got -1"),
     (["forward", "MICS", "--particles", "STAR", "--noise", "n.txt", "--diameter", "22", "--seed", "-1",
       "-o", "fw"], "--seed must be 0 or more, got -1"),
-    (["sample", "s", "--pixel-size", "0"], "pixel size must be positive, got 0.0"),
+    (["sample", "s", "--pixel-size", "0"], "--pixel-size must be positive, got 0.0"),
 ])
 def test_12_impossible_numbers_are_one_line_errors(sample, tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)

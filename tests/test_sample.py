@@ -19,6 +19,7 @@ from cryosparc.dataset import Dataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from napari_cryoddm.cli import main
+from napari_cryoddm.config import ConfigError
 from napari_cryoddm.errors import CryoDDMError, InputError, OutputExistsError
 from napari_cryoddm.io.star import read_coordinates, read_star_blocks
 from napari_cryoddm.jobs import Cancelled, CancelToken, collect
@@ -488,11 +489,12 @@ def test_ctf_formula_and_thon_rings():
 
 
 def test_bad_settings_are_named():
-    for bad, word in ((dict(snr=0), "SNR"), (dict(conformations=3), "conformations"),
-                      (dict(defocus_min=3.0), "defocus"), (dict(pixel_size=40.0), "px across"),
-                      (dict(n_micrographs=0), "n_micrographs")):
-        with pytest.raises(CryoDDMError, match=word):
-            SampleConfig(**bad).validate()
+    for bad, word in ((dict(snr=0), "--snr must be positive"), (dict(conformations=3), "--conformations must be 1 or 2"),
+                      (dict(defocus_min=3.0), "--defocus-min needs"), (dict(pixel_size=40.0), "px across"),
+                      (dict(n_micrographs=0), "--n-micrographs must be at least 1")):
+        with pytest.raises(ConfigError, match=word) as info:
+            SampleConfig(**bad)
+        assert info.value.field in bad
     with pytest.raises(CryoDDMError, match="could not place 60 particles"):
         next(iter_micrographs(SampleConfig(n_micrographs=1, width=512, height=512, particles=60)))
 
@@ -533,7 +535,7 @@ def test_cli_writes_and_refuses_to_overwrite(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
     assert main(["sample", str(tmp_path / "bad"), "--snr", "-1", "-q"]) == 2
-    assert "SNR must be positive" in capsys.readouterr().err
+    assert "--snr must be positive" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 

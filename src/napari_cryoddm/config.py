@@ -1,7 +1,10 @@
 """Typed step configurations: one dataclass per step, built into CLI flags and widget forms.
 
 Field metadata keys: `help`, `flag` (CLI flag; default `--field-name`), `choices`, `cli`
-(False: not a CLI option), `widget` (False: not in the widget form), `unit`.
+(False: not a CLI option), `widget` (False: not in the widget form), `unit`, `label`.
+
+Every config checks itself in `__post_init__` and raises `ConfigError(config, field, problem)`: the
+CLI prints it with the field's flag (`--epochs must be at least 1`), a widget with its label.
 """
 
 from __future__ import annotations
@@ -15,7 +18,35 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from .errors import CryoDDMError
+
 C = TypeVar("C")
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """A field's CLI flag (the long one when it has several)."""
+    flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+    return flag if isinstance(flag, str) else list(flag)[-1]
+
+
+def label_of(f: dataclasses.Field) -> str:
+    """A field's label in a widget form."""
+    return f.metadata.get("label", f.name.replace("_", " "))
+
+
+class ConfigError(CryoDDMError):
+    """An unusable parameter value, keyed by its field: `str()` names the CLI flag,
+    `for_widget()` the form's label."""
+
+    def __init__(self, config: Any, name: str, problem: str) -> None:
+        fields = {f.name: f for f in dataclasses.fields(config)}
+        self.field, self.problem = name, problem
+        self.flag = flag_of(fields[name]) if name in fields else "--" + name.replace("_", "-")
+        self.label = label_of(fields[name]) if name in fields else name.replace("_", " ")
+        super().__init__(f"{self.flag} {problem}")
+
+    def for_widget(self) -> str:
+        return f"{self.label}: {self.problem}"
 
 
 def _base_type(annotation: Any) -> tuple[Any, bool]:
@@ -41,7 +72,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
             continue
         typ, _optional = field_type(cls, f)
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
-        flags = [flag] if isinstance(flag, str) else list(flag)
+        flags = [flag] if isinstance(flag, str) else list(flag)  # all of them (flag_of: the long one)
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         help_text = meta.get("help", "")

@@ -19,6 +19,7 @@ import pandas as pd
 from . import binning, params
 from .binning import binned_shape
 from .diffusion import PRESETS, validate_schedule
+from .config import ConfigError
 from .errors import CryoDDMError, InputError
 from .forward_layout import FORWARD_LAYOUT, is_forward_folder
 from .io.mrc import MrcInfo, read_header
@@ -71,26 +72,26 @@ class ForwardConfig:
 
     def __post_init__(self) -> None:
         if self.preset not in (*PRESETS, "custom"):
-            raise CryoDDMError(f"unknown preset {self.preset!r} ({', '.join(PRESETS)} or custom)")
+            raise ConfigError(self, "preset", f"{self.preset!r}: use {', '.join(PRESETS)} or custom")
         if self.preset != "custom":
             given = {n: v for n, v in (("beta", self.beta), ("steps", self.steps),
                                        ("start", self.start)) if v is not None}
             if given:
-                raise CryoDDMError(f"preset {self.preset} fixes the schedule; "
-                                   f"{', '.join(given)} can only be set with the custom preset")
+                raise ConfigError(self, "preset", f"{self.preset} fixes the schedule; "
+                                  f"{', '.join(given)} can only be set with the custom preset")
         _ = self.schedule  # validates the custom schedule
         if self.per_micrograph < 1:
-            raise CryoDDMError(f"--per-micrograph must be at least 1, got {self.per_micrograph}")
+            raise ConfigError(self, "per_micrograph", f"must be at least 1, got {self.per_micrograph}")
         if self.max_crops < 1:
-            raise CryoDDMError(f"--max-crops must be at least 1, got {self.max_crops}")
+            raise ConfigError(self, "max_crops", f"must be at least 1, got {self.max_crops}")
         if not 0 <= self.jitter < 0.5:
-            raise CryoDDMError(f"--jitter must be in [0, 0.5), got {self.jitter}")
+            raise ConfigError(self, "jitter", f"must be in [0, 0.5), got {self.jitter}")
         if self.seed < 0:  # numpy's SeedSequence takes no negative seeds
-            raise CryoDDMError(f"--seed must be 0 or more, got {self.seed}")
+            raise ConfigError(self, "seed", f"must be 0 or more, got {self.seed}")
         for name in ("diameter", "diameter_A", "bin", "target_apix"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
-                raise CryoDDMError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+                raise ConfigError(self, name, f"must be a positive number, got {value}")
         if self.window is not None:
             check_window(int(self.window))
         if self.diameter is not None and self.diameter_A is not None:

@@ -33,6 +33,7 @@ from torch import nn
 
 from .d4 import d4, d4_inverse
 from .devices import PREDICT_PRECISIONS, autocast_dtype, resolve_device
+from .config import ConfigError
 from .errors import CryoDDMError, OutputError, OutputExistsError
 from .estimators import ESTIMATORS, Estimator, default_estimator, resolve_estimator
 from .io.mrc import list_micrographs, write_mrc
@@ -112,19 +113,19 @@ class PredictConfig:
 
     def __post_init__(self) -> None:
         if self.intensity not in INTENSITIES:
-            raise CryoDDMError(f"--intensity {self.intensity!r}: use normalised or input")
+            raise ConfigError(self, "intensity", f"{self.intensity!r}: use normalised or input")
         if self.precision not in PREDICT_PRECISIONS:
-            raise CryoDDMError(f"--precision {self.precision!r}: use {', '.join(PREDICT_PRECISIONS)}")
+            raise ConfigError(self, "precision", f"{self.precision!r}: use {', '.join(PREDICT_PRECISIONS)}")
         if self.tile and (self.tile < 64 or self.tile % STRIDE):
-            raise CryoDDMError(f"--tile {self.tile}: use a multiple of 32, at least 64")
+            raise ConfigError(self, "tile", f"{self.tile}: use a multiple of 32, at least 64")
         if self.overlap < 0:
-            raise CryoDDMError(f"--overlap {self.overlap}: must be ≥ 0")
+            raise ConfigError(self, "overlap", f"{self.overlap}: must be ≥ 0")
         if self.batch_size < 0:
-            raise CryoDDMError(f"--batch-size {self.batch_size}: must be ≥ 0 (0 = automatic)")
+            raise ConfigError(self, "batch_size", f"{self.batch_size}: must be ≥ 0 (0 = automatic)")
         if self.estimator not in ("auto",) + ESTIMATORS:
-            raise CryoDDMError(f"--estimator {self.estimator!r}: choose one of auto, {', '.join(ESTIMATORS)}")
+            raise ConfigError(self, "estimator", f"{self.estimator!r}: choose one of auto, {', '.join(ESTIMATORS)}")
         if self.estimator_step < 0:
-            raise CryoDDMError(f"--estimator-step {self.estimator_step}: must be ≥ 0 (0 = the last trained step)")
+            raise ConfigError(self, "estimator_step", f"{self.estimator_step}: must be ≥ 0 (0 = the last trained step)")
 
 
 # ----------------------------------------------------------------------------- the model

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .devices import TRAIN_PRECISIONS
-from .errors import CryoDDMError
+from .config import ConfigError
 
 RECIPES = ("default", "original")
 
@@ -75,31 +75,31 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise CryoDDMError(f"--epochs must be at least 1, got {self.epochs}")
+            raise ConfigError(self, "epochs", f"must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
-            raise CryoDDMError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise ConfigError(self, "batch_size", f"must be at least 1, got {self.batch_size}")
         if self.recipe not in RECIPES:
-            raise CryoDDMError(f"unknown recipe {self.recipe!r} ({' or '.join(RECIPES)})")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise CryoDDMError(f"unknown precision {self.precision!r} (auto, fp32 or bf16)")
+            raise ConfigError(self, "recipe", f"{self.recipe!r}: use {' or '.join(RECIPES)}")
+        if self.precision not in TRAIN_PRECISIONS:
+            raise ConfigError(self, "precision", f"{self.precision!r}: use {', '.join(TRAIN_PRECISIONS)}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise CryoDDMError(f"--lr must be a positive number, got {self.lr}")
+            raise ConfigError(self, "lr", f"must be a positive number, got {self.lr}")
         if self.workers is not None and self.workers < 0:
-            raise CryoDDMError(f"--workers must be 0 or more, got {self.workers}")
+            raise ConfigError(self, "workers", f"must be 0 or more, got {self.workers}")
         for name in ("s1_weight", "s3_weight"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise CryoDDMError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+                raise ConfigError(self, name, f"must be 0 or more, got {value}")
         if self.s2_target not in ("auto", "signal", "step"):
-            raise CryoDDMError(f"--s2-target {self.s2_target!r}: use auto, signal or step")
+            raise ConfigError(self, "s2_target", f"{self.s2_target!r}: use auto, signal or step")
         if self.warmup < 0:
-            raise CryoDDMError(f"--warmup must be 0 or more, got {self.warmup}")
+            raise ConfigError(self, "warmup", f"must be 0 or more, got {self.warmup}")
         if not (math.isfinite(self.clip) and self.clip >= 0):
-            raise CryoDDMError(f"--clip must be 0 or more, got {self.clip}")
+            raise ConfigError(self, "clip", f"must be 0 or more, got {self.clip}")
         if self.max_shift is not None and self.max_shift < 0:
-            raise CryoDDMError(f"--max-shift must be 0 or more, got {self.max_shift}")
+            raise ConfigError(self, "max_shift", f"must be 0 or more, got {self.max_shift}")
         if self.seed < 0:  # numpy and torch take no negative seeds
-            raise CryoDDMError(f"--seed must be 0 or more, got {self.seed}")
+            raise ConfigError(self, "seed", f"must be 0 or more, got {self.seed}")
         if isinstance(self.init, str):
             self.init = Path(self.init) if self.init else None
 

@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_from_args(SampleConfig, args).validate()
+    config = config_from_args(SampleConfig, args)
     cancel = CancelToken()
     result = run_job(generate_sample(args.out, config, cancel=cancel, overwrite=args.overwrite),
                      desc="sample", cancel=cancel, quiet=args.quiet)

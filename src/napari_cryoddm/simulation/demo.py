@@ -24,6 +24,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..config import to_jsonable
+from ..config import ConfigError
 from ..errors import CryoDDMError
 from ..jobs import CancelToken, Job, Progress
 from . import quality as q
@@ -78,23 +79,21 @@ class DemoConfig:
             "pixel_size": self.pixel_size or (3.0 if quick else 1.5),
             "epochs": self.epochs or (4 if quick else 20),
         }
-        out = replace(self, **values)
-        out.validate()
-        return out
+        return replace(self, **values)
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         for name in ("micrographs", "size", "epochs", "batch_size", "max_noise", "report_micrographs"):
             v = getattr(self, name)
             if v is not None and v < 1:
-                raise CryoDDMError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+                raise ConfigError(self, name, f"must be at least 1, got {v}")
         if self.size is not None and self.size < 128:
-            raise CryoDDMError(f"--size must be at least 128 px, got {self.size}")
+            raise ConfigError(self, "size", f"must be at least 128 px, got {self.size}")
         if not (math.isfinite(self.snr) and self.snr > 0):
-            raise CryoDDMError(f"--snr must be positive, got {self.snr}")
+            raise ConfigError(self, "snr", f"must be positive, got {self.snr}")
         if self.pixel_size is not None and not (math.isfinite(self.pixel_size) and self.pixel_size > 0):
-            raise CryoDDMError(f"--pixel-size must be positive, got {self.pixel_size}")
+            raise ConfigError(self, "pixel_size", f"must be positive, got {self.pixel_size}")
         if self.seed < 0:
-            raise CryoDDMError(f"--seed must be 0 or more, got {self.seed}")
+            raise ConfigError(self, "seed", f"must be 0 or more, got {self.seed}")
 
 
 @dataclass

@@ -248,7 +248,6 @@ def iter_micrographs(config: SampleConfig, molecule: Molecule | None = None,
     """Every micrograph of the set in order. With `workers` > 1, that many are simulated ahead in
     threads (memory stays a few micrographs); the output is identical whatever `workers` is,
     since each micrograph has its own random stream."""
-    config.validate()
     molecule = molecule if molecule is not None else molecule_for(config)
     workers = default_workers() if workers is None else max(1, int(workers))
     n = config.n_micrographs
@@ -291,7 +290,7 @@ class SampleArrays:
 
 def sample_arrays(config: SampleConfig | None = None) -> SampleArrays:
     """The whole set in memory: the same float32 pixels `generate_sample` writes."""
-    config = (config or SampleConfig()).validate()
+    config = config or SampleConfig()
     molecule = molecule_for(config)
     n, (ny, nx) = config.n_micrographs, config.shape
     noisy, clean, free, ice = (np.empty((n, ny, nx), dtype=np.float32) for _ in range(4))
@@ -349,7 +348,7 @@ def generate_sample(out_dir: str | Path, config: SampleConfig | None = None,
     `truth.json`, `particles.cs` + `passthrough.cs` (cryoSPARC). Everything is written into
     `OUT.partial/` and renamed when complete; a stopped run leaves only `OUT.partial/`.
     """
-    config = (config or SampleConfig()).validate()
+    config = config or SampleConfig()
     out_dir = Path(out_dir)
     molecule = molecule_for(config)
     total = config.n_micrographs + 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..errors import CryoDDMError
+from ..config import ConfigError
 from ..params import window_for_diameter
 
 
@@ -56,38 +56,35 @@ class SampleConfig:
     def shape(self) -> tuple[int, int]:
         return (self.height, self.width)
 
-    def validate(self) -> SampleConfig:
-        """Raise `CryoDDMError` naming the first impossible setting."""
+    def __post_init__(self) -> None:
+        """Refuse the first impossible setting, keyed by its field."""
         for name in ("pixel_size", "diameter", "snr", "hinge_angle", "defocus_min", "defocus_max",
                      "voltage", "cs", "amplitude_contrast", "ice"):
             value = getattr(self, name)
             if not math.isfinite(value):
-                raise CryoDDMError(f"{name.replace('_', ' ')} must be a finite number, got {value}")
+                raise ConfigError(self, name, f"must be a finite number, got {value}")
         checks = [
-            (self.n_micrographs >= 1, f"n_micrographs must be at least 1, got {self.n_micrographs}"),
-            (self.width >= 64 and self.height >= 64,
-             f"micrographs must be at least 64×64 px, got {self.width}×{self.height}"),
-            (self.pixel_size > 0, f"pixel size must be positive, got {self.pixel_size} Å/px"),
-            (self.particles >= 0, f"particles must be ≥ 0, got {self.particles}"),
-            (self.diameter > 0, f"diameter must be positive, got {self.diameter} Å"),
+            ("n_micrographs", self.n_micrographs >= 1, f"must be at least 1, got {self.n_micrographs}"),
+            ("width", self.width >= 64 and self.height >= 64,
+             f"and --height must be at least 64 px, got {self.width}×{self.height}"),
+            ("pixel_size", self.pixel_size > 0, f"must be positive, got {self.pixel_size} Å/px"),
+            ("particles", self.particles >= 0, f"must be ≥ 0, got {self.particles}"),
+            ("diameter", self.diameter > 0, f"must be positive, got {self.diameter} Å"),
             # a callable: the diameter in pixels divides by the pixel size checked just above
-            (lambda: self.diameter_px >= 8,
-             lambda: f"the molecule would be {self.diameter_px:.1f} px across (diameter "
-                     f"{self.diameter} Å at {self.pixel_size} Å/px); use a smaller pixel size or "
-                     "a larger diameter (≥ 8 px)"),
-            (self.snr > 0, f"SNR must be positive, got {self.snr}"),
-            (self.conformations in (1, 2), f"conformations must be 1 or 2, got {self.conformations}"),
-            (0 < self.defocus_min <= self.defocus_max,
-             f"need 0 < defocus_min ≤ defocus_max, got {self.defocus_min}–{self.defocus_max} µm"),
-            (self.voltage > 0, f"voltage must be positive, got {self.voltage} kV"),
-            (self.cs >= 0, f"Cs must be ≥ 0, got {self.cs} mm"),
-            (0 <= self.amplitude_contrast < 1,
-             f"amplitude contrast must be in [0, 1), got {self.amplitude_contrast}"),
-            (self.ice >= 0, f"ice must be ≥ 0, got {self.ice}"),
-            (self.atoms >= 10, f"atoms must be at least 10, got {self.atoms}"),
-            (self.seed >= 0, f"seed must be ≥ 0, got {self.seed}"),
+            ("pixel_size", lambda: self.diameter_px >= 8,
+             lambda: f"{self.pixel_size}: the molecule would be {self.diameter_px:.1f} px across (diameter "
+                     f"{self.diameter} Å); use a smaller pixel size or a larger diameter (≥ 8 px)"),
+            ("snr", self.snr > 0, f"must be positive (SNR), got {self.snr}"),
+            ("conformations", self.conformations in (1, 2), f"must be 1 or 2, got {self.conformations}"),
+            ("defocus_min", 0 < self.defocus_min <= self.defocus_max,
+             f"needs 0 < defocus_min ≤ defocus_max, got {self.defocus_min}–{self.defocus_max} µm"),
+            ("voltage", self.voltage > 0, f"must be positive, got {self.voltage} kV"),
+            ("cs", self.cs >= 0, f"must be ≥ 0, got {self.cs} mm"),
+            ("amplitude_contrast", 0 <= self.amplitude_contrast < 1, f"must be in [0, 1), got {self.amplitude_contrast}"),
+            ("ice", self.ice >= 0, f"must be ≥ 0, got {self.ice}"),
+            ("atoms", self.atoms >= 10, f"must be at least 10, got {self.atoms}"),
+            ("seed", self.seed >= 0, f"must be ≥ 0, got {self.seed}"),
         ]
-        for ok, message in checks:
+        for name, ok, message in checks:
             if not (ok() if callable(ok) else ok):
-                raise CryoDDMError(message() if callable(message) else message)
-        return self
+                raise ConfigError(self, name, message() if callable(message) else message)
