@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from .diffusion import schedule_coefficients
 from .errors import CryoDDMError
 
 ESTIMATORS = ("chain", "direct")
@@ -66,7 +67,6 @@ class Estimator:
 
 def chain_statistics(beta: float, steps: int) -> dict[str, np.ndarray]:
     """Per k = 0…T: noise variance V_k and signal coefficient c_k (k = 0: the micrograph itself)."""
-    from .diffusion import schedule_coefficients
 
     coef = schedule_coefficients(float(beta), int(steps))
     return statistics_of(coef["x_coef"], coef["noise_coef"])

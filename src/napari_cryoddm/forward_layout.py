@@ -20,7 +20,7 @@ import numpy as np
 
 from .config import to_jsonable
 from .errors import InputError
-from .io.mrc import ascii_label
+from .io.mrc import ascii_label, read_header
 from .model import STRIDE
 from .normalise import MINMAX
 
@@ -55,7 +55,6 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _stack_header(path: Path) -> tuple[int, int, int, int]:
     """(n, y, x, data offset) of a float32 stack, from its header; InputError otherwise."""
-    from .io.mrc import read_header
 
     info = read_header(path)
     if len(info.shape) == 2:

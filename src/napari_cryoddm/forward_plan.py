@@ -18,16 +18,17 @@ import pandas as pd
 
 from . import binning, params
 from .binning import binned_shape
-from .diffusion import PRESETS, validate_schedule
 from .config import ConfigError
+from .diffusion import PRESETS, validate_schedule
 from .errors import CryoDDMError, InputError
 from .forward_layout import FORWARD_LAYOUT, is_forward_folder
-from .io.mrc import MrcInfo, read_header
+from .io.mrc import MrcInfo, list_micrographs, read_header
 from .io.noise import read_noise_txt
 from .io.star import read_coordinates
 from .names import match_names, micrograph_stem
 from .normalise import Normalisation
 from .params import check_window, window_for_diameter
+from .safety import check_output_folder
 
 
 @dataclass
@@ -235,7 +236,6 @@ def plan_forward(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLi
 def _plan_micrographs(micrographs: Any, config: ForwardConfig
                       ) -> tuple[list[_Micrograph], float, float, float, int]:
     """(micrographs, bin factor, binned Å/px or 0, binned diameter, window) from the headers."""
-    from .io.mrc import list_micrographs
 
     paths = list_micrographs(micrographs)
     infos = [read_header(p) for p in paths]
@@ -363,7 +363,6 @@ def _check_output(out: Path, overwrite: bool, inputs: Sequence[Any] = ()) -> Non
     """Before any work: never the working directory, a parent or an input's folder; an existing
     output is replaced only when asked, and only if it is a forward dataset (or empty) — never a
     folder of something else (`safety`, the rule `atomic_dir` applies again when writing)."""
-    from .safety import check_output_folder
 
     finished = (out / "forward.json").exists()
     check_output_folder(out, "forward", overwrite, inputs, FORWARD_LAYOUT, is_forward_folder,

@@ -9,6 +9,7 @@ whatever it has finished in a consistent state.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -96,8 +97,6 @@ def run_job(job: Job[R], desc: str = "", cancel: CancelToken | None = None, quie
         if bar is not None:
             bar.write(message)
         else:
-            import sys
-
             print(message, file=sys.stderr)
 
     handled = (signal.SIGINT, signal.SIGTERM)

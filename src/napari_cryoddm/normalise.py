@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CryoDDMError
+from .errors import CryoDDMError, InputError
 
 _MAX_STAT_PIXELS = 1 << 20  # ~1 M pixels are plenty for percentiles, median and MAD
 
@@ -78,7 +78,6 @@ def normalise(image: np.ndarray, spec: Normalisation = Normalisation(),
 
 def check_finite(image: np.ndarray, source: str) -> None:
     """NaN or infinite pixels poison every later step; refuse them with the file's name."""
-    from .errors import InputError
 
     if not np.isfinite(_subsample(image)).all() or not np.isfinite(image).all():
         bad = int(np.size(image) - np.isfinite(image).sum())
@@ -88,7 +87,6 @@ def check_finite(image: np.ndarray, source: str) -> None:
 def check_not_blank(image: np.ndarray, source: str) -> None:
     """A micrograph whose pixels are all equal (an all-zero frame, a failed export) has no noise
     to learn from and no boxes to rank; refuse it with the file's name."""
-    from .errors import InputError
 
     if image.size and float(np.max(image)) == float(np.min(image)):
         raise InputError(source, f"all pixels are {float(np.min(image)):g}: a blank micrograph "

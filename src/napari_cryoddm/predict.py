@@ -31,13 +31,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import load_checkpoint
+from .config import ConfigError
 from .d4 import d4, d4_inverse
 from .devices import PREDICT_PRECISIONS, autocast_dtype, resolve_device
-from .config import ConfigError
 from .errors import CryoDDMError, OutputError, OutputExistsError
 from .estimators import ESTIMATORS, Estimator, default_estimator, resolve_estimator
 from .io.mrc import list_micrographs, write_mrc
-from .jobs import CancelToken, Job, Progress, collect
+from .jobs import Cancelled, CancelToken, Job, Progress, collect
+from .linear import apply
+from .model import UDenoiseNet
 from .normalise import Normalisation
 from .predict_outputs import (
     PREDICT_LABEL,
@@ -142,8 +145,6 @@ class PredictModel:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike[str], map_location: Any = "cpu") -> PredictModel:
-        from .checkpoint import load_checkpoint
-
         path = Path(path)
         loaded = load_checkpoint(path, map_location=map_location)
         meta = loaded.metadata or {}
@@ -159,8 +160,6 @@ class PredictModel:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> PredictModel:
-        from .model import UDenoiseNet
-
         model = UDenoiseNet()
         model.load_state_dict(state["state_dict"])
         model.eval()
@@ -266,7 +265,6 @@ def estimate_job(rt: Runtime, image: np.ndarray, cancel: CancelToken | None = No
     if len(codes) > 1:
         acc /= np.float32(len(codes))
     if rt.linear:  # isotropic, so the same for every flip/rotation: added once, whole image
-        from .linear import apply
 
         acc += apply(rt.linear, x)
     return est.combine(acc, x)
@@ -414,7 +412,6 @@ def predict_files(model: PredictModel | nn.Module | str | os.PathLike[str], inpu
                 result.failed.append((src, str(exc)))
                 log.error("%s", exc)
             except Exception as exc:  # noqa: BLE001 - one bad file never stops the others
-                from .jobs import Cancelled
 
                 if isinstance(exc, Cancelled):
                     break

@@ -11,14 +11,15 @@ from typing import Any
 import numpy as np
 
 from .errors import CryoDDMError, InputError
+from .io.mrc import read_header
 from .names import micrograph_stem
+from .safety import check_location, check_name, check_writable, inside, real
 
 
 def output_path(input_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], suffix: str = "") -> Path:
     """OUT/<stem><suffix>.mrc, stem = the input's name without folder and MRC extensions, so
     coordinates picked on the denoised file match the raw micrograph by name. The suffix is
     part of a name (no separators, no `..`) and the result must resolve inside OUT."""
-    from .safety import check_name, inside
 
     check_name(suffix, "--suffix")
     name = check_name(f"{micrograph_stem(Path(input_path).name)}{suffix}.mrc", "output name", whole=True)
@@ -27,7 +28,6 @@ def output_path(input_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
 
 def plan_outputs(inputs: Sequence[Path], out_dir: Path, suffix: str) -> list[tuple[Path, Path]]:
     """(input, output) pairs; no two inputs share an output and no output is any input."""
-    from .safety import real
 
     pairs = [(p, output_path(p, out_dir, suffix)) for p in inputs]
     sources = {real(p): p for p in inputs}
@@ -49,7 +49,6 @@ PREDICT_LABEL = "napari-cryoddm predict:"
 def is_predict_output(path: str | os.PathLike[str]) -> bool:
     """True for an MRC this command wrote (our label; mrcfile's 'Created by' comes first): the
     only files --overwrite replaces and the only ones a rerun counts as done."""
-    from .io.mrc import read_header
 
     try:
         labels = read_header(path).labels
@@ -61,7 +60,6 @@ def is_predict_output(path: str | os.PathLike[str]) -> bool:
 def check_out_dir(out_dir: Path, inputs: Sequence[Any] = ()) -> None:
     """Before any work: OUT holds no input and is a folder we can write in (tried, not guessed:
     `os.access` says yes to root in /sys)."""
-    from .safety import check_location, check_writable
 
     check_location(out_dir, inputs, what="the output folder", allow_workdir=True)
     try:

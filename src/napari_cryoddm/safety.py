@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno as _errno
 import fnmatch
+import glob
 import json
 import os
 import tempfile
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import CryoDDMError, InputError, OutputError
+from .errors import CryoDDMError, InputError, OutputError, OutputExistsError
 
 MARKER = ".napari-cryoddm.json"
 MARKER_FORMAT = "napari-cryoddm-output"
@@ -85,8 +86,6 @@ def _input_paths(inputs: Iterable[Any]) -> list[Path]:
         if isinstance(item, (str, os.PathLike)):
             text = os.fspath(item)
             if any(ch in text for ch in "*?["):
-                import glob
-
                 out.extend(Path(h) for h in glob.glob(text))
             elif text:
                 out.append(Path(text))
@@ -235,7 +234,6 @@ def check_output_folder(out: str | os.PathLike[str], kind: str, overwrite: bool,
     """Everything `atomic_dir` will insist on, checked before any work: the location
     (`check_location`), an existing folder only with `overwrite` and only if replaceable
     (`check_replaceable`), and a writable parent (`check_writable`)."""
-    from .errors import OutputExistsError
 
     out = Path(out)
     check_location(out, inputs, what=f"the {kind} output folder")

@@ -4,6 +4,7 @@ then the tile, and carries on; on a CPU the full-resolution stages run in strips
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ from torch import nn
 from .errors import CryoDDMError
 from .estimators import Estimator
 from .jobs import CancelToken, Job, Progress
+from .model import UDenoiseNet
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +165,6 @@ def lean_forward(model: nn.Module, x: torch.Tensor, strip: int = LEAN_STRIP) -> 
     need (5 for the 11×11 first layer, 3 for the three 3×3 top layers) and drops them after;
     at the image's own edges the convolutions pad with zeros as in the plain forward.
     """
-    from .model import UDenoiseNet
 
     if not isinstance(model, UDenoiseNet) or x.shape[-2] <= strip:
         return model(x)
@@ -325,9 +326,7 @@ def measure_receptive_field(model: nn.Module | None = None, size: int = 416) -> 
     copy k back-propagates from output row c + k only, so its input gradient's extent is the
     footprint of that phase. Rows and columns behave alike (square kernels and poolings).
     """
-    import copy
 
-    from .model import UDenoiseNet
 
     net = copy.deepcopy(model) if model is not None else UDenoiseNet()
     net = getattr(net, "_orig_mod", net).float().cpu().eval()

@@ -31,6 +31,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -49,6 +50,7 @@ from .devices import (
 from .errors import CryoDDMError, InputError
 from .forward_layout import ForwardData, open_forward
 from .jobs import CancelToken, Job, Progress
+from .safety import check_location, check_writable
 from .train_config import HISTORY, PLAN_FIELDS, RECIPES, TrainConfig
 from .train_data import (
     PHASES,
@@ -112,7 +114,6 @@ def _is_our_checkpoint(path: Path) -> bool:
 def _check_out(out: Path, config: TrainConfig, inputs: Sequence[Any] = ()) -> None:
     """Before any work: OUT holds no input and can be written in; --overwrite replaces only this
     tool's checkpoints and history, never files it did not write."""
-    from .safety import check_location, check_writable
 
     check_location(out, inputs, what="the training output folder", allow_workdir=True)
     last = out / "last.pt"
@@ -163,7 +164,6 @@ def train(forward_dir: str | os.PathLike[str], out: str | os.PathLike[str],
     finally:
         cache = out / ".cache" / f"rank{rank}"
         if cache.is_dir():  # the re-cut noise pool (rebuilt by each run; can be GBs)
-            import shutil
 
             shutil.rmtree(cache, ignore_errors=True)
             with contextlib.suppress(OSError):

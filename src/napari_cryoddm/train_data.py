@@ -21,10 +21,12 @@ from torch.utils.data import Dataset, Sampler
 
 from .d4 import d4
 from .errors import InputError
+from .estimators import chain_statistics, signal_target
 from .forward_layout import ForwardData
 from .jobs import CancelToken, Job, Progress
 from .linear import fit_transfer
 from .normalise import Normalisation
+from .preprocess import read_prepared
 
 PHASES = ("s1", "s2", "s3")
 S1, S2, S3 = 0, 1, 2
@@ -47,7 +49,6 @@ def build_noise_pool(data: ForwardData, cache: Path, max_shift: int | None = Non
                      cancel: CancelToken | None = None) -> Job[NoisePool]:
     """Re-read the micrographs of the recorded noise centres (binned and normalised exactly as the
     forward step did) and cache W+2S patches around them as one float32 file."""
-    from .preprocess import read_prepared
 
     m = data.manifest
     if not m or not m.get("noise") or not m.get("micrographs"):
@@ -361,7 +362,6 @@ def seed_everything(seed: int) -> None:
 def signal_targets(data: ForwardData) -> tuple[dict[int, tuple[float, float]], float]:
     """k → (λ_k, factor) of the `signal` S2 target for every pair k = start … T of the folder,
     and S3's input scale: √V of the last trained step, the noise level S2's inputs have."""
-    from .estimators import chain_statistics, signal_target
 
     sched = data.schedule or {}
     if sched.get("beta") is None or sched.get("steps") is None:

@@ -29,6 +29,8 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import CryoDDMError
+from .physics import rotation_from_relion
+from .sample import particle_reference
 
 ICE_K = 3.0            # cycles per image: the ice band the fit absorbs and the FRC ignores
 TAPER_PX = 32          # cosine edge taper before the Fourier transform (FRC, T)
@@ -344,9 +346,6 @@ def sample_references(table: Any, molecule: Any, config: Any, box: int
     """Both conformations' clean CTF-modulated projections at each particle's true pose and
     defocus, from the sample generator (`sample.particle_reference`): computed once, reused for
     every method scored on the same particles."""
-    from .physics import rotation_from_relion
-    from .sample import particle_reference
-
     refs = []
     for row in table.itertuples(index=False):
         rot = rotation_from_relion(float(row.rot), float(row.tilt), float(row.psi))

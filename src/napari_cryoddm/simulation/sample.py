@@ -40,7 +40,7 @@ from scipy.spatial.transform import Rotation
 
 from .. import __version__
 from ..atomic import atomic_dir, atomic_write
-from ..errors import CryoDDMError
+from ..errors import CryoDDMError, InputError
 from ..io.mrc import write_mrc
 from ..io.star import write_particles_star
 from ..jobs import CancelToken, Job, Progress
@@ -408,13 +408,10 @@ def read_truth(path: str | Path) -> tuple[dict, pd.DataFrame]:
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
-        from ..errors import InputError
         raise InputError(path, "no such file") from None
     except (OSError, ValueError) as exc:
-        from ..errors import InputError
         raise InputError(path, f"not a readable truth JSON ({exc})") from None
     if doc.get("format") != FORMAT:
-        from ..errors import InputError
         raise InputError(path, f"not a napari-cryoddm sample truth file (format {doc.get('format')!r})")
     return doc, pd.DataFrame(doc["particles"], columns=TRUTH_COLUMNS)
 
