@@ -140,11 +140,6 @@ class PickConfig:
 # geometry
 
 
-def box_start(centre: np.ndarray | float, box: int) -> np.ndarray:
-    """First pixel index covered by a box of side `box` centred on `centre` (forward's crop)."""
-    return np.asarray(centre) - box // 2
-
-
 def box_inside(x, y, box: int, shape: tuple[int, int], margin: int = 0) -> np.ndarray:
     """True where the whole box (plus `margin`) lies inside a micrograph of `shape` = (ny, nx)."""
     x = np.asarray(x, dtype=np.float64)
