@@ -15,7 +15,7 @@ import argparse
 
 import numpy as np
 
-from napari_cryoddm.picking import auto_boxes_from_particles
+from napari_cryoddm.box_placement import auto_boxes_from_particles
 from napari_cryoddm.sample import SampleConfig, micrograph_layout
 
 
