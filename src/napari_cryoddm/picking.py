@@ -203,6 +203,7 @@ def merge_boxes(existing: pd.DataFrame | None, new: pd.DataFrame) -> pd.DataFram
     out["y"] = np.round(out["y"].astype(np.float64)).astype(np.int64)
     return out.drop_duplicates().reset_index(drop=True)
 
+
 # --------------------------------------------------------------------------------------------
 # the job
 
@@ -373,6 +374,7 @@ def _empty_boxes(m: Micrograph, prior: np.ndarray, diameter: float, box: int, co
 
 def _warnings(tally: _Tally, n_mics: int, mode: str, box: int, overlap: float,
               off_image: str) -> list[str]:
+    """What the user should know about the result, each with what to change."""
     warnings = [f"skipped (no boxes proposed): {why}" for why in tally.unusable]
     if off_image:
         warnings.append(off_image)
