@@ -80,7 +80,8 @@ def baseline(mics, star, txt, out: Path) -> int:
     """The original's pattern (same crops, same normalisation, same chain; float32)."""
     import mrcfile
 
-    from napari_cryoddm.forward import ForwardConfig, load_micrograph, pair_noise, plan_forward
+    from napari_cryoddm.forward import ForwardConfig, pair_noise, plan_forward
+    from napari_cryoddm.preprocess import read_prepared
     from napari_cryoddm.forward import schedule_coefficients
 
     config = ForwardConfig(diameter=200, window=W, per_micrograph=PER_MIC, max_crops=10**6, seed=0)
@@ -88,7 +89,7 @@ def baseline(mics, star, txt, out: Path) -> int:
     h = W // 2
     crops, noises = [], []
     for mi, mic in enumerate(plan.micrographs):
-        image, _ = load_micrograph(mic.path, 1.0, config.normalisation)
+        image = read_prepared(mic.path, 1.0, config.normalisation).image
         for r in plan.noise[plan.noise.micrograph == mi].itertuples():
             noises.append(image[r.y - h:r.y + h, r.x - h:r.x + h].copy())
         for r in plan.crops[plan.crops.micrograph == mi].itertuples():

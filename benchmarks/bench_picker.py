@@ -132,7 +132,8 @@ def _alt_scores(image: np.ndarray, d: float, w: int, kind: str) -> tuple[np.ndar
 
 
 def statistics(seeds: list[int]) -> None:
-    from napari_cryoddm.sample import SampleConfig, sample_arrays
+    from napari_cryoddm.simulation.sample import sample_arrays
+    from napari_cryoddm.simulation.sample_config import SampleConfig
 
     sets = [sample_arrays(SampleConfig(n_micrographs=4, seed=s)) for s in seeds]
     cfg = sets[0].config

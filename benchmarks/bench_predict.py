@@ -130,6 +130,7 @@ def scheme_ours(ckpt: str, src: str, dst: str, max_tiles: int = 0, precision: st
                 tile: int = 0, device: str = "cpu", compile: bool = False, **_kw) -> dict:
     """`predict_files` as the CLI runs it; model-only time is the time inside `estimate_job` (tiles, network, stitching)."""
     from napari_cryoddm import predict as P
+    from napari_cryoddm.tiling import plan_tiles
     from napari_cryoddm.jobs import CancelToken, Cancelled, collect
 
     inner = P.estimate_job
@@ -153,7 +154,7 @@ def scheme_ours(ckpt: str, src: str, dst: str, max_tiles: int = 0, precision: st
                 yield ev
         finally:
             spent["s"] += time.perf_counter() - t
-            spent["shape"] = P.plan_tiles(image.shape, rt.tile, rt.overlap)  # the tile used
+            spent["shape"] = plan_tiles(image.shape, rt.tile, rt.overlap)  # the tile used
 
     P.estimate_job = timed
     out_dir = Path(dst).parent

@@ -1,7 +1,7 @@
 """The quality harness (issue 11): every denoiser against the clean truth, in one process.
 
-Data: sample micrographs (`napari_cryoddm.sample`) with two conformations, 1.5 Å/px, 90-px
-particles, at SNR 0.05 (hinge 12°) and SNR 0.01 (hinge 6°). Metrics: `napari_cryoddm.quality`
+Data: sample micrographs (`napari_cryoddm.simulation.sample`) with two conformations, 1.5 Å/px, 90-px
+particles, at SNR 0.05 (hinge 12°) and SNR 0.01 (hinge 6°). Metrics: `napari_cryoddm.simulation.quality`
 (definitions: docs/quality.md) — r after the ice-band fit, the plain r, FRC and
 signal transfer per band, and conformation accuracy paired against the raw data.
 
@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from napari_cryoddm import quality as q
-from napari_cryoddm.jobs import Progress, collect
-from napari_cryoddm.sample import SampleConfig, iter_micrographs, molecule_for
 from _machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from napari_cryoddm.jobs import Progress, collect
+from napari_cryoddm.simulation import quality as q
+from napari_cryoddm.simulation.sample import iter_micrographs, molecule_for
+from napari_cryoddm.simulation.sample_config import SampleConfig
 
 SETTINGS = {"0.05": (0.05, 12.0), "0.01": (0.01, 6.0)}
 PIXEL_SIZE = 1.5      # Å/px: with the 135 Å molecule, 90-px particles
@@ -65,7 +65,12 @@ def drain(job, label: str, verbose: bool) -> Any:
 
 def model_denoiser(checkpoint: Path, device: str) -> Callable[[np.ndarray], np.ndarray]:
     """Our trained model as users run it: `predict.denoise_array` (normalise as trained, tiles)."""
-    from napari_cryoddm.predict import PredictConfig, PredictModel, denoise_array, make_runtime
+    from napari_cryoddm.predict import (
+        PredictConfig,
+        PredictModel,
+        denoise_array,
+        make_runtime,
+    )
 
     pm = PredictModel.from_checkpoint(checkpoint)
     config = PredictConfig(device=device)
@@ -103,7 +108,7 @@ def peers() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
 
 
 def train_model(out: Path, snr: float, hinge: float, args: argparse.Namespace, recipe: str) -> tuple[Path, float]:
-    from napari_cryoddm.demo import train_on_sample
+    from napari_cryoddm.simulation.demo import train_on_sample
     from napari_cryoddm.train import TrainConfig
 
     scfg = SampleConfig(n_micrographs=args.train_micrographs, width=args.size, height=args.size,

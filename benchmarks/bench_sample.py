@@ -24,7 +24,7 @@ import numpy as np
 
 from napari_cryoddm.io.mrc import write_mrc
 from napari_cryoddm.jobs import collect
-from napari_cryoddm import sample as S
+from napari_cryoddm.simulation import sample as S
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:

@@ -33,8 +33,6 @@ import numpy as np
 from _machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from napari_cryoddm.jobs import collect  # noqa: E402
 
-
-
 # ----------------------------------------------------------------------------- speed
 
 def _forward_folder(root: Path, window: int, n: int, pairs: int = 3) -> Path:
@@ -55,9 +53,8 @@ def _bare(window: int, batch: int, steps: int, device: str, precision: str, q: A
 
     import torch
     import torch.nn.functional as F
-
+    from napari_cryoddm.devices import autocast_dtype, resolve_device
     from napari_cryoddm.model import UDenoiseNet
-    from napari_cryoddm.train import autocast_dtype, resolve_device
 
     dev = resolve_device(device)
     amp = autocast_dtype(dev, precision)
@@ -91,7 +88,6 @@ def _bare(window: int, batch: int, steps: int, device: str, precision: str, q: A
 def _pipeline(folder: str, out: str, batch: int, steps: int, device: str, precision: str, workers: int | None,
               q: Any) -> None:
     import torch
-
     from napari_cryoddm.train import TrainConfig, train
 
     cfg = TrainConfig(epochs=1, batch_size=batch, device=device, precision=precision, workers=workers,
@@ -146,11 +142,16 @@ def speed(args: argparse.Namespace) -> None:
 
 def recipes(args: argparse.Namespace) -> None:
     import torch
-
-    from napari_cryoddm import quality as q
-    from napari_cryoddm.demo import train_on_sample
-    from napari_cryoddm.predict import PredictConfig, PredictModel, denoise_array, make_runtime
-    from napari_cryoddm.sample import SampleConfig, iter_micrographs, molecule_for
+    from napari_cryoddm.predict import (
+        PredictConfig,
+        PredictModel,
+        denoise_array,
+        make_runtime,
+    )
+    from napari_cryoddm.simulation import quality as q
+    from napari_cryoddm.simulation.demo import train_on_sample
+    from napari_cryoddm.simulation.sample import iter_micrographs, molecule_for
+    from napari_cryoddm.simulation.sample_config import SampleConfig
     from napari_cryoddm.train import TrainConfig
 
     torch.set_num_threads(args.threads)
@@ -209,10 +210,15 @@ def score(args: argparse.Namespace) -> None:
     """Score trained checkpoints (NAME=PATH) on held-out sample micrographs beside raw and the
     Gaussian low-passes (the same test set as `recipes`)."""
     import torch
-
-    from napari_cryoddm import quality as q
-    from napari_cryoddm.predict import PredictConfig, PredictModel, denoise_array, make_runtime
-    from napari_cryoddm.sample import SampleConfig, iter_micrographs, molecule_for
+    from napari_cryoddm.predict import (
+        PredictConfig,
+        PredictModel,
+        denoise_array,
+        make_runtime,
+    )
+    from napari_cryoddm.simulation import quality as q
+    from napari_cryoddm.simulation.sample import iter_micrographs, molecule_for
+    from napari_cryoddm.simulation.sample_config import SampleConfig
 
     torch.set_num_threads(args.threads)
     methods: dict[str, Any] = {"raw": lambda im: im, **q.PEERS}

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from napari_cryoddm import quality as q
-from napari_cryoddm import sample
+from napari_cryoddm.simulation import quality as q
+from napari_cryoddm.simulation import sample
 
 
 def main() -> None:

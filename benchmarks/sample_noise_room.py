@@ -16,7 +16,8 @@ import argparse
 import numpy as np
 
 from napari_cryoddm.box_placement import auto_boxes_from_particles
-from napari_cryoddm.sample import SampleConfig, micrograph_layout
+from napari_cryoddm.simulation.sample import micrograph_layout
+from napari_cryoddm.simulation.sample_config import SampleConfig
 
 
 def counts(config: SampleConfig, seeds: int) -> np.ndarray:

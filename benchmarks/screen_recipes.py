@@ -71,7 +71,8 @@ def prepare(root: Path, args: argparse.Namespace, data: dict[str, Any]) -> Path:
     from napari_cryoddm.forward import ForwardConfig, run_forward
     from napari_cryoddm.io.star import read_coordinates
     from napari_cryoddm.picking import PickConfig, pick_noise
-    from napari_cryoddm.sample import SampleConfig, generate_sample
+    from napari_cryoddm.simulation.sample import generate_sample
+    from napari_cryoddm.simulation.sample_config import SampleConfig
 
     key = "data_" + "_".join(f"{k}{v}" for k, v in sorted(data.items())) if data else "data"
     out = root / f"n{data.get('micrographs', args.micrographs)}_{args.size}_p{args.particles}_snr{args.snr}" / key
@@ -94,7 +95,7 @@ def prepare(root: Path, args: argparse.Namespace, data: dict[str, Any]) -> Path:
 
 def best_shift(d: np.ndarray, c: np.ndarray, r: int = 2) -> tuple[int, int]:
     """The (dy, dx) within ±r px at which the denoised image correlates best with the truth."""
-    from napari_cryoddm import quality as q
+    from napari_cryoddm.simulation import quality as q
 
     dd, cc = q.remove_ice(d), q.remove_ice(c)
     m = r + 1
@@ -126,11 +127,16 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     import torch
-
-    from napari_cryoddm import quality as q
     from napari_cryoddm.normalise import Normalisation, normalisation_stats, normalise
-    from napari_cryoddm.predict import PredictConfig, PredictModel, denoise_array, make_runtime
-    from napari_cryoddm.sample import SampleConfig, iter_micrographs, molecule_for
+    from napari_cryoddm.predict import (
+        PredictConfig,
+        PredictModel,
+        denoise_array,
+        make_runtime,
+    )
+    from napari_cryoddm.simulation import quality as q
+    from napari_cryoddm.simulation.sample import iter_micrographs, molecule_for
+    from napari_cryoddm.simulation.sample_config import SampleConfig
     from napari_cryoddm.train import TrainConfig, train
 
     torch.set_num_threads(args.threads)

@@ -30,9 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from napari_cryoddm import quality as q
 from napari_cryoddm.jobs import CancelToken, collect
+from napari_cryoddm.simulation import quality as q
 
 SAMPLE_NOTE = ("trained on synthetic `cryoddm sample` micrographs (3 Å/px, 135 Å particles, SNR 0.05, "
                "white noise + smooth ice); real data want their own training, or fine-tuning from "
@@ -45,7 +44,8 @@ def build_data(root: Path, args: argparse.Namespace) -> Path:
     from napari_cryoddm.forward import ForwardConfig, run_forward
     from napari_cryoddm.io.star import read_coordinates
     from napari_cryoddm.picking import PickConfig, pick_noise
-    from napari_cryoddm.sample import SampleConfig, generate_sample
+    from napari_cryoddm.simulation.sample import generate_sample
+    from napari_cryoddm.simulation.sample_config import SampleConfig
 
     fwd = root / "forward"
     if (fwd / "forward.json").is_file():
@@ -135,7 +135,8 @@ HELD_OUT = {
 
 def held_out(args: argparse.Namespace, setting: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
     from napari_cryoddm.binning import fourier_bin
-    from napari_cryoddm.sample import SampleConfig, iter_micrographs, molecule_for
+    from napari_cryoddm.simulation.sample import iter_micrographs, molecule_for
+    from napari_cryoddm.simulation.sample_config import SampleConfig
 
     h = HELD_OUT[setting]
     test = SampleConfig(n_micrographs=args.test_micrographs, snr=args.snr, seed=args.test_seed,

@@ -30,7 +30,6 @@ import starfile
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from napari_cryoddm.checkpoint import load_checkpoint, save_checkpoint
 from napari_cryoddm.cli import main
 from napari_cryoddm.errors import CryoDDMError
@@ -39,7 +38,8 @@ from napari_cryoddm.jobs import CancelToken, collect
 from napari_cryoddm.model import UDenoiseNet
 from napari_cryoddm.predict import plan_outputs
 from napari_cryoddm.safety import MARKER, inside, real
-from napari_cryoddm.sample import SampleConfig, generate_sample
+from napari_cryoddm.simulation.sample import generate_sample
+from napari_cryoddm.simulation.sample_config import SampleConfig
 from napari_cryoddm.train import TrainConfig, train
 
 from helpers.jobs import stop_when
@@ -432,10 +432,10 @@ def test_11_and_14_unwritable_output_fails_first_with_one_line(model, tmp_path, 
     monkeypatch.setattr(predict_mod, "make_runtime", no_work)
     if command == "train":
         fw = make_forward(tmp_path / "data", n=2, window=64, m=2, steps=3, start=2)
-        monkeypatch.setattr("napari_cryoddm.train.UDenoiseNet", no_work)
+        monkeypatch.setattr("napari_cryoddm.train_loop.UDenoiseNet", no_work)
         argv = ["train", fw["folder"], "-o", SYS_KERNEL / "cryoddm-run", "--device", "cpu"]
     elif command == "demo":
-        monkeypatch.setattr("napari_cryoddm.sample.molecule_for", no_work)
+        monkeypatch.setattr("napari_cryoddm.simulation.sample.molecule_for", no_work)
         argv = ["demo", "--quick", "--out", SYS_KERNEL / "cryoddm-demo"]
     else:
         (src,) = mics(tmp_path / "in")
@@ -541,19 +541,19 @@ def test_14_a_second_predict_run_counts_the_firsts_files_as_done(model, tmp_path
     sources = mics(tmp_path / "in", [(64, 64)] * 3)
     out = tmp_path / "out"
     argv = ["predict", model, *sources, "-o", out, *FAST_PREDICT]
-    import napari_cryoddm.predict as predict_mod
+    import napari_cryoddm.prefetch as prefetch_mod
 
     # the other run finishes every file while this one is busy with its first
-    real_prepare, other_ran = predict_mod.prepare, []
+    real_read, other_ran = prefetch_mod.read_prepared, []
 
-    def prepare(path, pm):
+    def read_prepared(path, *args):
         if not other_ran:
             other_ran.append(True)
-            monkeypatch.setattr(predict_mod, "prepare", real_prepare)
+            monkeypatch.setattr(prefetch_mod, "read_prepared", real_read)
             assert main([str(a) for a in argv]) == 0
-        return real_prepare(path, pm)
+        return real_read(path, *args)
 
-    monkeypatch.setattr(predict_mod, "prepare", prepare)
+    monkeypatch.setattr(prefetch_mod, "read_prepared", read_prepared)
     rc, _, err = cli(capsys, *argv)
     assert rc == 0 and other_ran
     assert err.strip().splitlines()[-1].startswith("0 denoised, 3 already done (skipped), 0 failed")

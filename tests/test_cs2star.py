@@ -9,17 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import starfile
-from scipy.spatial.transform import Rotation
-
 from napari_cryoddm.cli import main
 from napari_cryoddm.cs2star import Cs2StarConfig, build_tables, convert, convert_job_dirs
 from napari_cryoddm.cs2star.job_dirs import find_job_files
-from napari_cryoddm.cs2star.rotations import (matrix_to_relion_euler, relion_euler_to_matrix,
-                                              rotvec_to_relion_matrix)
+from napari_cryoddm.cs2star.rotations import matrix_to_relion_euler, relion_euler_to_matrix, rotvec_to_relion_matrix
 from napari_cryoddm.errors import CryoDDMError, InputError, OutputExistsError
 from napari_cryoddm.io import cryosparc as cs_io
 from napari_cryoddm.io.cryosparc import load_cs
-from napari_cryoddm.jobs import CancelToken, Cancelled, collect
+from napari_cryoddm.jobs import Cancelled, CancelToken, collect
+from scipy.spatial.transform import Rotation
 
 T20S_P = "T20S_J30_extract_particles_from_cryosparc-tools_conftest.cs"
 T20S_T = "T20S_J30_extract_passthrough_from_cryosparc-tools_conftest.cs"
@@ -535,7 +533,8 @@ def test_cli_files_and_job_dir(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def sample_set(tmp_path_factory):
-    from napari_cryoddm.sample import SampleConfig, generate_sample
+    from napari_cryoddm.simulation.sample import generate_sample
+    from napari_cryoddm.simulation.sample_config import SampleConfig
 
     out = tmp_path_factory.mktemp("sample") / "sample"
     config = SampleConfig(n_micrographs=2, width=320, height=256, particles=4, pixel_size=3.0)
@@ -558,7 +557,7 @@ def _match_truth(particles: pd.DataFrame, truth: pd.DataFrame, factor: float = 1
 
 
 def test_sample_pair_back_to_truth(sample_set, tmp_path):
-    from napari_cryoddm.sample import read_truth
+    from napari_cryoddm.simulation.sample import read_truth
 
     _, truth = read_truth(sample_set.truth_json)
     out = tmp_path / "s.star"
@@ -582,8 +581,7 @@ def test_sample_pair_back_to_truth(sample_set, tmp_path):
 def test_sample_pair_binned_by_two(sample_set, tmp_path):
     """cryoSPARC saw the micrographs binned ×2 (half the shape, the same fractions)."""
     from cryosparc.dataset import Dataset
-
-    from napari_cryoddm.sample import read_truth
+    from napari_cryoddm.simulation.sample import read_truth
 
     _, truth = read_truth(sample_set.truth_json)
     files = []

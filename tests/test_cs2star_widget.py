@@ -3,10 +3,8 @@ raw micrographs at their true positions; job folders; bad input shown, nothing w
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
-
 from napari_cryoddm.jobs import collect
 
 pytestmark = pytest.mark.viewer
@@ -14,7 +12,8 @@ pytestmark = pytest.mark.viewer
 
 @pytest.fixture(scope="module")
 def sample_set(tmp_path_factory):
-    from napari_cryoddm.sample import SampleConfig, generate_sample
+    from napari_cryoddm.simulation.sample import generate_sample
+    from napari_cryoddm.simulation.sample_config import SampleConfig
 
     out = tmp_path_factory.mktemp("sample") / "sample"
     config = SampleConfig(n_micrographs=2, width=320, height=256, particles=4, pixel_size=3.0)
@@ -40,7 +39,7 @@ def _widget(viewer):
 
 
 def test_convert_and_show_on_raw_micrographs(viewer_with_micrographs, sample_set, tmp_path):
-    from napari_cryoddm.sample import read_truth
+    from napari_cryoddm.simulation.sample import read_truth
 
     viewer, image = viewer_with_micrographs
     widget = _widget(viewer)

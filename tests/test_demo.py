@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from napari_cryoddm.cli import main
-from napari_cryoddm.demo import DemoConfig, cs2star_error
+from napari_cryoddm.simulation.demo import DemoConfig, cs2star_error
 from napari_cryoddm.errors import CryoDDMError
 
 HERE = Path(__file__).parent

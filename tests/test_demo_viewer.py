@@ -24,7 +24,7 @@ def test_walk_the_five_widgets(make_napari_viewer, tmp_path, monkeypatch):
     pytest.importorskip("napari_cryoddm._napari.widgets.predict")
     from napari_cryoddm.io.mrc import read_image
     from napari_cryoddm.predict import PredictModel, denoise_array
-    from napari_cryoddm.sample import SampleConfig
+    from napari_cryoddm.simulation.sample_config import SampleConfig
 
     monkeypatch.setenv("CRYODDM_CACHE_DIR", str(tmp_path / "cache"))
     viewer = make_napari_viewer(show=True)

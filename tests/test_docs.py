@@ -113,6 +113,6 @@ def test_every_docs_page_is_in_the_site_nav():
 
 def test_readme_keeps_the_two_commands():
     text = README.read_text(encoding="utf-8")
-    assert ("python3 -m venv .venv && .venv/bin/pip install -c ci/constraints.txt -e . && "
+    assert ("python3 -m venv .venv && .venv/bin/pip install -c constraints.txt -e . && "
             ".venv/bin/cryoddm demo --quick --out demo-out") in text
     assert "\nbash .ci/run\n" in text

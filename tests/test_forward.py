@@ -20,10 +20,10 @@ from napari_cryoddm.forward import (
     pair_noise,
     plan_forward,
     preview_chain,
-    read_manifest,
     run_forward,
     schedule_coefficients,
 )
+from napari_cryoddm.forward_layout import read_manifest
 from napari_cryoddm.io.mrc import write_mrc
 from napari_cryoddm.io.noise import write_noise_txt
 from napari_cryoddm.io.star import read_coordinates, write_coordinates_star
@@ -210,8 +210,8 @@ def test_run_layout_recurrence_and_manifest(synth, tmp_path):
     assert (p["noise"][:, 1:] != p["noise"][:, :1]).any()
 
     # crops and noise patches are cut where the manifest says, from the normalised micrograph
-    from napari_cryoddm.forward import load_micrograph
-    img, _ = load_micrograph(synth["mics"][1], 1.0, Normalisation())
+    from napari_cryoddm.preprocess import read_prepared
+    img = read_prepared(synth["mics"][1], 1.0, Normalisation()).image
     c = next(i for i, e in enumerate(m["crops"]) if e["micrograph"] == 1)
     e = m["crops"][c]
     np.testing.assert_array_equal(s1[c], img[e["y"] - 64:e["y"] + 64, e["x"] - 64:e["x"] + 64])
@@ -509,7 +509,7 @@ def test_cli_bad_input_exits_2_and_writes_nothing(synth, tmp_path, capsys):
 def test_sample_data_crops_are_centred_on_the_true_particles(tmp_path):
     """The team's simulated sample: with jitter 0 the cross-correlation of each noisy crop with the
     clean signal cut at the true particle position peaks at zero shift."""
-    sample = pytest.importorskip("napari_cryoddm.sample")
+    sample = pytest.importorskip("napari_cryoddm.simulation.sample")
     from napari_cryoddm.box_placement import auto_boxes_from_particles
 
     cfg = sample.SampleConfig(n_micrographs=2, width=512, height=448, particles=5, snr=1.0, seed=3)

@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from napari_cryoddm import picking
 from napari_cryoddm.box_placement import (
     auto_boxes_from_particles,
@@ -401,7 +400,8 @@ def test_real_autopick_boxes_avoid_every_pick(real_data, tmp_path):
 
 @pytest.fixture(scope="module")
 def sample_sets():
-    from napari_cryoddm.sample import SampleConfig, sample_arrays
+    from napari_cryoddm.simulation.sample import sample_arrays
+    from napari_cryoddm.simulation.sample_config import SampleConfig
 
     default = sample_arrays(SampleConfig())
     more = [sample_arrays(SampleConfig(n_micrographs=4, seed=s)) for s in (1, 2)]
@@ -458,9 +458,8 @@ def test_coordinate_free_boxes_hit_particles_a_third_as_often_as_random(sample_s
 def test_real_screening_keeps_boxes_off_the_contamination(real_data, tmp_path):
     """The Ucsf micrograph has a large unpicked contamination blob: the rule alone (it trusts the
     picks) puts boxes on it; `--screen` reads the pixels and keeps every box off it."""
-    from scipy import ndimage
-
     from napari_cryoddm.io.mrc import read_micrograph
+    from scipy import ndimage
 
     mic = real_data / "micrographs" / "Ucsf_stack_1142_DW.mrc"
     star = real_data / "coordinates" / "Ucsf_stack_1142_DW_autopick.star"

@@ -18,10 +18,24 @@ from napari_cryoddm.io.mrc import write_mrc
 from napari_cryoddm.jobs import CancelToken, collect
 from napari_cryoddm.model import UDenoiseNet
 from napari_cryoddm.normalise import Normalisation, normalisation_stats, normalise
-from napari_cryoddm.predict import (DEFAULT_OVERLAP, RECEPTIVE_FIELD_PX, STRIDE, PredictConfig,
-                                    PredictModel, denoise_array, make_runtime, measure_receptive_field,
-                                    output_path, pad_image, plan_tiles, predict_files, predict_image,
-                                    predict_padded_whole)
+from napari_cryoddm.predict import (
+    PredictConfig,
+    PredictModel,
+    denoise_array,
+    make_runtime,
+    output_path,
+    predict_files,
+    predict_image,
+)
+from napari_cryoddm.tiling import (
+    DEFAULT_OVERLAP,
+    RECEPTIVE_FIELD_PX,
+    STRIDE,
+    measure_receptive_field,
+    pad_image,
+    plan_tiles,
+    predict_padded_whole,
+)
 
 CPU = dict(device="cpu", channels_last=False)
 
@@ -356,7 +370,11 @@ def test_cli_predicts_from_a_checkpoint_and_resumes(tmp_path, capsys):
 
 
 def test_cpu_tile_is_chosen_to_fit_the_memory_budget():
-    from napari_cryoddm.predict import CPU_BYTES_PER_TILE_PX, CPU_MEMORY_BUDGET, auto_cpu_tile
+    from napari_cryoddm.tiling import (
+        CPU_BYTES_PER_TILE_PX,
+        CPU_MEMORY_BUDGET,
+        auto_cpu_tile,
+    )
 
     assert auto_cpu_tile((4096, 4096), 192) == 1792  # 9 tiles of 1760²: 1.66× redundancy
     assert auto_cpu_tile((8192, 8192), 192) == 1536  # 1760² tiles would pass 2 GB on an 8k

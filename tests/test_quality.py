@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_cryoddm import quality as q
+from napari_cryoddm.simulation import quality as q
 from napari_cryoddm.errors import CryoDDMError
 
 N = 256
@@ -206,7 +206,7 @@ def test_box_and_table_helpers():
 
 def test_conformation_evidence_on_sample_particles():
     """The clean signal calls every sample particle right; the raw data at SNR 0.01 / 6° less so."""
-    sample = pytest.importorskip("napari_cryoddm.sample")
+    sample = pytest.importorskip("napari_cryoddm.simulation.sample")
     cfg = sample.SampleConfig(n_micrographs=2, width=512, height=512, pixel_size=3.0, particles=6,
                               snr=0.01, hinge_angle=6.0, seed=3)
     arr = sample.sample_arrays(cfg)

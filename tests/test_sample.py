@@ -18,16 +18,32 @@ import pytest
 from cryosparc.dataset import Dataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.spatial.transform import Rotation
-
 from napari_cryoddm.cli import main
 from napari_cryoddm.errors import CryoDDMError, InputError, OutputExistsError
 from napari_cryoddm.io.star import read_coordinates, read_star_blocks
-from napari_cryoddm.jobs import CancelToken, Cancelled, collect
-from napari_cryoddm.sample import (
-    MIN_SEPARATION, Molecule, SampleConfig, build_molecule, config_from_truth, cs_datasets, ctf,
-    electron_wavelength, envelope, generate_sample, iter_micrographs, molecule_for,
-    particle_reference, project, read_truth, rotation_from_relion, sample_arrays)
+from napari_cryoddm.jobs import Cancelled, CancelToken, collect
+from napari_cryoddm.simulation.physics import (
+    Molecule,
+    build_molecule,
+    ctf,
+    electron_wavelength,
+    envelope,
+    project,
+    rotation_from_relion,
+)
+from napari_cryoddm.simulation.sample import (
+    MIN_SEPARATION,
+    config_from_truth,
+    generate_sample,
+    iter_micrographs,
+    molecule_for,
+    particle_reference,
+    read_truth,
+    sample_arrays,
+)
+from napari_cryoddm.simulation.sample_config import SampleConfig
+from napari_cryoddm.simulation.sample_files import cs_datasets
+from scipy.spatial.transform import Rotation
 
 REPO = Path(__file__).resolve().parents[1]
 # non-square, so a swapped x/y anywhere (STAR, .cs fractions, micrograph_shape) shows
@@ -534,7 +550,11 @@ def test_figure_script_writes_a_png(tmp_path):
 
 def test_napari_sample_layers(tmp_path, monkeypatch):
     monkeypatch.setenv("CRYODDM_CACHE_DIR", str(tmp_path / "cache"))
-    from napari_cryoddm._napari.sample_data import STACK_CONFIG, sample_micrograph, sample_stack
+    from napari_cryoddm._napari.sample_data import (
+        STACK_CONFIG,
+        sample_micrograph,
+        sample_stack,
+    )
 
     t0 = time.perf_counter()
     layers = sample_micrograph()

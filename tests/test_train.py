@@ -14,13 +14,16 @@ import torch
 
 from napari_cryoddm.checkpoint import load_checkpoint
 from napari_cryoddm.errors import CryoDDMError, InputError
-from napari_cryoddm.forward import load_micrograph
+from napari_cryoddm.preprocess import read_prepared
 from napari_cryoddm.io.mrc import write_mrc
 from napari_cryoddm.jobs import CancelToken, collect
 from napari_cryoddm.normalise import Normalisation
-from napari_cryoddm.train import (S1, S2, S3, PairDataset, PlanBatchSampler, TrainConfig, ValDataset,
-                                  build_noise_pool, epoch_plan, local_keys, open_forward,
-                                  resolve_device, train)
+from napari_cryoddm.d4 import d4
+from napari_cryoddm.devices import resolve_device
+from napari_cryoddm.forward_layout import open_forward
+from napari_cryoddm.train import TrainConfig, train
+from napari_cryoddm.train_data import (S1, S2, S3, PairDataset, PlanBatchSampler, ValDataset, build_noise_pool,
+                                       epoch_plan, local_keys, recut)
 
 from helpers.jobs import stop_when
 from helpers.training import make_forward
@@ -102,7 +105,6 @@ def test_epoch_plan_phases_partners_and_augmentation(fw):
         i = int(key[1])
         k, crop = fw["start"] + i // 4, i % 4
         for code in range(8):
-            from napari_cryoddm.train import d4
 
             if np.array_equal(x[0].numpy(), d4(fw["chains"][crop, k], code)):
                 np.testing.assert_array_equal(y[0].numpy(), d4(fw["chains"][crop, k - 1], code))
@@ -131,7 +133,7 @@ def test_fresh_noise_chain_uses_recut_noise(tmp_path):
     flats = []
     for e in (data.manifest["noise"][0], data.manifest["noise"][-1]):  # one per micrograph
         mic = Path(data.manifest["micrographs"][e["micrograph"]]["path"])
-        norm, _ = load_micrograph(mic, 1.0, Normalisation("robust"))
+        norm = read_prepared(mic, 1.0, Normalisation("robust")).image
         flats.append(float(norm[e["y"], e["x"]]))
     assert pool.margin == 8 and pool.patches.shape == (4, 80, 80)
     ds = PairDataset(data, augment=False, pool=pool, coefficients=f["coef"])
@@ -147,7 +149,6 @@ def test_fresh_noise_chain_uses_recut_noise(tmp_path):
         assert rest.std() < 1e-4
     assert len(ks) > 1
     rng = np.random.default_rng(0)
-    from napari_cryoddm.train import recut
 
     shifted = [recut(pool, 1, rng) for _ in range(6)]
     assert all(np.allclose(s, flats[0]) or np.allclose(s, flats[1]) for s in shifted)

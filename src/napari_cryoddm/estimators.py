@@ -66,7 +66,7 @@ class Estimator:
 
 def chain_statistics(beta: float, steps: int) -> dict[str, np.ndarray]:
     """Per k = 0…T: noise variance V_k and signal coefficient c_k (k = 0: the micrograph itself)."""
-    from .forward import schedule_coefficients
+    from .diffusion import schedule_coefficients
 
     coef = schedule_coefficients(float(beta), int(steps))
     return statistics_of(coef["x_coef"], coef["noise_coef"])

@@ -21,8 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,28 +31,39 @@ import numpy as np
 import torch
 from torch import nn
 
-from .binning import fourier_bin
 from .d4 import d4, d4_inverse
-from .errors import CryoDDMError, InputError, OutputError, OutputExistsError
+from .devices import PREDICT_PRECISIONS, autocast_dtype, resolve_device
+from .errors import CryoDDMError, OutputError, OutputExistsError
 from .estimators import ESTIMATORS, Estimator, default_estimator, resolve_estimator
-from .io.mrc import MrcInfo, list_micrographs, read_micrograph, write_mrc
+from .io.mrc import list_micrographs, write_mrc
 from .jobs import CancelToken, Job, Progress, collect
-from .names import micrograph_stem
-from .normalise import Normalisation, check_finite, normalisation_stats, normalise
+from .normalise import Normalisation
+from .predict_outputs import (
+    PREDICT_LABEL,
+    check_out_dir,
+    check_output,
+    is_predict_output,
+    output_path,
+    plan_outputs,
+)
+from .prefetch import Pipeline
+from .preprocess import Prepared, prepare, read_prepared, restore_intensity
 from .safety import NO_ROOM
+from .tiling import (
+    DEFAULT_OVERLAP,
+    DEFAULT_TILE_CPU,
+    DEFAULT_TILE_GPU,
+    RECEPTIVE_FIELD_PX,
+    STRIDE,
+    Runtime,
+    TileGrid,
+    plan_tiles,
+    predict_image_job,
+)
 
 log = logging.getLogger(__name__)
 
-STRIDE = 32                 # five 2× poolings: tile origins and sizes are multiples of this
-RECEPTIVE_FIELD_PX = 161    # measured one-sided reach of UDenoiseNet (see measure_receptive_field)
-DEFAULT_OVERLAP = 192       # the smallest multiple of 32 covering it (see plan_tiles)
-DEFAULT_TILE_GPU = 2048    # H200, 4096²: 0.68 s model-only vs 0.87 s at 1024 (docs/benchmarks.md)
-DEFAULT_TILE_CPU = 1792     # with lean_forward: 9 tiles per 4k (docs/benchmarks.md)
-CPU_TILES = (1792, 1536, 1280, 1024, 768)  # automatic CPU tiles, largest first
-CPU_BYTES_PER_TILE_PX = 480  # measured peak of lean_forward's activations (fp32) per tile pixel
-CPU_MEMORY_BUDGET = int(1.75 * 2**30)  # keeps an 8k micrograph under 2 GB peak RSS
 INTENSITIES = ("normalised", "input")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -77,7 +88,7 @@ class PredictConfig:
                                       "on, comparable across micrographs) or 'input' (mapped back "
                                       "to the input's units)", choices=INTENSITIES)
     precision: str = _f("auto", "auto (bf16 autocast on a GPU that has it, else fp32), fp32, bf16, "
-                                "fp16 (GPU only)", choices=PRECISIONS)
+                                "fp16 (GPU only)", choices=PREDICT_PRECISIONS)
     estimator: str = _f("auto", "how the network's output becomes the estimate: chain (derived from "
                                 "the forward chain's coefficients) or direct (the original's single "
                                 "pass); auto: chain for models trained with --s2-target signal, "
@@ -102,8 +113,8 @@ class PredictConfig:
     def __post_init__(self) -> None:
         if self.intensity not in INTENSITIES:
             raise CryoDDMError(f"--intensity {self.intensity!r}: use normalised or input")
-        if self.precision not in PRECISIONS:
-            raise CryoDDMError(f"--precision {self.precision!r}: use {', '.join(PRECISIONS)}")
+        if self.precision not in PREDICT_PRECISIONS:
+            raise CryoDDMError(f"--precision {self.precision!r}: use {', '.join(PREDICT_PRECISIONS)}")
         if self.tile and (self.tile < 64 or self.tile % STRIDE):
             raise CryoDDMError(f"--tile {self.tile}: use a multiple of 32, at least 64")
         if self.overlap < 0:
@@ -172,122 +183,8 @@ def as_predict_model(model: PredictModel | nn.Module | str | os.PathLike[str]) -
 
 # ----------------------------------------------------------------------------- tile geometry
 
-@dataclass(frozen=True)
-class TileGrid:
-    """Where the tiles of one image go. The image sits at (margin, margin) of the padded array,
-    which is `counts·core + 2·margin` long per axis; tile k starts at k·core (a multiple of 32)."""
-
-    shape: tuple[int, int]
-    margin: int
-    core: tuple[int, int]
-    counts: tuple[int, int]
-
-    @property
-    def tile_shape(self) -> tuple[int, int]:
-        return (self.core[0] + 2 * self.margin, self.core[1] + 2 * self.margin)
-
-    @property
-    def padded_shape(self) -> tuple[int, int]:
-        return (self.counts[0] * self.core[0] + 2 * self.margin,
-                self.counts[1] * self.core[1] + 2 * self.margin)
-
-    @property
-    def n_tiles(self) -> int:
-        return self.counts[0] * self.counts[1]
-
-    def origins(self) -> list[tuple[int, int]]:
-        return [(iy * self.core[0], ix * self.core[1])
-                for iy in range(self.counts[0]) for ix in range(self.counts[1])]
-
-    @property
-    def redundancy(self) -> float:
-        """Pixels pushed through the network per output pixel (1.0 would be no overlap)."""
-        ty, tx = self.tile_shape
-        return self.n_tiles * ty * tx / (self.shape[0] * self.shape[1])
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def plan_tiles(shape: tuple[int, int], tile: int, overlap: int) -> TileGrid:
-    """Balanced tiles: per axis the fewest cores of ≤ tile − 2·margin px that cover the image,
-    evened out (so a 4096 image does not end with a sliver tile), each a multiple of 32.
-
-    A micrograph smaller than a tile gets a single, smaller tile (padded up to a multiple of 32).
-    The margin is rounded up to a multiple of 32 so the image sits on the network's pooling grid
-    at phase 0 whatever the overlap: results then do not depend on the tiling at all (a margin
-    of 176 would shift the grid by 16 px, which changes a U-Net's output everywhere).
-    """
-    margin = _round_up(max(0, int(overlap)), STRIDE)
-    max_core = int(tile) - 2 * margin
-    if max_core < STRIDE:
-        raise CryoDDMError(f"tile {tile} px leaves no core with {margin} px of overlap on each side; "
-                           f"use --tile ≥ {2 * margin + 2 * STRIDE} (or a smaller --overlap)")
-    core, counts = [], []
-    for n in shape:
-        if n < 1:
-            raise CryoDDMError(f"cannot tile an image of shape {shape}")
-        k = -(-n // max_core)
-        core.append(_round_up(-(-n // k), STRIDE))
-        counts.append(k)
-    return TileGrid((int(shape[0]), int(shape[1])), margin, (core[0], core[1]), (counts[0], counts[1]))
-
-
-def pad_image(image: np.ndarray, grid: TileGrid) -> np.ndarray:
-    """Reflection-pad to the grid's padded shape (image at (margin, margin)); float32."""
-    (h, w), m = grid.shape, grid.margin
-    py, px = grid.padded_shape
-    return np.pad(np.asarray(image, dtype=np.float32), ((m, py - h - m), (m, px - w - m)), mode="reflect")
-
 
 # ----------------------------------------------------------------------------- devices and runtime
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    from .train import resolve_device as _resolve
-
-    return _resolve(spec)
-
-
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """None = fp32. auto → bf16 on GPUs that have it (fp16 otherwise), fp32 on CPUs (bf16 on a
-    CPU is faster on AVX-512-BF16 parts but changes results; it is an explicit choice)."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise CryoDDMError("--precision fp16 needs a GPU; use bf16 or fp32 on a CPU")
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
-
-
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
-
-
-@dataclass
-class Runtime:
-    """The network on its device, and the tile/batch sizes in force (shrunk after an OOM, and
-    kept shrunk for the rest of the run)."""
-
-    model: nn.Module
-    device: torch.device
-    tile: int
-    batch_size: int
-    overlap: int
-    dtype: torch.dtype | None
-    channels_last: bool
-    lean: bool = False
-    auto_tile: bool = False
-    oom_events: list[str] = field(default_factory=list)
-    estimator: Estimator = field(default_factory=lambda: Estimator("direct"))
-    tta: bool = False
-    linear: dict[str, Any] | None = None  # the model's linear part H (see linear.py), if any
 
 
 def runtime_for(pm: PredictModel, config: PredictConfig, device: torch.device | None = None) -> Runtime:
@@ -314,99 +211,9 @@ def make_runtime(model: nn.Module, config: PredictConfig, device: torch.device |
     tile = config.tile or (DEFAULT_TILE_GPU if device.type == "cuda" else DEFAULT_TILE_CPU)
     batch = config.batch_size or (8 if device.type == "cuda" else 1)
     lean = device.type == "cpu" and not config.compile
-    return Runtime(model, device, tile, batch, config.overlap, autocast_dtype(device, config.precision),
+    return Runtime(model, device, tile, batch, config.overlap, autocast_dtype(device, config.precision, fp16=True),
                    channels_last, lean, auto_tile=not config.tile and device.type == "cpu",
                    estimator=estimator or Estimator("direct"), tta=bool(config.tta), linear=linear)
-
-
-def auto_cpu_tile(shape: tuple[int, int], overlap: int, batch: int = 1) -> int:
-    """The largest CPU tile whose activations, with the micrograph and its output, fit the budget:
-    big tiles waste less on margins, but an 8k micrograph needs smaller ones to stay under 2 GB."""
-    image_bytes = 2 * 4 * shape[0] * shape[1]  # the normalised input and the output
-    for tile in CPU_TILES:
-        try:
-            grid = plan_tiles(shape, tile, overlap)
-        except CryoDDMError:
-            continue
-        ty, tx = grid.tile_shape
-        if image_bytes + batch * ty * tx * CPU_BYTES_PER_TILE_PX <= CPU_MEMORY_BUDGET:
-            return tile
-    return CPU_TILES[-1]
-
-
-LEAN_STRIP = 128  # rows per strip of the full-resolution stages in `lean_forward`
-
-
-def lean_forward(model: nn.Module, x: torch.Tensor, strip: int = LEAN_STRIP) -> torch.Tensor:
-    """UDenoiseNet's forward with its two full-resolution stages computed in row strips.
-
-    The plain forward holds ~1.4 kB of activations per pixel (the 97-channel concatenation at full
-    resolution); this holds ~0.25 kB, so a CPU can take tiles big enough to make the overlap
-    cheap, and an 8k micrograph fits in 2 GB. Exact: each strip carries the rows its convolutions
-    need (5 for the 11×11 first layer, 3 for the three 3×3 top layers) and drops them after;
-    at the image's own edges the convolutions pad with zeros as in the plain forward.
-    """
-    from .model import UDenoiseNet
-
-    if not isinstance(model, UDenoiseNet) or x.shape[-2] <= strip:
-        return model(x)
-    H = x.shape[-2]
-    strip -= strip % 2
-    halo1 = model.enc1[0].kernel_size[0] // 2
-    chunks = []
-    for r0 in range(0, H, strip):
-        r1 = min(H, r0 + strip)
-        a, b = max(0, r0 - halo1), min(H, r1 + halo1)
-        y = model.enc1[1](model.enc1[0](x[..., a:b, :]))[..., r0 - a:r1 - a, :]
-        chunks.append(model.enc1[2](y))
-        del y
-    p1 = torch.cat(chunks, -2)
-    del chunks
-    p2 = model.enc2(p1)
-    p3 = model.enc3(p2)
-    p4 = model.enc4(p3)
-    p5 = model.enc5(p4)
-    h = model.enc6(p5)
-    del p5
-    up = torch.nn.functional.interpolate
-    h = model.dec5(torch.cat([up(h, size=p4.shape[-2:], mode="nearest"), p4], 1))
-    del p4
-    h = model.dec4(torch.cat([up(h, size=p3.shape[-2:], mode="nearest"), p3], 1))
-    del p3
-    h = model.dec3(torch.cat([up(h, size=p2.shape[-2:], mode="nearest"), p2], 1))
-    del p2
-    h = model.dec2(torch.cat([up(h, size=p1.shape[-2:], mode="nearest"), p1], 1))
-    del p1
-    halo = 3  # three 3×3 convolutions
-    out = torch.empty((x.shape[0], 1, H, x.shape[-1]), dtype=h.dtype, device=x.device)
-    for r0 in range(0, H, strip):
-        r1 = min(H, r0 + strip)
-        a, b = max(0, r0 - halo), min(H, r1 + halo)
-        ha, hb = a // 2, (b + 1) // 2  # nearest ×2: row r of the upsampled map is row r // 2
-        hs = up(h[..., ha:hb, :], scale_factor=2, mode="nearest")[..., a - 2 * ha:b - 2 * ha, :]
-        hs = hs[..., :, :x.shape[-1]]
-        y = model.dec1(torch.cat([hs, x[..., a:b, :].to(hs.dtype)], 1))
-        out[..., r0:r1, :] = y[..., r0 - a:r1 - a, :]
-        del hs, y
-    return out
-
-
-def _forward(rt: Runtime, batch: np.ndarray) -> np.ndarray:
-    x = torch.from_numpy(batch)[:, None]
-    if rt.device.type == "cuda":
-        x = x.pin_memory().to(rt.device, non_blocking=True)
-    else:
-        x = x.to(rt.device)
-    if rt.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        run = (lambda t: lean_forward(rt.model, t)) if rt.lean else rt.model
-        if rt.dtype is not None:
-            with torch.autocast(rt.device.type, dtype=rt.dtype):
-                y = run(x)
-        else:
-            y = run(x)
-        return y[:, 0].float().cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- one image
@@ -439,20 +246,6 @@ def _as_runtime(model: nn.Module | Runtime, config: PredictConfig | None, tile: 
     return rt
 
 
-def predict_image_job(rt: Runtime, image: np.ndarray, cancel: CancelToken | None = None) -> Job[np.ndarray]:
-    """`predict_image` as a job: one `Progress` per batch of tiles; an out-of-memory error
-    shrinks the batch (then the tile) and starts the image again."""
-    if image.ndim != 2:
-        raise CryoDDMError(f"predict_image needs a 2-D image, got shape {image.shape}")
-    while True:
-        try:
-            return (yield from _predict_tiled(rt, image, cancel))
-        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled
-            if not is_oom(exc):
-                raise
-            _shrink(rt, exc)
-
-
 def estimate_job(rt: Runtime, image: np.ndarray, cancel: CancelToken | None = None) -> Job[np.ndarray]:
     """The signal estimate of one normalised micrograph: the runtime's estimator around the tiled
     network (`predict_image_job`), averaged over the 8 flips/rotations when `rt.tta`."""
@@ -478,157 +271,7 @@ def estimate_job(rt: Runtime, image: np.ndarray, cancel: CancelToken | None = No
     return est.combine(acc, x)
 
 
-def _shrink(rt: Runtime, exc: BaseException) -> None:
-    """Halve the batch; at batch 1 halve the tile; give up when the tile would lose its core."""
-    if rt.device.type == "cuda":
-        torch.cuda.empty_cache()
-    if rt.batch_size > 1:
-        rt.batch_size //= 2
-        what = f"batch size → {rt.batch_size}"
-    else:
-        margin = _round_up(rt.overlap, STRIDE)
-        new_tile = _round_up(rt.tile // 2, STRIDE)
-        if new_tile - 2 * margin < STRIDE:
-            raise CryoDDMError(f"out of memory on {rt.device} even with one {rt.tile}² tile per pass; "
-                               "free the device or use --device cpu") from exc
-        rt.tile, rt.auto_tile = new_tile, False
-        what = f"tile → {rt.tile} px"
-    rt.oom_events.append(what)
-    log.warning("out of memory on %s; %s and carrying on", rt.device, what)
-
-
-def _predict_tiled(rt: Runtime, image: np.ndarray, cancel: CancelToken | None) -> Job[np.ndarray]:
-    if rt.auto_tile:
-        rt.tile = auto_cpu_tile(image.shape, rt.overlap, rt.batch_size)
-    grid = plan_tiles(image.shape, rt.tile, rt.overlap)
-    out = np.empty(grid.shape, dtype=np.float32)
-    (h, w), m = grid.shape, grid.margin
-    (ty, tx), (cy, cx) = grid.tile_shape, grid.core
-    origins = grid.origins()
-    n_batches = -(-len(origins) // rt.batch_size)
-    buf = np.empty((rt.batch_size, ty, tx), dtype=np.float32)
-    for b in range(n_batches):
-        if cancel is not None:
-            cancel.raise_if_cancelled()
-        chunk = origins[b * rt.batch_size:(b + 1) * rt.batch_size]
-        for j, (oy, ox) in enumerate(chunk):
-            _cut_tile(image, oy - m, ox - m, ty, tx, buf[j])
-        pred = _forward(rt, buf[:len(chunk)])
-        for j, (oy, ox) in enumerate(chunk):
-            ys, xs = min(cy, h - oy), min(cx, w - ox)  # the last core may stick out of the image
-            if ys > 0 and xs > 0:
-                out[oy:oy + ys, ox:ox + xs] = pred[j, m:m + ys, m:m + xs]
-        yield Progress(b + 1, n_batches, f"tiles {min(len(origins), (b + 1) * rt.batch_size)}/{len(origins)}")
-    return out
-
-
-def reflect_index(index: np.ndarray, n: int) -> np.ndarray:
-    """Where index i of a reflection-padded axis of length n reads from (np.pad 'reflect')."""
-    if n == 1:
-        return np.zeros_like(index)
-    period = 2 * (n - 1)
-    i = np.mod(index, period)
-    return np.where(i >= n, period - i, i)
-
-
-def _cut_tile(image: np.ndarray, y0: int, x0: int, ty: int, tx: int, into: np.ndarray) -> None:
-    """Tile [y0, y0+ty) × [x0, x0+tx) of the reflection-padded image, without padding the whole
-    image (an 8k micrograph would need another 300 MB): a slice inside, a gather at the edges."""
-    h, w = image.shape
-    if y0 >= 0 and x0 >= 0 and y0 + ty <= h and x0 + tx <= w:
-        into[...] = image[y0:y0 + ty, x0:x0 + tx]
-    else:
-        rows = reflect_index(np.arange(y0, y0 + ty), h)
-        cols = reflect_index(np.arange(x0, x0 + tx), w)
-        into[...] = image[np.ix_(rows, cols)]
-
-
-def predict_padded_whole(model: nn.Module, image: np.ndarray, overlap: int = DEFAULT_OVERLAP,
-                         tile: int = DEFAULT_TILE_CPU) -> np.ndarray:
-    """The reference for the seam test: one untiled pass over the same reflection-padded image."""
-    grid = plan_tiles(image.shape, tile, overlap)
-    padded = pad_image(image, grid)
-    with torch.inference_mode():
-        y = model.eval()(torch.from_numpy(padded)[None, None])[0, 0].numpy()
-    m = grid.margin
-    return np.ascontiguousarray(y[m:m + image.shape[0], m:m + image.shape[1]])
-
-
-def measure_receptive_field(model: nn.Module | None = None, size: int = 416) -> tuple[int, int]:
-    """(reach up, reach down) in px over all 32 phases of the pooling grid.
-
-    A copy of the network with |weights| (so no path cancels) and average pooling in place of max
-    pooling (a max passes gradient to one pixel of four, chosen by the data; the average to all,
-    so the footprint is the union over every possible input) sees a batch of 32 tall strips;
-    copy k back-propagates from output row c + k only, so its input gradient's extent is the
-    footprint of that phase. Rows and columns behave alike (square kernels and poolings).
-    """
-    import copy
-
-    from .model import UDenoiseNet
-
-    net = copy.deepcopy(model) if model is not None else UDenoiseNet()
-    net = getattr(net, "_orig_mod", net).float().cpu().eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.abs_()
-    for module in list(net.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.MaxPool2d):
-                setattr(module, name, nn.AvgPool2d(child.kernel_size))
-    x = torch.rand(STRIDE, 1, size, STRIDE, requires_grad=True)
-    c = _round_up(size // 2, STRIDE)
-    y = net(x)
-    k = torch.arange(STRIDE)
-    y[k, 0, c + k, STRIDE // 2].sum().backward()
-    up = down = 0
-    for j in range(STRIDE):
-        rows = np.nonzero(x.grad[j, 0].abs().sum(1).numpy())[0]
-        up, down = max(up, c + j - int(rows.min())), max(down, int(rows.max()) - (c + j))
-    return up, down
-
-
 # ----------------------------------------------------------------------------- one micrograph
-
-@dataclass
-class Prepared:
-    """A micrograph read, binned and normalised: what the network sees, plus how to undo it."""
-
-    path: Path
-    info: MrcInfo
-    image: np.ndarray
-    stats: tuple[float, float, float, float]
-    voxel_size: float
-    bin_factor: float
-
-
-def prepare(path: str | os.PathLike[str], pm: PredictModel) -> Prepared:
-    """Read, check, bin (as the checkpoint was trained) and normalise one micrograph."""
-    raw, info = read_micrograph(path)
-    check_finite(raw, str(path))
-    return prepare_array(raw, pm, Path(path), info)
-
-
-def prepare_array(raw: np.ndarray, pm: PredictModel, path: Path | None = None,
-                  info: MrcInfo | None = None, voxel_size: float = 0.0) -> Prepared:
-    if pm.bin_factor and pm.bin_factor != 1:
-        raw = fourier_bin(raw, pm.bin_factor)
-    stats = normalisation_stats(raw, pm.normalisation)
-    img = normalise(raw, pm.normalisation, stats)
-    del raw
-    vs = (info.voxel_size if info is not None else voxel_size) or 0.0
-    return Prepared(path or Path("<array>"), info, img, stats, vs * (pm.bin_factor or 1.0),
-                    pm.bin_factor or 1.0)
-
-
-def finish(pred: np.ndarray, prep: Prepared, intensity: str) -> np.ndarray:
-    """Map back to the input's units when asked: the inverse of the normalisation's affine part."""
-    if intensity == "input":
-        _lo, _hi, offset, scale = prep.stats
-        pred *= np.float32(scale)
-        pred += np.float32(offset)
-    return pred
-
 
 def denoise_job(model: PredictModel | nn.Module, raw: np.ndarray, config: PredictConfig | None = None,
                 runtime: Runtime | None = None, cancel: CancelToken | None = None,
@@ -637,11 +280,10 @@ def denoise_job(model: PredictModel | nn.Module, raw: np.ndarray, config: Predic
     what the widget shows, and what `predict_files` writes for the same pixels."""
     pm = as_predict_model(model)
     config = config or PredictConfig()
-    check_finite(raw, source)
     rt = runtime or runtime_for(pm, config)
-    prep = prepare_array(np.asarray(raw, dtype=np.float32), pm)
+    prep = prepare(np.asarray(raw, dtype=np.float32), pm.bin_factor, pm.normalisation, source)
     pred = yield from estimate_job(rt, prep.image, cancel)
-    return finish(pred, prep, config.intensity)
+    return restore_intensity(pred, prep, config.intensity)
 
 
 def denoise_array(model: PredictModel | nn.Module, raw: np.ndarray, config: PredictConfig | None = None,
@@ -651,49 +293,6 @@ def denoise_array(model: PredictModel | nn.Module, raw: np.ndarray, config: Pred
 
 
 # ----------------------------------------------------------------------------- naming
-
-def output_path(input_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], suffix: str = "") -> Path:
-    """OUT/<stem><suffix>.mrc, stem = the input's name without folder and MRC extensions, so
-    coordinates picked on the denoised file match the raw micrograph by name. The suffix is
-    part of a name (no separators, no `..`) and the result must resolve inside OUT."""
-    from .safety import check_name, inside
-
-    check_name(suffix, "--suffix")
-    name = check_name(f"{micrograph_stem(Path(input_path).name)}{suffix}.mrc", "output name", whole=True)
-    return inside(out_dir, Path(out_dir) / name)
-
-
-def plan_outputs(inputs: Sequence[Path], out_dir: Path, suffix: str) -> list[tuple[Path, Path]]:
-    """(input, output) pairs; no two inputs share an output and no output is any input."""
-    from .safety import real
-
-    pairs = [(p, output_path(p, out_dir, suffix)) for p in inputs]
-    sources = {real(p): p for p in inputs}
-    seen: dict[Path, Path] = {}
-    for src, dst in pairs:
-        if dst in seen:
-            raise CryoDDMError(f"{seen[dst]} and {src} would both be written to {dst}; "
-                               "rename one or predict them in separate runs")
-        seen[dst] = src
-        if real(dst) in sources:
-            raise CryoDDMError(f"{sources[real(dst)]}: the output of {src.name} would replace the "
-                               "input; choose another -o or --suffix")
-    return pairs
-
-
-PREDICT_LABEL = "napari-cryoddm predict:"
-
-
-def is_predict_output(path: str | os.PathLike[str]) -> bool:
-    """True for an MRC this command wrote (our label; mrcfile's 'Created by' comes first): the
-    only files --overwrite replaces and the only ones a rerun counts as done."""
-    from .io.mrc import read_header
-
-    try:
-        labels = read_header(path).labels
-    except CryoDDMError:
-        return False
-    return any(label.startswith(PREDICT_LABEL) for label in labels[:2])
 
 
 def _labels(prep: Prepared, pm: PredictModel, config: PredictConfig, grid: TileGrid) -> list[str]:
@@ -708,27 +307,12 @@ def _labels(prep: Prepared, pm: PredictModel, config: PredictConfig, grid: TileG
     return labels[:10]
 
 
-def _check_out_dir(out_dir: Path, inputs: Sequence[Any] = ()) -> None:
-    """Before any work: OUT holds no input and is a folder we can write in (tried, not guessed:
-    `os.access` says yes to root in /sys)."""
-    from .safety import check_location, check_writable
-
-    check_location(out_dir, inputs, what="the output folder", allow_workdir=True)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(out_dir, f"cannot create the output folder ({exc.strerror or exc})") from None
-    if not out_dir.is_dir():
-        raise InputError(out_dir, "the output path exists and is not a folder")
-    check_writable(out_dir)
-
-
 def predict_one_file(pm: PredictModel, rt: Runtime, src: Path, dst: Path, config: PredictConfig,
                      cancel: CancelToken | None = None) -> Path:
     """Denoise one file to `dst` (atomic). The unit of work of the dask path too."""
-    prep = prepare(src, pm)
-    pred = finish(collect(estimate_job(rt, prep.image, cancel)), prep, config.intensity)
-    check_output(pred, src, pm)
+    prep = read_prepared(src, pm.bin_factor, pm.normalisation)
+    pred = restore_intensity(collect(estimate_job(rt, prep.image, cancel)), prep, config.intensity)
+    check_output(pred, src, pm.name)
     grid = plan_tiles(prep.image.shape, rt.tile, rt.overlap)
     return write_mrc(dst, pred, voxel_size=prep.voxel_size or None, overwrite=config.overwrite,
                      labels=_labels(prep, pm, config, grid))
@@ -764,7 +348,7 @@ def plan_run(model: PredictModel | nn.Module | str | os.PathLike[str], inputs: A
     sources = list_micrographs(inputs)
     pairs = plan_outputs(sources, out_dir, config.suffix)
     model_file = [model] if isinstance(model, (str, os.PathLike)) and Path(model).exists() else []
-    _check_out_dir(out_dir, [sources, model_file])
+    check_out_dir(out_dir, [sources, model_file])
     pm = as_predict_model(model)
     result = PredictResult(out_dir)
     todo = []
@@ -800,17 +384,17 @@ def predict_files(model: PredictModel | nn.Module | str | os.PathLike[str], inpu
     rt = runtime_for(pm, config)
     t0 = time.perf_counter()
     workers = 1 if config.prefetch else 0
-    with _Pipeline(workers) as pipe:
-        nxt = pipe.read(todo[0][0], pm)
+    with Pipeline(workers) as pipe:
+        nxt = pipe.read(todo[0][0], pm.bin_factor, pm.normalisation)
         pending: Future | None = None
         for k, (src, dst) in enumerate(todo):
-            cur, nxt = nxt, (pipe.read(todo[k + 1][0], pm) if k + 1 < len(todo) else None)
+            cur, nxt = nxt, (pipe.read(todo[k + 1][0], pm.bin_factor, pm.normalisation) if k + 1 < len(todo) else None)
             try:
                 if cancel.cancelled:
                     break
                 prep = cur.result()
-                pred = finish(collect(estimate_job(rt, prep.image, cancel)), prep, config.intensity)
-                check_output(pred, src, pm)
+                pred = restore_intensity(collect(estimate_job(rt, prep.image, cancel)), prep, config.intensity)
+                check_output(pred, src, pm.name)
                 grid = plan_tiles(prep.image.shape, rt.tile, rt.overlap)
                 labels = _labels(prep, pm, config, grid)
                 del prep.image
@@ -881,68 +465,7 @@ def _stopped_writing(exc: OutputError, result: PredictResult) -> StoppedWriting:
                           "rerun of the same command resumes")
 
 
-def check_output(pred: np.ndarray, src: Path, pm: PredictModel) -> None:
-    """NaN or infinite output (a diverged checkpoint, fp16 overflow) is a failure, never a file."""
-    bad = int(np.size(pred) - np.count_nonzero(np.isfinite(pred)))
-    if bad:
-        raise CryoDDMError(f"{src}: the network gave {bad} NaN or infinite pixels with model "
-                           f"{pm.name}; nothing was written (is the checkpoint diverged? try "
-                           "--precision fp32)")
-
-
-class _Pipeline:
-    """Reads ahead and writes behind in threads (I/O and numpy release the GIL); inline when 0."""
-
-    def __init__(self, workers: int) -> None:
-        self._reader = ThreadPoolExecutor(1, "cryoddm-read") if workers else None
-        self._writer = ThreadPoolExecutor(1, "cryoddm-write") if workers else None
-
-    def __enter__(self) -> _Pipeline:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for pool in (self._reader, self._writer):
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-
-    @staticmethod
-    def _done(fn: Callable[..., Any], *args: Any) -> Future:
-        fut: Future = Future()
-        try:
-            fut.set_result(fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - surfaced by .result()
-            fut.set_exception(exc)
-        return fut
-
-    def read(self, path: Path, pm: PredictModel) -> Future:
-        if self._reader is None:
-            return _LazyFuture(prepare, path, pm)
-        return self._reader.submit(prepare, path, pm)
-
-    def write(self, dst: Path, pred: np.ndarray, voxel_size: float, overwrite: bool,
-              labels: list[str]) -> Future:
-        args = (dst, pred, voxel_size or None, overwrite, labels)
-        fut = self._done(write_mrc, *args) if self._writer is None else self._writer.submit(write_mrc, *args)
-        fut.path = dst  # type: ignore[attr-defined]  # named in a failure
-        return fut
-
-
-class _LazyFuture(Future):
-    """Without prefetch, read when the result is wanted (keeps one micrograph in memory)."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        super().__init__()
-        self._fn, self._args = fn, args
-
-    def result(self, timeout: float | None = None) -> Any:
-        if not self.done():
-            try:
-                self.set_result(self._fn(*self._args))
-            except BaseException as exc:  # noqa: BLE001
-                self.set_exception(exc)
-        return super().result(timeout)
-
-
-__all__ = ["PredictConfig", "PredictModel", "PredictResult", "TileGrid", "Runtime", "plan_tiles",
-           "pad_image", "predict_image", "predict_image_job", "predict_files", "denoise_job", "predict_one_file", "denoise_array",
-           "output_path", "measure_receptive_field", "make_runtime", "runtime_for", "estimate_job"]
+# the step's public face: the CLI, the widget, distributed prediction and scripts import from here
+__all__ = ["PredictConfig", "PredictModel", "PredictResult", "denoise_array", "denoise_job", "estimate_job",
+           "is_predict_output", "make_runtime", "output_path", "plan_outputs", "plan_run", "predict_files",
+           "predict_image", "predict_one_file", "runtime_for"]

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from napari_cryoddm.forward import load_micrograph, pair_noise, schedule_coefficients
+from napari_cryoddm.forward import pair_noise, schedule_coefficients
+from napari_cryoddm.preprocess import read_prepared
 from napari_cryoddm.io.mrc import write_mrc
 from napari_cryoddm.normalise import Normalisation
 
@@ -100,7 +101,7 @@ def make_forward(root: Path, n: int = 6, window: int = 64, m: int = 4, beta: flo
                        for i in range(per_mic_n)])
         img = _micrograph(rng, size, ps, d, nb, w, constant_noise)
         path = write_mrc(mic_dir / f"mic_{mi}.mrc", img, voxel_size=2.0, overwrite=True)
-        norm, _ = load_micrograph(path, 1.0, spec)
+        norm = read_prepared(path, 1.0, spec).image
         mic_entries.append({"path": str(path.resolve()), "name": path.name, "shape": [size, size]})
         for (y, x) in ps:
             if len(crops) < n:

@@ -24,7 +24,8 @@ from .. import __version__
 from ..config import to_jsonable
 from ..errors import CryoDDMError
 from ..jobs import collect
-from ..sample import FORMAT_VERSION, SampleConfig, generate_sample, read_truth
+from ..simulation.sample import SampleConfig, generate_sample, read_truth
+from ..simulation.sample_files import FORMAT_VERSION
 from .layers import boxes_layer_kwargs
 from .reader import micrograph_layer_data
 

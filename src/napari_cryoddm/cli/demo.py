@@ -19,13 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("cryoddm-demo"),
                    help="output folder (default: ./cryoddm-demo)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    from ..demo import DemoConfig
+    from ..simulation.demo import DemoConfig
     add_config_arguments(p, DemoConfig)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import DemoConfig, run_demo
+    from ..simulation.demo import DemoConfig, run_demo
 
     config = config_from_args(DemoConfig, args)
     cancel = CancelToken()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..config import add_config_arguments, config_from_args
 from ..jobs import CancelToken, run_job
-from ..sample import SampleConfig, generate_sample
+from ..simulation.sample import SampleConfig, generate_sample
 
 
 def register(sub: argparse._SubParsersAction) -> None:

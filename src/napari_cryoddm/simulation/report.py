@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_write
+from ..config import to_jsonable
 from . import quality as q
-from .atomic import atomic_write
-from .config import to_jsonable
 
 
 @dataclass
@@ -200,7 +200,7 @@ def write_report(folder: str | Path, data: ReportInput,
     montage(files["montage"], data)
     spectra(files["spectra"], data)
     frc_plot(files["frc"], scores)
-    payload = {"definitions": "docs/quality.md (napari_cryoddm.quality)",
+    payload = {"definitions": "docs/quality.md (napari_cryoddm.simulation.quality)",
                "micrographs": data.names, "rows": rows, "notes": data.notes,
                "r_each": {name: s.r_each for name, s in scores.items()}}
     with atomic_write(files["metrics_json"], overwrite=True) as tmp:

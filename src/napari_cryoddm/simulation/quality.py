@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .errors import CryoDDMError
+from ..errors import CryoDDMError
 
 ICE_K = 3.0            # cycles per image: the ice band the fit absorbs and the FRC ignores
 TAPER_PX = 32          # cosine edge taper before the Fourier transform (FRC, T)
@@ -344,7 +344,8 @@ def sample_references(table: Any, molecule: Any, config: Any, box: int
     """Both conformations' clean CTF-modulated projections at each particle's true pose and
     defocus, from the sample generator (`sample.particle_reference`): computed once, reused for
     every method scored on the same particles."""
-    from .sample import particle_reference, rotation_from_relion
+    from .physics import rotation_from_relion
+    from .sample import particle_reference
 
     refs = []
     for row in table.itertuples(index=False):

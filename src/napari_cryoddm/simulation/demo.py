@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_write
+from ..config import to_jsonable
+from ..errors import CryoDDMError
+from ..jobs import CancelToken, Job, Progress
 from . import quality as q
-from .atomic import atomic_write
-from .config import to_jsonable
-from .errors import CryoDDMError
-from .jobs import CancelToken, Job, Progress
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ DEMO_LAYOUT = ("sample/*", "noise_coordinates.txt", "forward/*", "train/*", "den
 def _check_out(out: Path, overwrite: bool, inputs: Any = ()) -> None:
     """Before any work (`safety`): not the working directory or a parent, holds no input, can be
     written in; an existing folder is reused only with --overwrite and only if it is a demo's."""
-    from .safety import check_output_folder, check_writable
+    from ..safety import check_output_folder, check_writable
 
     if out.is_dir() and not any(out.iterdir()):
         check_output_folder(out, "demo", True, inputs)  # an empty folder: just the location rules
@@ -152,10 +152,10 @@ def _check_out(out: Path, overwrite: bool, inputs: Any = ()) -> None:
 def run_demo(out: str | Path = "cryoddm-demo", config: DemoConfig | None = None,
              cancel: CancelToken | None = None) -> Job[DemoResult]:
     """The demo job: every workflow step in order, then the quality report."""
-    from .cs2star import Cs2StarConfig, convert
-    from .io.star import read_star_blocks
+    from ..cs2star import Cs2StarConfig, convert
+    from ..io.star import read_star_blocks
+    from ..train import TrainConfig
     from .sample import SampleConfig
-    from .train import TrainConfig
 
     cfg = (config or DemoConfig()).resolved()
     cancel = cancel or CancelToken()
@@ -164,10 +164,10 @@ def run_demo(out: str | Path = "cryoddm-demo", config: DemoConfig | None = None,
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        from .safety import output_error
+        from ..safety import output_error
 
         raise output_error(out, exc) from None
-    from .safety import write_marker
+    from ..safety import write_marker
 
     write_marker(out, "demo", files=(), layout=DEMO_LAYOUT)
     timings: dict[str, float] = {}
@@ -227,12 +227,12 @@ def train_on_sample(out: Path, sample_config: Any, train_config: Any, window: in
 
     Shared by the demo and `benchmarks/bench_quality.py`, so both train exactly as a user would.
     """
-    from .box_files import write_boxes
-    from .forward import ForwardConfig, run_forward
-    from .io.star import read_coordinates
-    from .picking import PickConfig, pick_noise
+    from ..box_files import write_boxes
+    from ..forward import ForwardConfig, run_forward
+    from ..io.star import read_coordinates
+    from ..picking import PickConfig, pick_noise
+    from ..train import train
     from .sample import generate_sample
-    from .train import train
 
     cancel = cancel or CancelToken()
     timings = timings if timings is not None else {}
@@ -261,7 +261,7 @@ def train_on_sample(out: Path, sample_config: Any, train_config: Any, window: in
 
 def _predict(micrographs: list[Path], checkpoint: Path, out: Path, cfg: DemoConfig,
              cancel: CancelToken) -> Job[list[Path]]:
-    from .predict import PredictConfig, predict_files
+    from ..predict import PredictConfig, predict_files
 
     result = yield from predict_files(checkpoint, list(micrographs), out, PredictConfig(
         device=cfg.device, overwrite=cfg.overwrite), cancel=cancel)
@@ -305,7 +305,7 @@ def write_demo_report(folder: Path, sample: Any, denoised: list[Path], cfg: Demo
                       timings: dict[str, float], cs2star_err: float, checkpoint: Path):
     """Raw, Gaussian σ = 1.5 px, the radial Wiener-like filter and the trained model, scored
     against the clean signal; conformation evidence on the sample's particles."""
-    from .io.mrc import read_image
+    from ..io.mrc import read_image
     from .report import ReportInput, write_report
     from .sample import molecule_for, read_truth
 
