@@ -44,9 +44,8 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client():
-    from distributed import Client, LocalCluster
-
     import dask
+    from distributed import Client, LocalCluster
 
     # one task per worker at a time (a dying worker takes only its own task with it), and a task
     # that killed two workers is given up (KilledWorker) rather than retried three times

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from napari_cryoddm.forward import pair_noise, schedule_coefficients
-from napari_cryoddm.preprocess import read_prepared
 from napari_cryoddm.io.mrc import write_mrc
 from napari_cryoddm.normalise import Normalisation
+from napari_cryoddm.preprocess import read_prepared
 
 # The original CryoDDM program's unet2d.py (BIT-FuweiLi/CryoDDM), rebuilt (module name `unet2d`).
 UNET2D_SOURCE = '''

@@ -154,7 +154,7 @@ def _join_raw(df: pd.DataFrame, optics: pd.DataFrame, raw_path: Path, config: Cs
         new_optics["rlnImageSize"] = [int(2 * round(box_A / float(p) / 2)) for p in new_optics["rlnImagePixelSize"]]
     new_optics["rlnImageDimensionality"] = 2
     if "rlnOpticsGroupName" not in new_optics.columns:
-        new_optics["rlnOpticsGroupName"] = ["opticsGroup%d" % g for g in new_optics["rlnOpticsGroup"]]
+        new_optics["rlnOpticsGroupName"] = [f"opticsGroup{g}" for g in new_optics["rlnOpticsGroup"]]
     return df, new_optics
 
 
@@ -176,7 +176,7 @@ def build_tables(primary: CsTable, passthroughs: Sequence[CsTable] = (),
     if "rlnOpticsGroup" not in df.columns:
         df["rlnOpticsGroup"] = 1
     df["rlnImageDimensionality"] = 2
-    df["rlnOpticsGroupName"] = ["opticsGroup%d" % g for g in df["rlnOpticsGroup"].tolist()]
+    df["rlnOpticsGroupName"] = [f"opticsGroup{g}" for g in df["rlnOpticsGroup"].tolist()]
     if "rlnPhaseShift" not in df.columns:
         df["rlnPhaseShift"] = 0  # pyem's default; RELION assumes 0 as well
 

@@ -19,7 +19,6 @@ from ..safety import check_location, check_writable
 from .config import Cs2StarConfig, Cs2StarResult, StarTables
 from .tables import build_tables
 
-
 STAR_HEADER = "napari-cryoddm cs2star"
 
 
