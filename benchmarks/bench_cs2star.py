@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_cryoddm.cs2star import (Cs2StarConfig, build_tables, convert, matrix_to_relion_euler,
-                                    relion_euler_to_matrix, rotvec_to_relion_matrix)
+from napari_cryoddm.cs2star import Cs2StarConfig, build_tables, convert
+from napari_cryoddm.cs2star.rotations import (matrix_to_relion_euler, relion_euler_to_matrix,
+                                              rotvec_to_relion_matrix)
 from napari_cryoddm.io.cryosparc import load_cs
 from napari_cryoddm.io.star import write_particles_star
 from napari_cryoddm.jobs import collect

@@ -26,12 +26,14 @@ from pathlib import Path
 
 import mrcfile
 import numpy as np
-from napari_cryoddm import picking
+from scipy import ndimage
+
+from napari_cryoddm import box_placement, box_ranking, picking
 from napari_cryoddm.binning import fourier_bin
 from napari_cryoddm.cli import build_parser, main
 from napari_cryoddm.io.mrc import read_header
 from napari_cryoddm.normalise import Normalisation, normalise
-from scipy import ndimage
+from napari_cryoddm.params import window_for_diameter
 
 
 def sparse_mrc(path: Path, ny: int, nx: int) -> None:
@@ -93,7 +95,7 @@ def speed(n: int, n_particles: int, diameter: float = 150.0) -> None:
         assert rc == 0
         n_boxes = sum(1 for _ in out.open())
         sub = max(1, min(n, 20))
-        box = picking.window_for_diameter(diameter)
+        box = window_for_diameter(diameter)
         t = time.perf_counter()
         orig = [original_rule(4096, 4096, coords[i], box, np.random.default_rng(42)) for i in range(sub)]
         t_orig = (time.perf_counter() - t) * n / sub
@@ -114,8 +116,8 @@ def speed(n: int, n_particles: int, diameter: float = 150.0) -> None:
 
 def _alt_scores(image: np.ndarray, d: float, w: int, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Alternative statistics on the same grid (for the comparison only)."""
-    ys, xs = picking.candidate_grid(image.shape, w)
-    f = max(1.0, d / picking.STRUCTURE_DIAMETER_PX)
+    ys, xs = box_placement.candidate_grid(image.shape, w)
+    f = max(1.0, d / box_ranking.STRUCTURE_DIAMETER_PX)
     small = fourier_bin(normalise(image, Normalisation()), f)
     db, wb = d / f, int(round(w / f))
     if kind == "box variance of a low-passed image":
@@ -136,12 +138,12 @@ def statistics(seeds: list[int]) -> None:
     sets = [sample_arrays(SampleConfig(n_micrographs=4, seed=s)) for s in seeds]
     cfg = sets[0].config
     d, w = cfg.diameter_px, cfg.window
-    lo, hi = picking.centre_range(cfg.width, w)
+    lo, hi = box_placement.centre_range(cfg.width, w)
 
     def hits(xy, truth):
         if not len(xy):
             return 0
-        return int((picking.particle_box_distance(xy[:, 0], xy[:, 1], w, truth[:, 0], truth[:, 1])
+        return int((box_placement.particle_box_distance(xy[:, 0], xy[:, 1], w, truth[:, 0], truth[:, 1])
                     .min(axis=1) < d / 2).sum())
 
     rows: dict[str, list[int]] = {}
@@ -157,17 +159,17 @@ def statistics(seeds: list[int]) -> None:
     for s in sets:
         for i in range(cfg.n_micrographs):
             truth = s.table[s.table["index"] == i][["x", "y"]].to_numpy(np.float64)
-            xy, _ = picking.rank_empty_boxes(s.noisy[i], d, w)
+            xy, _ = box_ranking.rank_empty_boxes(s.noisy[i], d, w)
             n_i = max(len(xy), 1)
             counts.append(len(xy))
             for name, patch in variants.items():
                 for k, v in patch.items():
                     setattr(picking, k, v)
-                smap = picking.structure_map(s.noisy[i], d, w)
+                smap = box_ranking.structure_map(s.noisy[i], d, w)
                 for k, v in saved.items():
                     setattr(picking, k, v)
                 order = np.argsort(smap.score.reshape(-1), kind="stable")
-                sel = np.array(picking._greedy(order, smap.ys, smap.xs, w, max(1, w // 8), 0.0,
+                sel = np.array(box_placement.greedy_place(order, smap.ys, smap.xs, w, max(1, w // 8), 0.0,
                                                smap.outlier.copy(), n_i)).reshape(-1, 2)
                 rows.setdefault(name, [0, 0])
                 rows[name][0] += hits(sel, truth)
@@ -175,7 +177,7 @@ def statistics(seeds: list[int]) -> None:
             for name in ("box mean of the band-passed energy", "box variance of a low-passed image"):
                 ys, xs, sc = _alt_scores(s.noisy[i], d, w, name)
                 order = np.argsort(sc.reshape(-1), kind="stable")
-                sel = np.array(picking._greedy(order, ys, xs, w, max(1, w // 8), 0.0,
+                sel = np.array(box_placement.greedy_place(order, ys, xs, w, max(1, w // 8), 0.0,
                                                np.zeros(sc.shape, bool), n_i)).reshape(-1, 2)
                 rows.setdefault(name, [0, 0])
                 rows[name][0] += hits(sel, truth)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from napari_cryoddm.picking import auto_boxes_from_particles
+
+from napari_cryoddm.box_placement import auto_boxes_from_particles
 from napari_cryoddm.simulation.sample import micrograph_layout
 from napari_cryoddm.simulation.sample_config import SampleConfig
 

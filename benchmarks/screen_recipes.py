@@ -67,9 +67,10 @@ def drain(job: Any, label: str = "", echo: bool = False) -> Any:
 
 def prepare(root: Path, args: argparse.Namespace, data: dict[str, Any]) -> Path:
     """sample → pick → forward, once per data setting; returns the forward folder."""
+    from napari_cryoddm.box_files import write_boxes
     from napari_cryoddm.forward import ForwardConfig, run_forward
     from napari_cryoddm.io.star import read_coordinates
-    from napari_cryoddm.picking import PickConfig, pick_noise, write_boxes
+    from napari_cryoddm.picking import PickConfig, pick_noise
     from napari_cryoddm.simulation.sample import generate_sample
     from napari_cryoddm.simulation.sample_config import SampleConfig
 

@@ -40,9 +40,10 @@ SAMPLE_NOTE = ("trained on synthetic `cryoddm sample` micrographs (3 Å/px, 135 
 
 def build_data(root: Path, args: argparse.Namespace) -> Path:
     """sample → pick → forward, once (reused when the forward folder is complete)."""
+    from napari_cryoddm.box_files import write_boxes
     from napari_cryoddm.forward import ForwardConfig, run_forward
     from napari_cryoddm.io.star import read_coordinates
-    from napari_cryoddm.picking import PickConfig, pick_noise, write_boxes
+    from napari_cryoddm.picking import PickConfig, pick_noise
     from napari_cryoddm.simulation.sample import generate_sample
     from napari_cryoddm.simulation.sample_config import SampleConfig
 

@@ -17,8 +17,7 @@ from napari_cryoddm.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from napari_cryoddm.errors import InputError, OutputExistsError
 from napari_cryoddm.model import UDenoiseNet
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_fixtures import UNET2D_SOURCE  # noqa: E402
+from helpers.training import UNET2D_SOURCE
 
 torch.set_num_threads(1)
 

@@ -42,8 +42,8 @@ from napari_cryoddm.simulation.sample import generate_sample
 from napari_cryoddm.simulation.sample_config import SampleConfig
 from napari_cryoddm.train import TrainConfig, train
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_fixtures import make_forward  # noqa: E402
+from helpers.jobs import stop_when
+from helpers.training import make_forward
 
 torch.set_num_threads(1)
 
@@ -327,14 +327,7 @@ def _stopped_run(folder: Path, out: Path, epochs: int) -> None:
     """A run of `epochs` stopped after its first batch (as Ctrl-C would)."""
     cancel = CancelToken()
     job = train(folder, out, TrainConfig(epochs=epochs, batch_size=2, device="cpu", warmup=0), cancel)
-    while True:
-        try:
-            ev = next(job)
-        except StopIteration as stop:
-            assert stop.value.stopped
-            return
-        if ev.payload.get("batch") == 1:
-            cancel.cancel()
+    assert stop_when(job, cancel, lambda ev: ev.payload.get("batch") == 1).stopped
 
 
 def test_09_resume_keeps_the_stopped_runs_epochs_and_says_so(tmp_path):

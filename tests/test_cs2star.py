@@ -10,16 +10,9 @@ import pandas as pd
 import pytest
 import starfile
 from napari_cryoddm.cli import main
-from napari_cryoddm.cs2star import (
-    Cs2StarConfig,
-    build_tables,
-    convert,
-    convert_job_dirs,
-    find_job_files,
-    matrix_to_relion_euler,
-    relion_euler_to_matrix,
-    rotvec_to_relion_matrix,
-)
+from napari_cryoddm.cs2star import Cs2StarConfig, build_tables, convert, convert_job_dirs
+from napari_cryoddm.cs2star.job_dirs import find_job_files
+from napari_cryoddm.cs2star.rotations import matrix_to_relion_euler, relion_euler_to_matrix, rotvec_to_relion_matrix
 from napari_cryoddm.errors import CryoDDMError, InputError, OutputExistsError
 from napari_cryoddm.io import cryosparc as cs_io
 from napari_cryoddm.io.cryosparc import load_cs

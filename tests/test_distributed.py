@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -17,12 +18,12 @@ from napari_cryoddm.io.mrc import write_mrc
 from napari_cryoddm.jobs import collect
 from napari_cryoddm.model import UDenoiseNet
 from napari_cryoddm.normalise import Normalisation
-from napari_cryoddm.predict import PredictConfig, predict_files
+from napari_cryoddm.predict import PredictConfig, predict_files, predict_one_file
 
 distributed = pytest.importorskip("distributed")
 import cloudpickle  # noqa: E402
 
-# worker processes cannot import this test module: ship its hooks by value
+# worker processes cannot import this test module: ship its fault plugin by value
 cloudpickle.register_pickle_by_value(__import__(__name__))
 
 CFG = dict(device="cpu", tile=480, overlap=192, channels_last=False, threads=1)
@@ -43,9 +44,8 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client():
-    from distributed import Client, LocalCluster
-
     import dask
+    from distributed import Client, LocalCluster
 
     # one task per worker at a time (a dying worker takes only its own task with it), and a task
     # that killed two workers is given up (KilledWorker) rather than retried three times
@@ -58,15 +58,48 @@ def client():
 
 
 def _kill_on(name: str, once_marker: str | None = None):
-    def hook(src: str) -> None:
-        if Path(src).name != name:
-            return
-        if once_marker is not None:
-            if os.path.exists(once_marker):
-                return
-            Path(once_marker).touch()
-        os._exit(1)  # the worker process dies mid-task, as under the OOM killer
-    return hook
+    """`predict_one_file` as it is, except that the worker process dies mid-task (as under the OOM
+    killer) on the micrograph called `name` — only the first time when `once_marker` is given."""
+    def killing(pm, rt, src: Path, *args, **kwargs):
+        if Path(src).name == name and not (once_marker and os.path.exists(once_marker)):
+            if once_marker:
+                Path(once_marker).touch()
+            os._exit(1)
+        return predict_one_file(pm, rt, src, *args, **kwargs)
+    return killing
+
+
+class _FaultPlugin(distributed.WorkerPlugin):
+    """Swaps the `predict_one_file` each worker's task calls for `_kill_on(...)`; removing the
+    plugin puts the real one back."""
+
+    name = "cryoddm-test-fault"
+
+    def __init__(self, victim: str, once_marker: str | None = None) -> None:
+        self.victim, self.once_marker = victim, once_marker
+
+    def setup(self, worker) -> None:
+        dist.predict_one_file = _kill_on(self.victim, self.once_marker)
+
+    def teardown(self, worker) -> None:
+        dist.predict_one_file = predict_one_file
+
+
+def _set_allowed_failures(n: int, dask_scheduler=None) -> int:
+    """On the scheduler: how many worker deaths a task may cause before KilledWorker; the old value."""
+    before = dask_scheduler.allowed_failures
+    dask_scheduler.allowed_failures = n
+    return before
+
+
+@contextlib.contextmanager
+def _faulty(client, plugin: _FaultPlugin):
+    """Run with `plugin` on every worker (those dask restarts after a death too), then without."""
+    client.register_plugin(plugin)
+    try:
+        yield
+    finally:
+        client.unregister_worker_plugin(plugin.name)
 
 
 @pytest.mark.slow
@@ -99,13 +132,9 @@ def test_bad_micrograph_and_killed_worker_are_reported_others_finish(setup, clie
     bad[3, 3] = np.nan
     write_mrc(folder / "m1.mrc", bad, voxel_size=1.5, overwrite=True)
     # A micrograph that kills every worker it lands on: rescheduled by dask, then reported.
-    client.register_plugin(_HookPlugin("m2.mrc"))
-    try:
+    with _faulty(client, _FaultPlugin("m2.mrc")):
         res = collect(dist.predict_distributed(ckpt, folder, tmp_path / "out", PredictConfig(**CFG),
                                                client=client))
-    finally:
-        client.unregister_worker_plugin("cryoddm-test-hook")
-        client.run(_install_none)
     failed = {Path(p).name: why for p, why in res.failed}
     assert sorted(p.name for p in res.written) == ["m0.mrc", "m3.mrc"], res.failed
     assert "NaN" in failed["m1.mrc"] and "m1.mrc" in failed["m1.mrc"]
@@ -115,31 +144,19 @@ def test_bad_micrograph_and_killed_worker_are_reported_others_finish(setup, clie
 
 @pytest.mark.slow
 def test_killed_worker_once_is_retried(setup, client, tmp_path):
+    """dask gives up on m3 at the first worker it kills (no failures allowed here), so only
+    predict_distributed's own second chance can finish it."""
     root, ckpt = setup
-    client.register_plugin(_HookPlugin("m3.mrc", str(tmp_path / "killed-once")))
+    before = client.run_on_scheduler(_set_allowed_failures, 0)
     try:
-        res = collect(dist.predict_distributed(ckpt, root / "in", tmp_path / "out", PredictConfig(**CFG),
-                                               client=client))
+        with _faulty(client, _FaultPlugin("m3.mrc", str(tmp_path / "killed-once"))):
+            res = collect(dist.predict_distributed(ckpt, root / "in", tmp_path / "out",
+                                                   PredictConfig(**CFG), client=client))
     finally:
-        client.unregister_worker_plugin("cryoddm-test-hook")
-        client.run(_install_none)
+        client.run_on_scheduler(_set_allowed_failures, before)
     assert (tmp_path / "killed-once").exists()  # a worker did die on m3.mrc …
-    assert sorted(p.name for p in res.written) == ["m0.mrc", "m1.mrc", "m2.mrc", "m3.mrc"]  # … and it was retried
+    assert sorted(p.name for p in res.written) == ["m0.mrc", "m1.mrc", "m2.mrc", "m3.mrc"], res.failed  # … and it was retried
     assert not res.failed
-
-
-def _install_none() -> None:
-    dist._FAULT_HOOK = None
-
-
-class _HookPlugin(distributed.WorkerPlugin):
-    name = "cryoddm-test-hook"
-
-    def __init__(self, victim: str, once_marker: str | None = None) -> None:
-        self.victim, self.once_marker = victim, once_marker
-
-    def setup(self, worker) -> None:
-        dist._FAULT_HOOK = _kill_on(self.victim, self.once_marker)
 
 
 def test_unreachable_scheduler_is_a_clear_error(setup, tmp_path):

@@ -433,7 +433,7 @@ def test_real_micrograph_with_autopicks_and_noise_boxes(real_data, tmp_path, box
     picks = read_coordinates(star)
     d, w = 24, 128
     if boxes == "picker":  # the team's automatic noise picker: boxes clear of every pick
-        from napari_cryoddm.picking import auto_boxes_from_particles
+        from napari_cryoddm.box_placement import auto_boxes_from_particles
         xy = auto_boxes_from_particles((927, 959), picks[["x", "y"]].to_numpy(), d, w, max_boxes=12)
         assert len(xy) >= 4
         boxes_xy = [tuple(map(int, b)) for b in xy]
@@ -510,7 +510,7 @@ def test_sample_data_crops_are_centred_on_the_true_particles(tmp_path):
     """The team's simulated sample: with jitter 0 the cross-correlation of each noisy crop with the
     clean signal cut at the true particle position peaks at zero shift."""
     sample = pytest.importorskip("napari_cryoddm.simulation.sample")
-    from napari_cryoddm.picking import auto_boxes_from_particles
+    from napari_cryoddm.box_placement import auto_boxes_from_particles
 
     cfg = sample.SampleConfig(n_micrographs=2, width=512, height=448, particles=5, snr=1.0, seed=3)
     s = collect(sample.generate_sample(tmp_path / "sample", cfg))

@@ -14,7 +14,7 @@ import pytest
 from napari_cryoddm.errors import CryoDDMError, InputError, OutputExistsError
 from napari_cryoddm.io import mrc as mrcio
 from napari_cryoddm.io import stack as stackio
-from napari_cryoddm.io.mrc import (MRC_PATTERNS, lazy_stack, list_micrographs, read_header,
+from napari_cryoddm.io.mrc import (MRC_PATTERNS, list_micrographs, read_header,
                                    read_image, read_micrograph, read_slice, write_mrc,
                                    write_mrc_slices)
 from napari_cryoddm.io.stack import contrast_limits, level_shapes, open_stack
@@ -231,7 +231,7 @@ def test_write_mrc_slices_streams_a_stack_and_fails_cleanly(tmp_path):
 
 # ---- lazy stacks ------------------------------------------------------------------------------
 
-def test_lazy_stack_one_chunk_per_image_and_padding(tmp_path):
+def test_stack_one_chunk_per_image_and_padding(tmp_path):
     rng = np.random.default_rng(4)
     a = rng.normal(10, 1, size=(40, 50)).astype(np.float32)
     b = rng.normal(-5, 1, size=(30, 60)).astype(np.float32)
@@ -239,7 +239,8 @@ def test_lazy_stack_one_chunk_per_image_and_padding(tmp_path):
     _write(tmp_path / "a.mrc", a)
     _write(tmp_path / "b.mrc", b)
     _write(tmp_path / "c.mrcs", c, stack=True)
-    arr, infos = lazy_stack(tmp_path)
+    plain = open_stack(tmp_path, pyramid=False, contrast=False)
+    arr, infos = plain.data, [s.info for s in plain.slices]
     assert arr.shape == (4, 40, 60) and arr.dtype == np.float32
     assert arr.chunks == ((1, 1, 1, 1), (40,), (60,))
     assert [i.path.name for i in infos] == ["a.mrc", "b.mrc", "c.mrcs", "c.mrcs"]

@@ -11,7 +11,7 @@ import pytest
 
 from napari_cryoddm.io.mrc import write_mrc
 from napari_cryoddm.io.noise import read_noise_txt
-from napari_cryoddm.picking import overlap_fraction, particle_box_distance
+from napari_cryoddm.box_placement import overlap_fraction, particle_box_distance
 
 pytestmark = pytest.mark.viewer
 

@@ -13,21 +13,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from napari_cryoddm import picking
+from napari_cryoddm.box_placement import (
+    auto_boxes_from_particles,
+    box_inside,
+    candidate_grid,
+    centre_range,
+    overlap_fraction,
+    particle_box_distance,
+)
+from napari_cryoddm.box_ranking import rank_empty_boxes
 from napari_cryoddm.cli import main
 from napari_cryoddm.errors import CryoDDMError, InputError
 from napari_cryoddm.io.noise import read_noise_txt
 from napari_cryoddm.jobs import collect
-from napari_cryoddm.picking import (
-    Micrograph,
-    PickConfig,
-    auto_boxes_from_particles,
-    box_inside,
-    candidate_grid,
-    overlap_fraction,
-    particle_box_distance,
-    pick_noise,
-    rank_empty_boxes,
-)
+from napari_cryoddm.picking import Micrograph, PickConfig, pick_noise
 
 
 def _write_mrc(path: Path, data: np.ndarray, voxel_size: float = 1.0) -> Path:
@@ -439,7 +438,7 @@ def test_coordinate_free_boxes_hit_particles_a_third_as_often_as_random(sample_s
     for s in sample_sets:
         cfg = s.config
         d, w = cfg.diameter_px, cfg.window
-        lo, hi = picking.centre_range(cfg.width, w)
+        lo, hi = centre_range(cfg.width, w)
         for i in range(cfg.n_micrographs):
             truth = _truth(s, i)
             xy, scores = rank_empty_boxes(s.noisy[i], d, w, max_boxes=100)

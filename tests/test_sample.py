@@ -381,7 +381,7 @@ def test_defaults_leave_room_for_noise_boxes_and_generate_in_seconds(tmp_path):
     assert seconds < 30, f"8 default micrographs took {seconds:.1f} s"
     _, table = read_truth(result.truth_json)
     try:
-        from napari_cryoddm.picking import auto_boxes_from_particles
+        from napari_cryoddm.box_placement import auto_boxes_from_particles
     except ImportError:  # pragma: no cover - the picker ships with the package
         auto_boxes_from_particles = None
     for i, (name, mine) in enumerate(table.groupby("micrograph")):

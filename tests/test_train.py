@@ -25,8 +25,8 @@ from napari_cryoddm.train import TrainConfig, train
 from napari_cryoddm.train_data import (S1, S2, S3, PairDataset, PlanBatchSampler, ValDataset, build_noise_pool,
                                        epoch_plan, local_keys, recut)
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_fixtures import make_forward  # noqa: E402
+from helpers.jobs import stop_when
+from helpers.training import make_forward
 
 torch.set_num_threads(1)
 
@@ -182,15 +182,9 @@ def test_loss_falls_and_checkpoints_carry_metadata(fw, tmp_path):
 
 def _run_with_stop(folder, out, cfg, stop_epoch, stop_batch):
     cancel = CancelToken()
-    job = train(folder, out, cfg, cancel)
-    while True:
-        try:
-            ev = next(job)
-        except StopIteration as stop:
-            return stop.value
-        p = ev.payload
-        if p.get("epoch") == stop_epoch and p.get("batch") == stop_batch and not p.get("epoch_end"):
-            cancel.cancel()
+    return stop_when(train(folder, out, cfg, cancel), cancel,
+                     lambda ev: (ev.payload.get("epoch"), ev.payload.get("batch")) == (stop_epoch, stop_batch)
+                     and not ev.payload.get("epoch_end"))
 
 
 @pytest.mark.parametrize("recipe,stop", [("default", (2, 2)), ("original", (1, 1))])
@@ -260,7 +254,7 @@ def test_two_rank_ddp_matches_single_process(fw, tmp_path):
     float rounding of near-zero gradients into ±lr updates, which would hide the comparison."""
     import torch.multiprocessing as mp
 
-    from train_fixtures import ddp_worker
+    from helpers.training import ddp_worker
 
     cfg = _cfg(epochs=1, batch_size=4, recipe="original", lr=0.05)
     single = collect(train(fw["folder"], tmp_path / "single", cfg))
@@ -383,7 +377,7 @@ def test_cli_trains_and_reports_errors(fw, tmp_path, capsys):
 def test_init_from_an_original_pth_fine_tunes_from_its_weights(small, tmp_path, monkeypatch):
     import importlib
 
-    from train_fixtures import UNET2D_SOURCE
+    from helpers.training import UNET2D_SOURCE
 
     (tmp_path / "orig").mkdir()
     (tmp_path / "orig" / "unet2d.py").write_text(UNET2D_SOURCE)
@@ -413,7 +407,7 @@ def test_init_from_another_architecture_is_refused_before_writing(small, tmp_pat
 def test_ddp_stop_seen_by_one_rank_stops_all_at_the_same_batch(fw, tmp_path):
     import torch.multiprocessing as mp
 
-    from train_fixtures import ddp_stop_worker
+    from helpers.training import ddp_stop_worker
 
     ctx = mp.spawn(ddp_stop_worker, args=(2, str(tmp_path / "store"), str(fw["folder"]), str(tmp_path / "ddp")),
                    nprocs=2, join=False)

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from napari_cryoddm.checkpoint import load_checkpoint
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_fixtures import make_forward  # noqa: E402
+from helpers.training import make_forward
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.viewer

@@ -294,8 +294,3 @@ def _device_of(map_location: Any) -> torch.device | None:
         except RuntimeError:
             return None
     return None
-
-
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The metadata alone (e.g. for a widget showing what a checkpoint was trained on)."""
-    return load_checkpoint(path).metadata

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,6 @@ _WORKER_DEVICE: str | None = None
 _WORKER_THREADS: int = 0
 # (token, device) → (PredictModel, Runtime): the network stays on the worker between tasks.
 _CACHE: dict[tuple[str, str], tuple[PredictModel, Any]] = {}
-# Test seam: called with the input path at the start of each task (e.g. to kill the worker).
-_FAULT_HOOK: Callable[[str], None] | None = None
 
 
 def parse_gpus(text: str) -> list[int]:
@@ -79,8 +76,6 @@ def _task(state: dict[str, Any], src: str, dst: str, cfg: dict[str, Any]) -> dic
         # this very task (complete: outputs are atomic) whose result died with its worker.
         return {"status": "written", "input": src, "output": dst, "device": "", "seconds": 0.0,
                 "host": os.uname().nodename}
-    if _FAULT_HOOK is not None:
-        _FAULT_HOOK(src)
     t0 = time.perf_counter()
     device_spec = _WORKER_DEVICE or config.device
     key = (state["token"], device_spec)
@@ -145,6 +140,19 @@ def connect(config: PredictConfig, timeout: str = "10s") -> tuple[Any, Any]:
     return client, cluster
 
 
+def _ship(client: Any, pm: PredictModel, config: PredictConfig) -> tuple[Any, str, dict[str, Any]]:
+    """(future of the weights, run token, the config as the workers get it).
+
+    The weights travel as a task's result (not scatter): scattered data dies with the workers that
+    hold it, a task's result is recomputed from its recipe when they die."""
+    state = pm.state()
+    state["token"] = uuid.uuid4().hex
+    shared = client.submit(_identity, state, key=f"cryoddm-model-{state['token']}", pure=False)
+    cfg = to_jsonable(config)
+    cfg.update(gpus="", workers=0, scheduler="", prefetch=False)  # a worker predicts in-process
+    return shared, state["token"], cfg
+
+
 def predict_distributed(model: PredictModel | Any, inputs: Any, out_dir: str | os.PathLike[str],
                         config: PredictConfig | None = None, cancel: CancelToken | None = None,
                         client: Any = None) -> Job[PredictResult]:
@@ -166,13 +174,7 @@ def predict_distributed(model: PredictModel | Any, inputs: Any, out_dir: str | o
         client, cluster = connect(config)
     t0 = time.perf_counter()
     try:
-        state = pm.state()
-        state["token"] = uuid.uuid4().hex
-        # A task holding the weights (not scatter): scattered data dies with the workers that hold
-        # it, a task's result is recomputed from its recipe when they die.
-        shared = client.submit(_identity, state, key=f"cryoddm-model-{state['token']}", pure=False)
-        cfg = to_jsonable(config)
-        cfg.update(gpus="", workers=0, scheduler="", prefetch=False)
+        shared, token, cfg = _ship(client, pm, config)
         # The client feeds the cluster one task per worker thread and submits the next as one
         # finishes: a worker that dies then takes only its own micrograph with it (dask sends
         # tasks with a dependency to workers eagerly), Stop has little to cancel, and a run of
@@ -182,18 +184,20 @@ def predict_distributed(model: PredictModel | Any, inputs: Any, out_dir: str | o
         queue = list(todo)
         in_flight: dict[Any, tuple[Path, Path]] = {}
         stream = as_completed()
+        retried: set[Path] = set()
 
         def submit_next() -> None:
             src, dst = queue.pop(0)
+            # a retry gets its own key: under the old one the scheduler may still hold the failure
+            again = "-again" if src in retried else ""
             fut = client.submit(_task, shared, str(src), str(dst), cfg, pure=False,
-                                key=f"cryoddm-predict-{dst.stem}-{state['token'][:8]}")
+                                key=f"cryoddm-predict-{dst.stem}-{token[:8]}{again}")
             in_flight[fut] = (src, dst)
             stream.add(fut)
 
         for _ in range(min(slots, len(queue))):
             submit_next()
         yield Progress(done, total, f"{len(todo)} micrographs on {len(workers)} workers")
-        retried: set[Path] = set()
         for fut in stream:
             src, dst = in_flight.pop(fut)
             try:

@@ -53,7 +53,3 @@ class UDenoiseNet(nn.Module):
         h = self.dec2(torch.cat([F.interpolate(h, size=p1.shape[-2:], mode="nearest"), p1], 1))
         h = self.dec1(torch.cat([F.interpolate(h, size=x.shape[-2:], mode="nearest"), x], 1))
         return h
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

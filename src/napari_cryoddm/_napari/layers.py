@@ -58,12 +58,6 @@ def micrograph_paths(layer: Any) -> list[str]:
     return [m["path"] for m in micrographs(layer)]
 
 
-def layer_voxel_size(layer: Any) -> float:
-    """Å/px of a micrograph layer: its first slice with a voxel size, else 0."""
-    return next((float(m.get("voxel_size") or 0) for m in micrographs(layer)
-                 if m.get("voxel_size")), 0.0)
-
-
 def current_slice(viewer: Any, layer: Any) -> int:
     """The micrograph index the viewer shows for a stack layer (its leading axis)."""
     if layer.ndim < 3:
@@ -162,21 +156,6 @@ def set_feature_defaults(layer: Any) -> None:
         defaults[col] = "" if kind in "OSUb" or col == "micrograph" else (
             np.nan if kind == "f" else 0)
     layer.feature_defaults = defaults
-
-
-def sync_micrograph_feature(points_layer: Any, image_layer: Any) -> None:
-    """Set `features["micrograph"]` from each point's leading index (after hand edits)."""
-    names = micrograph_names(image_layer)
-    data = np.asarray(points_layer.data)
-    if not len(data):
-        return
-    idx = np.round(data[:, 0]).astype(int)
-    if (idx < 0).any() or (idx >= len(names)).any():
-        raise CryoDDMError(f"layer {points_layer.name!r} has points outside the "
-                           f"{len(names)} micrographs of {image_layer.name!r}")
-    features = points_layer.features.copy()
-    features["micrograph"] = [names[i] for i in idx]
-    points_layer.features = features
 
 
 def set_box_size(layer: Any, box_size: int) -> None:

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..box_files import check_boxes_output, write_boxes
 from ..config import add_config_arguments, config_from_args
 from ..io.mrc import list_micrographs
 from ..io.star import read_coordinates
 from ..jobs import CancelToken, run_job
-from ..picking import PickConfig, check_boxes_output, pick_noise, write_boxes
+from ..picking import PickConfig, pick_noise
 
 log = logging.getLogger(__name__)
 

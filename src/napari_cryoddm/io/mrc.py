@@ -334,18 +334,6 @@ def list_micrographs(spec: str | os.PathLike[str] | Sequence[str | os.PathLike[s
     return list(dict.fromkeys(found))
 
 
-def lazy_stack(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]):
-    """(dask array [i, y, x] float32, one chunk per image; per-slice `MrcInfo` list).
-
-    A file, folder, glob or list; stacks contribute one slice per image. Micrographs smaller than
-    the largest are padded at the bottom and right with their median (see `io/stack.py`).
-    """
-    from .stack import open_stack
-
-    stack = open_stack(paths, pyramid=False, contrast=False)
-    return stack.data, [s.info for s in stack.slices]
-
-
 def write_mrc_slices(path: str | os.PathLike[str], shape: tuple[int, ...], slices,
                      voxel_size: float | None = None, overwrite: bool = False,
                      labels: Sequence[str] = (), volume: bool = False) -> Path:

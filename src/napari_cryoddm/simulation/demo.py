@@ -226,9 +226,10 @@ def train_on_sample(out: Path, sample_config: Any, train_config: Any, window: in
 
     Shared by the demo and `benchmarks/bench_quality.py`, so both train exactly as a user would.
     """
+    from ..box_files import write_boxes
     from ..forward import ForwardConfig, run_forward
     from ..io.star import read_coordinates
-    from ..picking import PickConfig, pick_noise, write_boxes
+    from ..picking import PickConfig, pick_noise
     from ..train import train
     from .sample import generate_sample
 

@@ -15,7 +15,8 @@ import pandas as pd
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, SpinBox
 
 from ...attach import AttachResult, attach_coordinates
-from ...cs2star import UID_PATTERN, Cs2StarConfig, Cs2StarResult, convert, convert_job_dirs
+from ...cs2star import Cs2StarConfig, Cs2StarResult, convert, convert_job_dirs
+from ...cs2star.fields import UID_PATTERN
 from ...errors import CryoDDMError
 from ...io.star import read_coordinates, read_star_blocks
 from ...jobs import Cancelled

@@ -18,12 +18,13 @@ from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label
                               PushButton, SpinBox)
 from napari.utils.notifications import show_info, show_warning
 
+from ...box_files import read_boxes, write_boxes
+from ...box_placement import box_inside
 from ...errors import CryoDDMError
 from ...io.star import read_coordinates
 from ...names import match_names
 from ...params import window_for_diameter
-from ...picking import (Micrograph, PickConfig, PickResult, box_inside, merge_boxes, pick_noise,
-                        read_boxes, write_boxes)
+from ...picking import Micrograph, PickConfig, PickResult, merge_boxes, pick_noise
 from ..layers import (add_boxes_layer, cryoddm_metadata, current_slice, is_boxes_layer,
                       micrograph_layers, micrographs, points_table, set_box_size)
 from ..workers import report_error, start_job

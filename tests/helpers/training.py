@@ -1,4 +1,5 @@
-"""Tiny forward folders with known x_0, noise and chains, for the training and checkpoint tests.
+"""Tiny forward folders with known x_0, noise and chains, for the training and checkpoint tests;
+the original program's model source; the DDP tests' rank functions.
 
 Built by hand in exactly the forward step's layout (s1/particles, s2/input (x_{k−1}), s2/label
 (x_k), val/input, val/label, s3/noise, forward.json, pairs.npz), from micrographs written to disk,
@@ -14,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from napari_cryoddm.forward import pair_noise, schedule_coefficients
-from napari_cryoddm.preprocess import read_prepared
 from napari_cryoddm.io.mrc import write_mrc
 from napari_cryoddm.normalise import Normalisation
+from napari_cryoddm.preprocess import read_prepared
 
 # The original CryoDDM program's unet2d.py (BIT-FuweiLi/CryoDDM), rebuilt (module name `unet2d`).
 UNET2D_SOURCE = '''
@@ -172,18 +173,14 @@ def ddp_stop_worker(rank: int, world: int, store: str, folder: str, out: str) ->
     from napari_cryoddm.jobs import CancelToken
     from napari_cryoddm.train import TrainConfig, train
 
+    from .jobs import stop_when
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         cancel = CancelToken()
         job = train(folder, out, TrainConfig(epochs=1, batch_size=4, device="cpu", workers=0), cancel)
-        while True:
-            try:
-                ev = next(job)
-            except StopIteration as stop:
-                assert stop.value.stopped, f"rank {rank} did not stop"
-                break
-            if rank == 0 and ev.payload.get("batch") == 2:
-                cancel.cancel()
+        result = stop_when(job, cancel, lambda ev: rank == 0 and ev.payload.get("batch") == 2)
+        assert result.stopped, f"rank {rank} did not stop"
     finally:
         dist.destroy_process_group()
