@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_write
-from ..config import to_jsonable
-from ..config import ConfigError
+from ..config import ConfigError, to_jsonable
 from ..errors import CryoDDMError
 from ..jobs import CancelToken, Job, Progress
 from . import quality as q
+from .report import ReportInput, json_finite, write_report
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def run_demo(out: str | Path = "cryoddm-demo", config: DemoConfig | None = None,
     summary = {"config": to_jsonable(cfg), "timings_s": timings, "rows": rep.rows,
                "cs2star_max_error_px": err, "checkpoint": str(checkpoint)}
     with atomic_write(out / "demo.json", overwrite=True) as tmp:
-        tmp.write_text(json.dumps(to_jsonable(_clean_nan(summary)), indent=1) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(to_jsonable(json_finite(summary)), indent=1) + "\n", encoding="utf-8")
     yield Progress(1, 1, f"[7/7 report] {rep.files['report']}")
     return DemoResult(out, sample.out_dir, noise_txt, fwd.out, out / "train", checkpoint, denoised,
                       c2s.outputs[0], rep.folder, rep.files, rep.rows, err, timings)
@@ -305,7 +305,6 @@ def write_demo_report(folder: Path, sample: Any, denoised: list[Path], cfg: Demo
     """Raw, Gaussian σ = 1.5 px, the radial Wiener-like filter and the trained model, scored
     against the clean signal; conformation evidence on the sample's particles."""
     from ..io.mrc import read_image
-    from .report import ReportInput, write_report
     from .sample import molecule_for, read_truth
 
     raw = [read_image(p) for p in sample.micrographs]
@@ -344,13 +343,3 @@ def write_demo_report(folder: Path, sample: Any, denoised: list[Path], cfg: Demo
     ]
     data = ReportInput(names, raw, clean, methods, particles, notes)
     return write_report(folder, data, accuracy)
-
-
-def _clean_nan(obj: Any) -> Any:
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean_nan(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean_nan(v) for v in obj]
-    return obj

@@ -204,7 +204,7 @@ def write_report(folder: str | Path, data: ReportInput,
                "micrographs": data.names, "rows": rows, "notes": data.notes,
                "r_each": {name: s.r_each for name, s in scores.items()}}
     with atomic_write(files["metrics_json"], overwrite=True) as tmp:
-        tmp.write_text(json.dumps(to_jsonable(_finite(payload)), indent=1) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(to_jsonable(json_finite(payload)), indent=1) + "\n", encoding="utf-8")
     with atomic_write(files["metrics_md"], overwrite=True) as tmp:
         tmp.write_text(table + "\n", encoding="utf-8")
     lines = ["# CryoDDM demo report", "",
@@ -225,12 +225,12 @@ def write_report(folder: str | Path, data: ReportInput,
     return ReportResult(folder, files, rows, table)
 
 
-def _finite(obj: Any) -> Any:
+def json_finite(obj: Any) -> Any:
     """JSON has no NaN: write null instead."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: json_finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [json_finite(v) for v in obj]
     return obj
