@@ -30,6 +30,7 @@ import pandas as pd
 from .binning import bin_factor
 from .box_placement import auto_boxes_from_particles, check_fits, particle_box_distance
 from .box_ranking import rank_empty_boxes, structure_map
+from .config import ConfigError
 from .errors import CryoDDMError, InputError
 from .io.mrc import read_header, read_micrograph
 from .io.noise import empty_noise_table
@@ -91,21 +92,21 @@ class PickConfig:
         "help": "accept particle files that also name micrographs not given (a subset run)",
         "label": "allow unmatched names"})
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.max_per_micrograph < 1:  # 0 would write an empty noise file and call it done
-            raise CryoDDMError(f"--max-per-micrograph must be at least 1, got {self.max_per_micrograph}")
+            raise ConfigError(self, "max_per_micrograph", f"must be at least 1, got {self.max_per_micrograph}")
         if self.seed < 0:
-            raise CryoDDMError(f"--seed must be ≥ 0, got {self.seed}")
+            raise ConfigError(self, "seed", f"must be ≥ 0, got {self.seed}")
         if not 0.0 <= self.overlap < 1.0:
-            raise CryoDDMError(f"--overlap is a fraction of the box area in [0, 1), got {self.overlap}")
+            raise ConfigError(self, "overlap", f"is a fraction of the box area in [0, 1), got {self.overlap}")
         if self.box is not None and self.box < 2:
-            raise CryoDDMError(f"--box must be at least 2 px, got {self.box}")
+            raise ConfigError(self, "box", f"must be at least 2 px, got {self.box}")
         if self.edge_margin < 0:
-            raise CryoDDMError(f"--edge-margin must be ≥ 0, got {self.edge_margin}")
+            raise ConfigError(self, "edge_margin", f"must be ≥ 0, got {self.edge_margin}")
         if self.grid_step is not None and self.grid_step < 1:
-            raise CryoDDMError(f"--grid-step must be ≥ 1, got {self.grid_step}")
+            raise ConfigError(self, "grid_step", f"must be ≥ 1, got {self.grid_step}")
         if self.empty_threshold <= 0:
-            raise CryoDDMError(f"--empty-threshold must be positive, got {self.empty_threshold}")
+            raise ConfigError(self, "empty_threshold", f"must be positive, got {self.empty_threshold}")
 
     def resolve(self, apix: float | None) -> tuple[float, int]:
         """(diameter, box side) in pixels of the micrographs given (pixel size `apix` Å/px).
@@ -402,7 +403,6 @@ def pick_noise(micrographs: Sequence[Micrograph | str | os.PathLike[str]], confi
     With `particles` (a table `micrograph, x, y`) boxes avoid every particle and only headers are
     read; without, boxes are ranked by emptiness (pixels are read, one micrograph at a time).
     """
-    config.validate()
     mics = yield from _as_micrographs(micrographs, cancel)
     if not mics:
         raise CryoDDMError("no micrographs given")

@@ -54,7 +54,6 @@ def read_particles(paths: list[Path]) -> pd.DataFrame:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(PickConfig, args)
-    config.validate()
     out: Path = args.output
     existing = check_boxes_output(out, [args.micrographs, args.particles or []], args.merge,
                                   args.overwrite)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..config import ConfigError
 from ..errors import CryoDDMError
 
 
@@ -65,15 +66,15 @@ class Cs2StarConfig:
                 "Y-flipped against cryoSPARC's"})
     overwrite: bool = field(default=False, metadata={"help": "replace existing outputs"})
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.scale is not None and (self.denoised_apix is not None):
             raise CryoDDMError("give --scale, or --denoised-apix with --raw-apix, not both")
         for name in ("scale", "denoised_apix", "raw_apix"):
             v = getattr(self, name)
             if v is not None and not (np.isfinite(v) and v > 0):
-                raise CryoDDMError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+                raise ConfigError(self, name, f"must be a positive number, got {v}")
         if self.denoised_apix is not None and self.raw_apix is None:
-            raise CryoDDMError("--denoised-apix needs --raw-apix (the raw micrographs' pixel size)")
+            raise ConfigError(self, "denoised_apix", "needs --raw-apix (the raw micrographs' pixel size)")
 
 
 @dataclass

@@ -77,7 +77,6 @@ def convert_job_dirs(job_dir: str | os.PathLike[str], output_dir: str | os.PathL
     `invert.star` too with `legacy_invert`. Every file is checked before anything is written."""
     config = config or Cs2StarConfig()
     cancel = cancel or CancelToken()
-    config.validate()
     output_dir = Path(output_dir)
     dirs = job_dirs(job_dir, n_jobs)
     inputs = [dirs, config.raw_micrographs]

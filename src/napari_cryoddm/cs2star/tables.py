@@ -162,7 +162,6 @@ def build_tables(primary: CsTable, passthroughs: Sequence[CsTable] = (),
                  config: Cs2StarConfig | None = None) -> StarTables:
     """The whole conversion in memory (no files written): RELION particles and optics tables."""
     config = config or Cs2StarConfig()
-    config.validate()
     notes: list[str] = []
     table = join_passthroughs(primary, passthroughs, notes)
     scale = _scale_factor(config, table, notes)

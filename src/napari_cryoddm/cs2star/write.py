@@ -76,7 +76,6 @@ def convert(particles: str | os.PathLike[str], passthroughs: Sequence[str | os.P
     config = config or Cs2StarConfig()
     cancel = cancel or CancelToken()
     output = Path(output)
-    config.validate()
     invert_path = output.with_name(output.stem + "_invert.star")
     files = [Path(particles), *map(Path, passthroughs)]
     for p in [output] + ([invert_path] if config.legacy_invert else []):
