@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_cryoddm.cs2star import Cs2StarConfig, build_tables, convert
-from napari_cryoddm.cs2star.rotations import (matrix_to_relion_euler, relion_euler_to_matrix,
-                                              rotvec_to_relion_matrix)
+from napari_cryoddm.cs2star.rotations import matrix_to_relion_euler, relion_euler_to_matrix, rotvec_to_relion_matrix
 from napari_cryoddm.io.cryosparc import load_cs
 from napari_cryoddm.io.star import write_particles_star
 from napari_cryoddm.jobs import collect
@@ -134,7 +133,7 @@ def main() -> None:
     for n, dt, rate, mb, tr, tm, tw in rows:
         print(f"| {n:,} | {dt:.2f} | {rate:,.0f} | {mb:.0f} | {tr:.2f} | {tm:.2f} | {tw:.2f} |")
     print()
-    print("| pose step, {:,} particles | time (s) | ratio |".format(args.baseline_size))
+    print(f"| pose step, {args.baseline_size:,} particles | time (s) | ratio |")
     print("|---|---:|---:|")
     print(f"| per-particle loop (baseline) | {t_base:.3f} | 1.0 |")
     print(f"| vectorised (ours) | {t_ours:.4f} | {t_base / t_ours:.0f}× faster |")

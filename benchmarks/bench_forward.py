@@ -80,9 +80,8 @@ def baseline(mics, star, txt, out: Path) -> int:
     """The original's pattern (same crops, same normalisation, same chain; float32)."""
     import mrcfile
 
-    from napari_cryoddm.forward import ForwardConfig, pair_noise, plan_forward
+    from napari_cryoddm.forward import ForwardConfig, pair_noise, plan_forward, schedule_coefficients
     from napari_cryoddm.preprocess import read_prepared
-    from napari_cryoddm.forward import schedule_coefficients
 
     config = ForwardConfig(diameter=200, window=W, per_micrograph=PER_MIC, max_crops=10**6, seed=0)
     plan = plan_forward(mics, star, txt, config)

@@ -130,8 +130,8 @@ def scheme_ours(ckpt: str, src: str, dst: str, max_tiles: int = 0, precision: st
                 tile: int = 0, device: str = "cpu", compile: bool = False, **_kw) -> dict:
     """`predict_files` as the CLI runs it; model-only time is the time inside `estimate_job` (tiles, network, stitching)."""
     from napari_cryoddm import predict as P
+    from napari_cryoddm.jobs import Cancelled, CancelToken, collect
     from napari_cryoddm.tiling import plan_tiles
-    from napari_cryoddm.jobs import CancelToken, Cancelled, collect
 
     inner = P.estimate_job
     spent = {"s": 0.0, "tiles": 0, "shape": None}

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from _machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from napari_cryoddm.jobs import Progress, collect
 from napari_cryoddm.simulation import quality as q
@@ -203,7 +204,7 @@ COLUMNS = ("r", "r_plain", "frc_low", "frc_mid", "frc_high", "T_mid", "T_high", 
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"Machine: {results['machine']}. Sizes: {results['args_summary']}.", ""]
-    for key, res in results["settings"].items():
+    for res in results["settings"].values():
         lines += [f"### SNR {res['snr']} (hinge {res['hinge_deg']:g}°): "
                   f"{res['test']['micrographs']} test micrographs {res['test']['size']}², "
                   f"conformation test on {res['conformation']['particles']} particles", ""]

@@ -165,7 +165,7 @@ def main() -> None:
             a, b = lazy[key], eager[key]
             ratio = f"{b / a:.0f}×" if a > 0 and b / a >= 10 else (f"{b / a:.2f}×" if a > 0 else "–")
             print(f"| {label} | {a:.3f} | {b:.3f} | {ratio} |")
-        for label, key in (("open + show (s)", None),):
+        for label in ("open + show (s)",):
             a = lazy["open_s"] + lazy["show_overview_s"]
             b = eager["open_s"] + eager["show_full_s"]
             print(f"| {label} | {a:.3f} | {b:.3f} | {b / a:.0f}× |")

@@ -20,6 +20,7 @@ Gaussian low-passes.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import resource
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from _machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from napari_cryoddm.jobs import collect  # noqa: E402
 
@@ -53,6 +55,7 @@ def _bare(window: int, batch: int, steps: int, device: str, precision: str, q: A
 
     import torch
     import torch.nn.functional as F
+
     from napari_cryoddm.devices import autocast_dtype, resolve_device
     from napari_cryoddm.model import UDenoiseNet
 
@@ -88,6 +91,7 @@ def _bare(window: int, batch: int, steps: int, device: str, precision: str, q: A
 def _pipeline(folder: str, out: str, batch: int, steps: int, device: str, precision: str, workers: int | None,
               q: Any) -> None:
     import torch
+
     from napari_cryoddm.train import TrainConfig, train
 
     cfg = TrainConfig(epochs=1, batch_size=batch, device=device, precision=precision, workers=workers,
@@ -140,12 +144,19 @@ def speed(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- recipes
 
+def _denoise(pm: Any, pc: Any, rt: Any, im: np.ndarray) -> np.ndarray:
+    """A trained model as a quality-table method (`predict.denoise_array` with its runtime)."""
+    from napari_cryoddm.predict import denoise_array
+
+    return np.asarray(denoise_array(pm, im, pc, rt))
+
+
 def recipes(args: argparse.Namespace) -> None:
     import torch
+
     from napari_cryoddm.predict import (
         PredictConfig,
         PredictModel,
-        denoise_array,
         make_runtime,
     )
     from napari_cryoddm.simulation import quality as q
@@ -178,7 +189,7 @@ def recipes(args: argparse.Namespace) -> None:
         pm = PredictModel.from_checkpoint(ckpt)
         pc = PredictConfig(device="cpu")
         rt = make_runtime(pm.model, pc)
-        methods[f"CryoDDM {name}"] = (lambda pm=pm, pc=pc, rt=rt: (lambda im: np.asarray(denoise_array(pm, im, pc, rt))))()
+        methods[f"CryoDDM {name}"] = functools.partial(_denoise, pm, pc, rt)
         results["variants"][name] = {"history": history, "seconds": seconds,
                                      "best_epoch": min(history, key=lambda h: h["val"])["epoch"]}
     test = SampleConfig(n_micrographs=args.test_micrographs, width=args.size, height=args.size,
@@ -210,10 +221,10 @@ def score(args: argparse.Namespace) -> None:
     """Score trained checkpoints (NAME=PATH) on held-out sample micrographs beside raw and the
     Gaussian low-passes (the same test set as `recipes`)."""
     import torch
+
     from napari_cryoddm.predict import (
         PredictConfig,
         PredictModel,
-        denoise_array,
         make_runtime,
     )
     from napari_cryoddm.simulation import quality as q
@@ -227,7 +238,7 @@ def score(args: argparse.Namespace) -> None:
         pm = PredictModel.from_checkpoint(path)
         pc = PredictConfig(device="cpu")
         rt = make_runtime(pm.model, pc)
-        methods[name] = (lambda pm=pm, pc=pc, rt=rt: (lambda im: np.asarray(denoise_array(pm, im, pc, rt))))()
+        methods[name] = functools.partial(_denoise, pm, pc, rt)
     test = SampleConfig(n_micrographs=args.test_micrographs, width=args.size, height=args.size,
                         particles=args.particles, snr=args.snr, seed=2000)
     outputs: dict[str, list[np.ndarray]] = {k: [] for k in methods}

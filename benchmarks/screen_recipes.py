@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from _machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from napari_cryoddm.d4 import d4, d4_inverse  # noqa: E402
 from napari_cryoddm.jobs import collect  # noqa: E402
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     import torch
+
     from napari_cryoddm.normalise import Normalisation, normalisation_stats, normalise
     from napari_cryoddm.predict import (
         PredictConfig,

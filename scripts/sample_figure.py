@@ -15,9 +15,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Circle  # noqa: E402
+from scipy import ndimage  # noqa: E402
+
 from napari_cryoddm.simulation.sample import molecule_for, simulate_micrograph  # noqa: E402
 from napari_cryoddm.simulation.sample_config import SampleConfig
-from scipy import ndimage  # noqa: E402
 
 
 def limits(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> tuple[float, float]:

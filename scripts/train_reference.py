@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from napari_cryoddm.jobs import CancelToken, collect
 from napari_cryoddm.simulation import quality as q
 

@@ -10,8 +10,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_cryoddm.binning import (bin_factor, binned_shape, binned_voxel_size, effective_factors,
-                                    fourier_bin, to_binned, to_unbinned)
+from napari_cryoddm.binning import (
+    bin_factor,
+    binned_shape,
+    binned_voxel_size,
+    effective_factors,
+    fourier_bin,
+    to_binned,
+    to_unbinned,
+)
 from napari_cryoddm.errors import CryoDDMError
 
 TOL = 2e-4

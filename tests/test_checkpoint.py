@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.training import UNET2D_SOURCE
 from napari_cryoddm.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from napari_cryoddm.errors import InputError, OutputExistsError
 from napari_cryoddm.model import UDenoiseNet
-
-from helpers.training import UNET2D_SOURCE
 
 torch.set_num_threads(1)
 

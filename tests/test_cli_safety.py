@@ -30,6 +30,9 @@ import starfile
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from helpers.jobs import stop_when
+from helpers.training import make_forward
 from napari_cryoddm.checkpoint import load_checkpoint, save_checkpoint
 from napari_cryoddm.cli import main
 from napari_cryoddm.errors import CryoDDMError
@@ -41,9 +44,6 @@ from napari_cryoddm.safety import MARKER, inside, real
 from napari_cryoddm.simulation.sample import generate_sample
 from napari_cryoddm.simulation.sample_config import SampleConfig
 from napari_cryoddm.train import TrainConfig, train
-
-from helpers.jobs import stop_when
-from helpers.training import make_forward
 
 torch.set_num_threads(1)
 

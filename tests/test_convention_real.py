@@ -18,8 +18,8 @@ from scipy import ndimage as ndi
 from scipy.stats import binomtest
 
 from napari_cryoddm.attach import attach_coordinates
-from napari_cryoddm.io.star import read_coordinates
 from napari_cryoddm.io.stack import open_stack
+from napari_cryoddm.io.star import read_coordinates
 
 
 def _paired_t(d: np.ndarray) -> float:

@@ -15,8 +15,8 @@ import pytest
 from napari_cryoddm.atomic import atomic_dir, atomic_write
 from napari_cryoddm.config import add_config_arguments, config_from_args, to_jsonable
 from napari_cryoddm.errors import CryoDDMError, OutputExistsError
-from napari_cryoddm.jobs import CancelToken, Cancelled, Progress, collect, run_job
-from napari_cryoddm.normalise import MINMAX, Normalisation, normalise, normalisation_stats
+from napari_cryoddm.jobs import Cancelled, CancelToken, Progress, collect, run_job
+from napari_cryoddm.normalise import MINMAX, Normalisation, normalisation_stats, normalise
 from napari_cryoddm.params import check_window, diameter_px, window_for_diameter
 
 

@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import starfile
+from scipy.spatial.transform import Rotation
+
 from napari_cryoddm.cli import main
 from napari_cryoddm.cs2star import Cs2StarConfig, build_tables, convert, convert_job_dirs
 from napari_cryoddm.cs2star.job_dirs import find_job_files
@@ -17,7 +19,6 @@ from napari_cryoddm.errors import CryoDDMError, InputError, OutputExistsError
 from napari_cryoddm.io import cryosparc as cs_io
 from napari_cryoddm.io.cryosparc import load_cs
 from napari_cryoddm.jobs import Cancelled, CancelToken, collect
-from scipy.spatial.transform import Rotation
 
 T20S_P = "T20S_J30_extract_particles_from_cryosparc-tools_conftest.cs"
 T20S_T = "T20S_J30_extract_passthrough_from_cryosparc-tools_conftest.cs"
@@ -96,7 +97,7 @@ def test_t20s_coordinates_pinned(real_data):
     assert "rlnImageName" not in p.columns  # dropped by default, with a note saying why
     assert any("re-extract" in n for n in t.notes)
     no_invert = build_tables(load_cs(d / T20S_P), [load_cs(d / T20S_T)], Cs2StarConfig(invert_y=False))
-    assert ((no_invert.particles.rlnCoordinateY == round(0.945 * 7676))).sum() == 1
+    assert (no_invert.particles.rlnCoordinateY == round(0.945 * 7676)).sum() == 1
 
 
 @pytest.mark.parametrize("name", ["cryosparc_P12_J24_001_particles.cs", "cryosparc_J2_particles_exported.cs",
@@ -329,7 +330,7 @@ def test_raw_micrographs_join_by_stem(tmp_path):
     kept = truth[truth.mic != "mic_0003"]
     assert len(out) == len(kept) and any("mic_0003" in n and "left out" in n for n in tables.notes)
     out = out.set_index("rlnImageName").loc[kept["name"]].reset_index()
-    expected = ["MotionCorr/job002/Movies/%s.mrc" % m for m in kept.mic]
+    expected = [f"MotionCorr/job002/Movies/{m}.mrc" for m in kept.mic]
     assert out.rlnMicrographName.tolist() == expected
     np.testing.assert_array_equal(out.rlnDefocusU, np.where(kept.mic == "mic_0001", 11000.0, 12000.0))
     assert (out.rlnDefocusAngle == 12.5).all() and "rlnCtfBfactor" not in out.columns
@@ -581,6 +582,7 @@ def test_sample_pair_back_to_truth(sample_set, tmp_path):
 def test_sample_pair_binned_by_two(sample_set, tmp_path):
     """cryoSPARC saw the micrographs binned ×2 (half the shape, the same fractions)."""
     from cryosparc.dataset import Dataset
+
     from napari_cryoddm.simulation.sample import read_truth
 
     _, truth = read_truth(sample_set.truth_json)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from napari_cryoddm.jobs import collect
 
 pytestmark = pytest.mark.viewer

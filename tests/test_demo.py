@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from napari_cryoddm.cli import main
-from napari_cryoddm.simulation.demo import DemoConfig, cs2star_error
 from napari_cryoddm.errors import CryoDDMError
+from napari_cryoddm.simulation.demo import DemoConfig, cs2star_error
 
 HERE = Path(__file__).parent
 # The model-beats-raw check needs weights that already denoise (one epoch of training here from

@@ -9,11 +9,17 @@ import torch
 from torch import nn
 
 from napari_cryoddm.errors import CryoDDMError
-from napari_cryoddm.estimators import (chain_estimator, chain_statistics, default_estimator, estimator_of,
-                                       resolve_estimator, statistics_of)
+from napari_cryoddm.estimators import (
+    chain_estimator,
+    chain_statistics,
+    default_estimator,
+    estimator_of,
+    resolve_estimator,
+    statistics_of,
+)
 from napari_cryoddm.forward import schedule_coefficients
-from napari_cryoddm.predict import PredictConfig, PredictModel, denoise_array, make_runtime, estimate_job
 from napari_cryoddm.jobs import collect
+from napari_cryoddm.predict import PredictConfig, PredictModel, denoise_array, estimate_job, make_runtime
 
 SCHEDULE = {"beta": 0.1288, "steps": 5, "start": 4}
 

@@ -27,7 +27,7 @@ from napari_cryoddm.forward_layout import read_manifest
 from napari_cryoddm.io.mrc import write_mrc
 from napari_cryoddm.io.noise import write_noise_txt
 from napari_cryoddm.io.star import read_coordinates, write_coordinates_star
-from napari_cryoddm.jobs import CancelToken, Cancelled, collect
+from napari_cryoddm.jobs import Cancelled, CancelToken, collect
 from napari_cryoddm.normalise import Normalisation, normalisation_stats
 
 SIGMA = 3.0  # blob width (px) of the synthetic particles

@@ -14,9 +14,16 @@ import pytest
 from napari_cryoddm.errors import CryoDDMError, InputError, OutputExistsError
 from napari_cryoddm.io import mrc as mrcio
 from napari_cryoddm.io import stack as stackio
-from napari_cryoddm.io.mrc import (MRC_PATTERNS, list_micrographs, read_header,
-                                   read_image, read_micrograph, read_slice, write_mrc,
-                                   write_mrc_slices)
+from napari_cryoddm.io.mrc import (
+    MRC_PATTERNS,
+    list_micrographs,
+    read_header,
+    read_image,
+    read_micrograph,
+    read_slice,
+    write_mrc,
+    write_mrc_slices,
+)
 from napari_cryoddm.io.stack import contrast_limits, level_shapes, open_stack
 
 

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from napari_cryoddm import picking
 from napari_cryoddm.box_placement import (
     auto_boxes_from_particles,
@@ -84,7 +85,8 @@ def test_candidate_grid_inside_and_step():
 # ---------------------------------------------------------------- the automatic rule
 
 
-def _check_rule(xy, shape, particles, diameter, box, overlap, existing=np.zeros((0, 2))):
+def _check_rule(xy, shape, particles, diameter, box, overlap, existing=None):
+    existing = np.zeros((0, 2)) if existing is None else existing
     assert box_inside(xy[:, 0], xy[:, 1], box, shape).all(), "a box leaves the micrograph"
     if len(particles) and len(xy):
         d = particle_box_distance(xy[:, 0], xy[:, 1], box, particles[:, 0], particles[:, 1])
@@ -458,8 +460,9 @@ def test_coordinate_free_boxes_hit_particles_a_third_as_often_as_random(sample_s
 def test_real_screening_keeps_boxes_off_the_contamination(real_data, tmp_path):
     """The Ucsf micrograph has a large unpicked contamination blob: the rule alone (it trusts the
     picks) puts boxes on it; `--screen` reads the pixels and keeps every box off it."""
-    from napari_cryoddm.io.mrc import read_micrograph
     from scipy import ndimage
+
+    from napari_cryoddm.io.mrc import read_micrograph
 
     mic = real_data / "micrographs" / "Ucsf_stack_1142_DW.mrc"
     star = real_data / "coordinates" / "Ucsf_stack_1142_DW_autopick.star"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_cryoddm.simulation import quality as q
 from napari_cryoddm.errors import CryoDDMError
+from napari_cryoddm.simulation import quality as q
 
 N = 256
 

@@ -14,16 +14,25 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from napari_cryoddm._napari.layers import (
+    add_boxes_layer,
+    current_slice,
+    micrograph_layers,
+    micrograph_names,
+    points_table,
+)
+from napari_cryoddm._napari.reader import (
+    coordinate_layer_data,
+    get_coordinate_reader,
+    get_micrograph_reader,
+    micrograph_layer_data,
+)
+from napari_cryoddm._napari.widgets.attach import AttachWidget
+from napari_cryoddm._napari.writer import points_to_table, write_image, write_points
 from napari_cryoddm.errors import CryoDDMError, InputError
 from napari_cryoddm.io import stack as stackio
 from napari_cryoddm.io.noise import read_noise_txt
 from napari_cryoddm.io.star import read_coordinates
-from napari_cryoddm._napari.reader import (coordinate_layer_data, get_coordinate_reader,
-                                           get_micrograph_reader, micrograph_layer_data)
-from napari_cryoddm._napari.layers import (add_boxes_layer, current_slice, micrograph_layers,
-                                           micrograph_names, points_table)
-from napari_cryoddm._napari.widgets.attach import AttachWidget
-from napari_cryoddm._napari.writer import points_to_table, write_image, write_points
 
 PLUGIN = "napari-cryoddm"
 VOXEL = 2.5

@@ -18,6 +18,8 @@ import pytest
 from cryosparc.dataset import Dataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.spatial.transform import Rotation
+
 from napari_cryoddm.cli import main
 from napari_cryoddm.config import ConfigError
 from napari_cryoddm.errors import CryoDDMError, InputError, OutputExistsError
@@ -44,7 +46,6 @@ from napari_cryoddm.simulation.sample import (
 )
 from napari_cryoddm.simulation.sample_config import SampleConfig
 from napari_cryoddm.simulation.sample_files import cs_datasets
-from scipy.spatial.transform import Rotation
 
 REPO = Path(__file__).resolve().parents[1]
 # non-square, so a swapped x/y anywhere (STAR, .cs fractions, micrograph_shape) shows
@@ -335,7 +336,7 @@ def test_files_headers_and_truth(small_set):
     assert all(1.0e4 <= d <= 2.5e4 for d in defoci)
     _, table = read_truth(small_set.truth_json)
     # placed without overlap, away from the edges so every window fits
-    for name, mine in table.groupby("micrograph"):
+    for _name, mine in table.groupby("micrograph"):
         xy = mine[["x", "y"]].to_numpy(float)
         dist = np.hypot(*(xy[:, None, :] - xy[None, :, :]).transpose(2, 0, 1))
         assert dist[np.triu_indices(len(xy), 1)].min() >= MIN_SEPARATION * SMALL.diameter_px

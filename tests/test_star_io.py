@@ -8,8 +8,7 @@ import pytest
 import starfile
 
 from napari_cryoddm.errors import InputError, OutputExistsError
-from napari_cryoddm.io.star import (read_coordinates, read_star_blocks, write_coordinates_star,
-                                    write_particles_star)
+from napari_cryoddm.io.star import read_coordinates, read_star_blocks, write_coordinates_star, write_particles_star
 
 # file: (rows, distinct micrographs, first micrograph, first x, first y)
 DIALECTS = {

@@ -12,21 +12,30 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.jobs import stop_when
+from helpers.training import make_forward
 from napari_cryoddm.checkpoint import load_checkpoint
+from napari_cryoddm.d4 import d4
+from napari_cryoddm.devices import resolve_device
 from napari_cryoddm.errors import CryoDDMError, InputError
-from napari_cryoddm.preprocess import read_prepared
+from napari_cryoddm.forward_layout import open_forward
 from napari_cryoddm.io.mrc import write_mrc
 from napari_cryoddm.jobs import CancelToken, collect
 from napari_cryoddm.normalise import Normalisation
-from napari_cryoddm.d4 import d4
-from napari_cryoddm.devices import resolve_device
-from napari_cryoddm.forward_layout import open_forward
+from napari_cryoddm.preprocess import read_prepared
 from napari_cryoddm.train import TrainConfig, train
-from napari_cryoddm.train_data import (S1, S2, S3, PairDataset, PlanBatchSampler, ValDataset, build_noise_pool,
-                                       epoch_plan, local_keys, recut)
-
-from helpers.jobs import stop_when
-from helpers.training import make_forward
+from napari_cryoddm.train_data import (
+    S1,
+    S2,
+    S3,
+    PairDataset,
+    PlanBatchSampler,
+    ValDataset,
+    build_noise_pool,
+    epoch_plan,
+    local_keys,
+    recut,
+)
 
 torch.set_num_threads(1)
 
@@ -66,7 +75,7 @@ def test_s2_loader_yields_noisier_then_cleaner(fw):
     sampler.set_epoch(epoch_plan(data.counts, 5, seed=3, epoch=0))
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler)
     seen = 0
-    for (phase, x, y, _real), keys in zip(loader, sampler):
+    for (_phase, x, y, _real), keys in zip(loader, sampler):
         for row, key in enumerate(keys):
             if key[0] != S2:
                 continue

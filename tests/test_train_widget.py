@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_cryoddm.checkpoint import load_checkpoint
-
 from helpers.training import make_forward
+from napari_cryoddm.checkpoint import load_checkpoint
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.viewer

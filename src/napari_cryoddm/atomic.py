@@ -11,8 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CryoDDMError, OutputError, OutputExistsError
-from .safety import (WRITE_FAILURES, absolute, check_output_folder, check_replaceable, output_error,
-                     read_marker, write_marker)
+from .safety import (
+    WRITE_FAILURES,
+    absolute,
+    check_output_folder,
+    check_replaceable,
+    output_error,
+    read_marker,
+    write_marker,
+)
 
 
 def _umask() -> int:

@@ -24,8 +24,16 @@ from typing import Any
 from .config import to_jsonable
 from .errors import CryoDDMError, OutputExistsError
 from .jobs import CancelToken, Job, Progress
-from .predict import (PredictConfig, PredictModel, PredictResult, is_predict_output, plan_run,
-                      predict_one_file, resolve_device, runtime_for)
+from .predict import (
+    PredictConfig,
+    PredictModel,
+    PredictResult,
+    is_predict_output,
+    plan_run,
+    predict_one_file,
+    resolve_device,
+    runtime_for,
+)
 
 # Set in a worker process by `_DevicePlugin`; tasks read it.
 _WORKER_DEVICE: str | None = None

@@ -6,8 +6,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .devices import TRAIN_PRECISIONS
 from .config import ConfigError
+from .devices import TRAIN_PRECISIONS
 
 RECIPES = ("default", "original")
 

@@ -3,14 +3,8 @@ cryoSPARC `.cs` pair, and the truth document that every test scores against."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .sample_config import SampleConfig
-
-FORMAT = "napari-cryoddm-sample"
-FORMAT_VERSION = 1
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -26,6 +20,12 @@ from .physics import (
     cryosparc_pose,
     stream,
 )
+
+if TYPE_CHECKING:
+    from .sample_config import SampleConfig
+
+FORMAT = "napari-cryoddm-sample"
+FORMAT_VERSION = 1
 
 
 def particles_star_tables(table: pd.DataFrame, config: SampleConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
