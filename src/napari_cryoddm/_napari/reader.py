@@ -93,22 +93,107 @@ def micrograph_layer_data(path: PathOrPaths, pyramid_min: int | None = None) -> 
     axis0 = vs if stack.is_volume and stack.voxel_size else 1.0
     differ = voxel_sizes_differ(stack)
     if differ:
-        log.warning("%d micrographs have another voxel size than %.4f Å/px (e.g. %s); the layer "
-                    "uses one scale", len(differ), vs, differ[0])
+        msg = (f"{len(differ)} micrographs have another voxel size than {vs:.4f} Å/px "
+               f"(e.g. {differ[0]}); the layer uses one scale")
+        log.warning(msg)
+        _show_warning(msg)  # in the viewer too, not only in the log
+    limits, full = display_limits(stack)
     meta = stack.metadata()
     meta.update({"voxel_size": stack.voxel_size, "volume": stack.is_volume,
                  "source": paths[0] if len(paths) == 1 else paths,
-                 "padded": len({tuple(s.shape) for s in stack.slices}) > 1})
+                 "padded": len({tuple(s.shape) for s in stack.slices}) > 1,
+                 "contrast_range": list(full)})
+    _install_range_hook()
     kw = {
         "name": _layer_name(paths),
         "scale": (axis0, vs, vs),
-        "contrast_limits": stack.contrast_limits,
+        "contrast_limits": limits,
         "colormap": "gray",
         "multiscale": stack.multiscale,
         "metadata": {"cryoddm": meta},
     }
     data = stack.levels if stack.multiscale else stack.levels[0]
     return (data, kw, "image")
+
+
+def _show_warning(message: str) -> None:
+    try:
+        from napari.utils.notifications import show_warning
+
+        show_warning(message)
+    except Exception:  # no napari: the log has it
+        pass
+
+
+def _overview(stack: Any, max_side: int = 1024) -> np.ndarray:
+    """The first micrograph as the viewer shows it at fit-to-window: the pyramid level (block
+    means) at most `max_side` px, else the image block-mean binned down to it."""
+    from ..io.stack import block_mean
+
+    level = next((lv for lv in stack.levels if max(lv.shape[-2:]) <= max_side), stack.levels[-1])
+    h, w = (int(v) for v in stack.slices[0].shape[-2:])
+    f0 = stack.levels[0].shape[-1] / level.shape[-1]
+    image = np.asarray(level[0][: int(np.ceil(h / f0)), : int(np.ceil(w / f0))], dtype=np.float32)
+    factor = int(np.ceil(max(image.shape) / max_side))
+    return block_mean(image, factor) if factor > 1 else image
+
+
+def robust_limits(image: np.ndarray, k: float = 3.0) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(display limits, full range): the median ± k robust σ (1.4826·MAD) of the smoothed
+    overview, so a contamination blob, vacuum or hot pixels do not stretch the grey scale; the
+    full range spans everything in the overview with a margin, for the contrast slider."""
+    values = image[np.isfinite(image)].ravel()
+    if not values.size:
+        return (0.0, 1.0), (0.0, 1.0)
+    med = float(np.median(values))
+    sigma = 1.4826 * float(np.median(np.abs(values - med)))
+    lo_all, hi_all = float(values.min()), float(values.max())
+    if not sigma > 0:
+        sigma = float(values.std()) or 1.0
+    lo, hi = max(lo_all, med - k * sigma), min(hi_all, med + k * sigma)
+    if not hi > lo:
+        lo, hi = med - 1.0, med + 1.0
+    span = max(hi_all - lo_all, hi - lo)
+    return (lo, hi), (min(lo, lo_all - 0.5 * span), max(hi, hi_all + 0.5 * span))
+
+
+def display_limits(stack: Any) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Robust display limits and the contrast slider's full range for a micrograph stack."""
+    try:
+        return robust_limits(_overview(stack))
+    except Exception:  # unreadable pixels: the header sample's limits
+        limits = tuple(stack.contrast_limits or (0.0, 1.0))
+        return limits, limits  # type: ignore[return-value]
+
+
+_HOOKED: set[int] = set()
+
+
+def _install_range_hook() -> None:
+    """napari takes a new layer's contrast slider range from its first limits, so the slider
+    could not be widened; once per viewer, micrograph layers get the full range we measured."""
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:
+        return
+    if viewer is None or id(viewer) in _HOOKED:
+        return
+    _HOOKED.add(id(viewer))
+    viewer.layers.events.inserted.connect(_widen_range)
+    for layer in viewer.layers:
+        _widen_range(type("E", (), {"value": layer})())
+
+
+def _widen_range(event: Any) -> None:
+    layer = getattr(event, "value", None)
+    meta = getattr(layer, "metadata", None) or {}
+    full = (meta.get("cryoddm") or {}).get("contrast_range") if isinstance(meta, dict) else None
+    if full and hasattr(layer, "contrast_limits_range"):
+        lo, hi = layer.contrast_limits
+        layer.contrast_limits_range = (min(full[0], lo), max(full[1], hi))
+        layer.contrast_limits = (lo, hi)
 
 
 def read_micrographs(path: PathOrPaths, stack: bool = False) -> list[LayerData]:
