@@ -37,7 +37,9 @@ _SESSIONS: dict[int, Session] = {}
 
 
 def session(viewer: Any) -> Session:
-    """The viewer's session (made on first use, dropped with the viewer)."""
+    """The viewer's session (made on first use, dropped with the viewer). Plugin docks get the
+    viewer through napari's public-only proxy: the session belongs to the viewer behind it."""
+    viewer = getattr(viewer, "__wrapped__", viewer)
     key = id(viewer)
     if key not in _SESSIONS:
         _SESSIONS[key] = Session()

@@ -30,6 +30,7 @@ class ConfigForm(Container):
         self._controls: dict[str, Any] = {}
         self._zero_is_none: set[str] = set()
         self.advanced_controls: list[Any] = []
+        self._whole: set[str] = set()
         labels, special = labels or {}, special or {}
         for f in dataclasses.fields(cls):
             if f.name in skip or f.metadata.get("widget", True) is False:
@@ -53,6 +54,10 @@ class ConfigForm(Container):
             if optional and typ in (int, float):
                 self._zero_is_none.add(f.name)
                 default = 0 if default is None else default
+                if typ is int:  # a whole-number QDoubleSpinBox: Qt's int box here cannot show text for 0
+                    annotation = float
+                    options.update(step=1, max=1e7)
+                    self._whole.add(f.name)
             label = labels.get(f.name, f.metadata.get("label", f.name.replace("_", " ")))
             unit = f.metadata.get("unit")
             if unit and unit not in label:
@@ -62,6 +67,8 @@ class ConfigForm(Container):
             if widget_type:
                 kwargs["widget_type"] = widget_type
             w = create_widget(**kwargs)
+            if f.name in self._whole:
+                w.native.setDecimals(0)
             w.tooltip = f.metadata.get("help", "")
             if f.name in self._zero_is_none and hasattr(w.native, "setSpecialValueText"):
                 text = special.get(f.name, "auto")
@@ -106,6 +113,8 @@ class ConfigForm(Container):
                 v = tuple(inner(s) for s in str(v).split(",") if s.strip())
             if f.name in self._zero_is_none and not v:
                 v = None
+            elif f.name in self._whole:
+                v = int(round(v))
             values[f.name] = v
         values.update(extra)
         return self._cls(**values)

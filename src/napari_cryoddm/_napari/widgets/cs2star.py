@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, SpinBox
+from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
 
 from ...attach import AttachResult, attach_coordinates
 from ...cs2star import UID_PATTERN, Cs2StarConfig, Cs2StarResult, convert, convert_job_dirs
@@ -89,10 +89,11 @@ class Cs2StarWidget(Container):
         self._image = ComboBox(label="show on", nullable=True,
                                choices=lambda _w: [(lay.name, lay) for lay in micrograph_layers(self.viewer)],
                                tooltip="the raw micrograph stack to draw the particles on (optional)")
-        self._box = SpinBox(label="box size (px)", value=0, min=0, max=4096,
+        self._box = FloatSpinBox(label="box size (px)", value=0, min=0, max=4096, step=1,
                             tooltip="side of the boxes drawn; 'from the STAR': the particle box "
                                     "of the output (its rlnImageSize), else that of the particles "
                                     "already on the stack")
+        self._box.native.setDecimals(0)  # a whole number; QDoubleSpinBox for the text at 0
         self._box.native.setSpecialValueText("from the STAR")
         self._run_button = PushButton(text="Convert")
         self._stop_button = PushButton(text="Stop", enabled=False)

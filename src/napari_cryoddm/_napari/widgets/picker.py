@@ -83,6 +83,8 @@ class NoisePickerWidget(Container):
             status_label(label)  # long messages wrap inside the dock, never widen it
         self._hooked: set[int] = set()
         self._sized: set[int] = set()
+        self._settings: dict[str, tuple[float, str]] = {}  # stack name → (diameter, unit)
+        self._restoring = False
         self.extend([self.image, self.diameter, self.unit, self.box, self.window_label, self.form,
                      self.particles_layer, self.particles_file, self.scope, self.pick_button,
                      self.propose_button, self.accept_button, self.invalid_button,
@@ -147,6 +149,13 @@ class NoisePickerWidget(Container):
             self.noise_layer = None
             if layer is not None:
                 self._adopt(layer)
+        saved = self._settings.get(image.name) if image is not None else None
+        if saved is not None:  # this stack's own diameter and unit, as last set for it
+            self._restoring = True
+            try:
+                self.unit.value, self.diameter.value = saved[1], saved[0]
+            finally:
+                self._restoring = False
         particles = particles_of(self.viewer, image)
         if particles is not None:
             self.particles_layer.reset_choices()
@@ -189,6 +198,9 @@ class NoisePickerWidget(Container):
             self.diameter.value = float(d)
 
     def _diameter_changed(self, _value=None) -> None:
+        image = self.image.value
+        if image is not None and not self._restoring:
+            self._settings[image.name] = (float(self.diameter.value), self.unit.value)
         try:
             w = window_for_diameter(self.diameter_px())
         except CryoDDMError as exc:
@@ -553,6 +565,16 @@ class NoisePickerWidget(Container):
     def _picked(self, result: PickResult) -> None:
         self.set_boxes(merge_boxes(self.all_boxes(), result.new))
         self._report(result)
+        self._publish()
+
+    def _publish(self) -> None:
+        """Forward takes the diameter and these noise boxes as its defaults."""
+        s = session(self.viewer)
+        try:
+            s.publish("diameter_px", float(self.diameter_px()))
+        except CryoDDMError:
+            pass
+        s.publish("noise", self.noise_layer)
 
     def _proposed(self, result: PickResult) -> None:
         names = self._names()
@@ -595,6 +617,7 @@ class NoisePickerWidget(Container):
         layer.selected_data = set()
         layer.remove(chosen)
         self._say(f"accepted {len(chosen)} proposed boxes")
+        self._publish()
         return len(chosen)
 
     # ------------------------------------------------------------------ messages and counts

@@ -24,12 +24,20 @@ from ...jobs import CancelToken, Progress
 from ...models import available
 from ...predict import PredictConfig, PredictModel, denoise_job, output_path, predict_files
 from ..layers import current_slice, micrograph_layers, micrographs
+from ..reader import robust_limits
 from ..session import fill_empty, particle_stack, session
 from ..workers import JobHandle, notify, report_error, start_job
 from ._form import ConfigForm
 from ._qt import finish_dock, status_label
 
 QUICK_LOOK_KEEP = 8  # quick-look results kept in memory (older ones are dropped)
+
+
+def _smoothed(image: np.ndarray, max_side: int = 1024) -> np.ndarray:
+    from ...io.stack import block_mean
+
+    factor = int(np.ceil(max(image.shape) / max_side))
+    return block_mean(np.asarray(image, np.float32), factor) if factor > 1 else image
 
 
 def _wide(limits: list[float]) -> tuple[float, float]:
@@ -287,9 +295,9 @@ class PredictWidget(Container):
         scale = list(layer.scale)
         scale[-1] *= factor
         scale[-2] *= factor
-        if focus is not None:
-            lo, hi = (float(v) for v in np.percentile(focus, [0.5, 99.5]))
-            limits = [lo, hi if hi > lo else lo + 1]
+        if focus is not None:  # robust: a contamination blob does not wash the rest out
+            (lo, hi), _ = robust_limits(_smoothed(focus))
+            limits = [lo, hi]
         else:
             limits = None
         meta = {"cryoddm": {"micrographs": [
