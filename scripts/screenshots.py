@@ -34,13 +34,16 @@ REPO = Path(__file__).resolve().parents[1]
 PLUGIN = "napari-cryoddm"
 
 
-def _dock(viewer: Any, name: str, docks: list[Any]) -> Any:
+def _open_dock(viewer: Any, name: str, docks: list[Any]) -> Any:
     """Open a plugin dock widget; the previous step's dock is hidden so each picture shows one."""
     for dock in docks:
         dock.setVisible(False)
     dock_widget, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
     docks.append(dock_widget)
     return widget
+
+
+_dock = _open_dock
 
 
 def _process(viewer: Any) -> None:
@@ -68,8 +71,15 @@ def walk(viewer: Any, work: Path, shot: Callable[[str], None] | None = None,
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     shot = shot or (lambda name: None)
-    out: dict[str, Any] = {}
+    widths = DockWidths(viewer)
+    out: dict[str, Any] = {"defaults": {}, "widths": widths}
+    defaults = out["defaults"]
     docks: list[Any] = []
+
+    def _dock(viewer: Any, name: str, docks: list[Any]) -> Any:
+        widget = _open_dock(viewer, name, docks)
+        widths.opened(name, docks[-1])
+        return widget
 
     # 1. sample data: noisy stack, hidden clean signal, true particles as boxes
     open_sample(viewer, sample_config)
@@ -83,6 +93,7 @@ def walk(viewer: Any, work: Path, shot: Callable[[str], None] | None = None,
 
     # 2. noise picker: boxes away from the particles layer
     picker = _dock(viewer, "Noise picker", docks)
+    defaults["picker"] = (picker.image.value, picker.particles_layer.value, picker.form["screen"].value)
     picker.image.value = raw_layer
     picker.unit.value = "px"
     picker.diameter.value = float(particles_layer.metadata["cryoddm"].get("diameter_px")
@@ -94,11 +105,14 @@ def walk(viewer: Any, work: Path, shot: Callable[[str], None] | None = None,
     if noise_layer is None or len(noise_layer.data) == 0:
         raise RuntimeError(f"the noise picker made no boxes: {picker.message.value}")
     out["noise_layer"] = noise_layer
+    widths.check()
     _process(viewer)
     shot("02-noise-picker")
 
     # 3. forward: everything from the layers
     forward = _dock(viewer, "Forward", docks)
+    defaults["forward"] = (forward._micrographs.value, forward._particles.value, forward._noise.value,
+                           forward.form["diameter"].value)
     forward._micrographs.value = raw_layer
     forward._particles.value = particles_layer
     forward._noise.value = noise_layer
@@ -108,11 +122,13 @@ def walk(viewer: Any, work: Path, shot: Callable[[str], None] | None = None,
     if forward.result is None:
         raise RuntimeError(f"forward did not finish: {forward._status.value}")
     out["forward"] = forward.result
+    widths.check()
     _process(viewer)
     shot("03-forward")
 
     # 4. train on the folder forward wrote
     train = _dock(viewer, "Train", docks)
+    defaults["train_forward"] = train._forward.value
     train._forward.value = forward.result.out
     train._out.value = work / "train"
     train.form["epochs"].value = epochs
@@ -123,11 +139,13 @@ def walk(viewer: Any, work: Path, shot: Callable[[str], None] | None = None,
     out["train"] = train.result
     checkpoint = train.result.best or train.result.last
     out["checkpoint"] = checkpoint
+    widths.check()
     _process(viewer)
     shot("04-train")
 
     # 5. predict with the checkpoint train wrote; the denoised stack lands beside the raw one
     predict = _dock(viewer, "Predict", docks)
+    defaults["predict"] = (predict.model_file.value, predict.layer_combo.value)
     predict.model_file.value = Path(checkpoint)
     predict.layer_combo.value = raw_layer
     predict.out_dir.value = work / "denoised"
@@ -138,10 +156,9 @@ def walk(viewer: Any, work: Path, shot: Callable[[str], None] | None = None,
         raise RuntimeError(f"predict added no layer: {predict.status.value}")
     out["denoised_layer"] = viewer.layers[name]
     out["predict_config"] = predict.config()
-    out["denoised_layer"].reset_contrast_limits()  # the layer was created before its first result
-    for lay in viewer.layers:
-        lay.visible = lay in (raw_layer, out["denoised_layer"])
-    viewer.reset_view()
+    out["grid"] = {"enabled": viewer.canvas.grid.enabled,
+                   "visible": [lay.name for lay in viewer.layers if lay.visible]}
+    widths.check()
     _process(viewer)
     shot("05-predict")
     viewer.canvas.grid.enabled = False
@@ -150,6 +167,7 @@ def walk(viewer: Any, work: Path, shot: Callable[[str], None] | None = None,
 
     # 6. cs2star: the sample's .cs pair back onto the raw micrographs
     cs = _dock(viewer, "cs2star", docks)
+    defaults["cs2star"] = (cs._image.value, cs._box.value)
     cs._particles.value = Path(sample_meta["particles_cs"])
     cs._passthrough.value = [Path(sample_meta["passthrough_cs"])]
     cs._output.value = work / "cs2star" / "particles.star"
@@ -160,6 +178,7 @@ def walk(viewer: Any, work: Path, shot: Callable[[str], None] | None = None,
         raise RuntimeError(f"cs2star showed no particles: {cs._status.value}")
     out["cs2star_layer"] = cs.layers[0]
     out["cs2star"] = cs.results[0]
+    widths.check()
     cs.layers[0].visible = True
     viewer.reset_view()
     _process(viewer)
