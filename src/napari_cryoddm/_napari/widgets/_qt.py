@@ -40,20 +40,23 @@ def flush_forms(host: Any, *forms: Any) -> None:
     """Nested forms sit in the host's column (no indent) and share its label width."""
     from magicgui.widgets.bases import ButtonWidget
 
+    for w in host:  # status lines (no label) use the whole width
+        if not w.label and w._labeled_widget() is not None:
+            w._labeled_widget()._label_widget.native.hide()
     for form in forms:
         wrapper = form._labeled_widget()
         if wrapper is not None:
             wrapper._label_widget.native.hide()
         form.margins = (0, 0, 0, 0)
     rows = [w for c in (host, *forms) for w in c if not isinstance(w, ButtonWidget)
-            and w not in forms]
+            and w not in forms and w.label]
     rows += [w for form in forms for w in getattr(form, "advanced_controls", ())]
     if not rows:
         return
     from magicgui.application import use_app
 
     measure = use_app().get_obj("get_text_width")
-    width = max(measure(w.label) for w in rows)
+    width = max(measure(w.label) for w in rows) + 12  # the measure runs a little short
     for w in rows:
         wrapper = w._labeled_widget()
         if wrapper is not None:

@@ -55,8 +55,8 @@ class LossPlot:
         ax.set_xlabel("epoch")
         ax.set_ylabel("MSE loss")
         ax.set_yscale("log")
-        ax.set_xlim(0, 1)  # until the first batch: one epoch, losses of a normalised image
-        ax.set_ylim(1e-2, 10)
+        ax.set_xlim(0, 1, auto=True)  # until the first batch: one epoch, losses of a normalised image
+        ax.set_ylim(1e-2, 10, auto=True)
         self.batch_lines = {p: ax.plot([], [], "o", ms=3.5, alpha=0.45, mew=0, color=COLOURS[p])[0]
                             for p in PHASES}
         self.epoch_lines = {p: ax.plot([], [], "-o", ms=3, lw=1.5, color=COLOURS[p],
@@ -97,8 +97,9 @@ class LossPlot:
             line.set_data(*self.epochs[p])
         self.ax.relim()
         self.ax.autoscale_view()
-        if self.ax.get_xlim()[1] - self.ax.get_xlim()[0] < 1:
-            self.ax.set_xlim(0, max(1.0, self.ax.get_xlim()[1]))
+        lo, hi = self.ax.get_xlim()
+        if hi - lo < 1.1:  # at least one epoch wide, the epoch means not on the frame
+            self.ax.set_xlim(min(lo, -0.05), max(hi, 1.05), auto=True)
         self.canvas.draw_idle()
 
 
