@@ -35,3 +35,20 @@ def test_help_has_one_default_and_wrapped_lines(command):
 def test_pick_noise_says_a_diameter_is_required():
     text = " ".join(_help("pick-noise").split())
     assert "One of --diameter (px) or --diameter-A (Å) is required" in text
+
+
+def test_demo_progress_keeps_one_total_of_seven_steps():
+    from napari_cryoddm.demo import STEPS, _stage
+    from napari_cryoddm.jobs import Progress, collect
+
+    def step():
+        for k in range(4):
+            yield Progress(k + 1, 4, f"item {k + 1}")
+        return "done"
+
+    events: list[Progress] = []
+    timings: dict[str, float] = {}
+    assert collect(_stage(step(), 2, STEPS[2], timings), events.append) == "done"
+    assert {e.total for e in events} == {len(STEPS)}
+    assert [e.done for e in events] == [2, 2.25, 2.5, 2.75, 3.0]
+    assert events[-1].message == "[3/7 forward] 4/4 item 4" and "forward" in timings
