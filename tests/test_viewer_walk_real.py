@@ -60,6 +60,16 @@ def test_real_data_walk(make_napari_viewer, real_data, tmp_path, monkeypatch):
     blob = img[:300, -300:].mean()
     assert min(means) > blob + 0.5 * (np.median(img) - blob)
 
+    # the 4k micrograph is smoothed when zoomed out (a Gaussian kernel over its pyramid level);
+    # robust limits: the bulk of its overview lies inside them, and the slider reaches beyond
+    assert epu.multiscale and epu.interpolation2d == "gaussian" and ucsf.interpolation2d == "nearest"
+    for layer in (epu, ucsf):
+        lo, hi = layer.contrast_limits
+        r0, r1 = layer.contrast_limits_range
+        assert r0 < lo - 0.4 * (hi - lo) and r1 > hi + 0.4 * (hi - lo)
+    overview = np.asarray(epu.data[-1][0], dtype=float)
+    assert 0.9 < ((overview > epu.contrast_limits[0]) & (overview < epu.contrast_limits[1])).mean() < 1
+
     # the forward preview left the slider's axis names alone
     assert out["axis_labels_after_preview"] == out["axis_labels"]
 

@@ -112,6 +112,10 @@ def micrograph_layer_data(path: PathOrPaths, pyramid_min: int | None = None) -> 
         "multiscale": stack.multiscale,
         "metadata": {"cryoddm": meta},
     }
+    if stack.multiscale:
+        # fit-to-window shows a pyramid level at about half a screen pixel per level pixel; nearest
+        # sampling then shows only pixel noise, a Gaussian kernel averages it and the particles show
+        kw["interpolation2d"] = "gaussian"
     data = stack.levels if stack.multiscale else stack.levels[0]
     return (data, kw, "image")
 
