@@ -20,7 +20,7 @@ from ...errors import CryoDDMError
 from ...forward import PRESETS, ForwardConfig, ForwardResult, preview_chain, run_forward
 from ...jobs import Cancelled, CancelToken, Progress
 from ..layers import cryoddm_metadata, micrograph_layers, micrograph_paths, points_layers, points_table
-from ..session import fill_empty, particle_stack, particles_of, session
+from ..session import particle_stack, particles_of, session
 from ..workers import JobHandle, notify, report_error, start_job
 from ._form import ConfigForm
 from ._qt import finish_dock, status_label
