@@ -279,8 +279,12 @@ def walk_real(viewer: Any, data: Path, work: Path, shot: Callable[[str], None] |
     picker.diameter.value = 250.0
     out["noise_sizes_after"] = np.asarray(noise.size, dtype=float).copy()
     out["noise_layer_for_epu"] = picker.noise_layer
+    out["counts_epu"] = picker.counts.value
     picker.image.value = ucsf
     out["picker_back"] = (picker.diameter.value, picker.unit.value, picker.box.value)
+    viewer.layers.selection.active = epu  # another layer selected: the counts stay Ucsf's
+    picker._update_counts()
+    out["counts_back"] = picker.counts.value
     widths.check()
 
     # 4. forward: micrographs, particles, noise and diameter come from the steps before

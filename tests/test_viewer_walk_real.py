@@ -51,6 +51,9 @@ def test_real_data_walk(make_napari_viewer, real_data, tmp_path, monkeypatch):
     np.testing.assert_array_equal(out["noise_sizes_after"], out["noise_sizes"])
     assert out["noise_layer_for_epu"] is None  # the EPU micrograph has no noise boxes yet
     assert out["picker_back"] == (48.0, "px", 128)  # back on Ucsf: its own settings again
+    n = len(out["noise_layer"].data)
+    assert out["counts_epu"].startswith("this micrograph: 0 boxes")
+    assert out["counts_back"].startswith(f"this micrograph: {n} boxes")
     # pixel screening kept every box off the contamination blob (top right, dark): no box's mean
     # is below the micrograph's 5th percentile of box means
     from napari_cryoddm.io.mrc import read_image
