@@ -244,7 +244,7 @@ def walk_real(viewer: Any, data: Path, work: Path, shot: Callable[[str], None] |
     star = points_layers(viewer)[-1]
     out.update(epu=epu, ucsf=ucsf, star=star, axis_labels=tuple(viewer.dims.axis_labels))
     epu.visible = False
-    viewer.reset_view()
+    viewer.reset_view(layers=[lay for lay in viewer.layers if lay.visible])
     _process(viewer)
     shot("real-01-open")
 
@@ -254,6 +254,7 @@ def walk_real(viewer: Any, data: Path, work: Path, shot: Callable[[str], None] |
     attach.box_size.value = 64
     attach.attach()
     widths.check()
+    viewer.reset_view(layers=[ucsf])
     _process(viewer)
     shot("real-02-attach")
 
@@ -358,7 +359,7 @@ def walk_real(viewer: Any, data: Path, work: Path, shot: Callable[[str], None] |
     cs.run()
     out["cs2star_status"] = cs._status.value
     widths.check()
-    viewer.reset_view()
+    viewer.reset_view(layers=[lay for lay in viewer.layers if lay.visible])
     _process(viewer)
     shot("real-08-cs2star")
     return out
