@@ -242,7 +242,8 @@ def walk_real(viewer: Any, data: Path, work: Path, shot: Callable[[str], None] |
     viewer.open(str(data / "coordinates" / "Ucsf_stack_1142_DW_autopick.star"), plugin=PLUGIN)
     epu, ucsf = micrograph_layers(viewer)
     star = points_layers(viewer)[-1]
-    out.update(epu=epu, ucsf=ucsf, star=star, axis_labels=tuple(viewer.dims.axis_labels))
+    out.update(epu=epu, ucsf=ucsf, star=star, axis_labels=tuple(viewer.dims.axis_labels),
+               star_attached_at_open=star.metadata["cryoddm"].get("attached_to"))
     epu.visible = False
     viewer.reset_view(layers=[lay for lay in viewer.layers if lay.visible])
     _process(viewer)

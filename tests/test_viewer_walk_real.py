@@ -37,6 +37,9 @@ def test_real_data_walk(make_napari_viewer, real_data, tmp_path, monkeypatch):
     assert widths.window <= 1920
     assert "not shown" in out["cs2star_status"]  # the long message that used to widen the window
 
+    # the autopicks land on the one open micrograph their name matches, at once
+    assert out["star_attached_at_open"] == ucsf.name
+
     # each step's inputs default to what the previous step produced, on the stack with particles
     assert d["attach_image"] is ucsf
     assert d["picker_image"] is ucsf and d["picker_particles"] is star and d["picker_screen"] is True

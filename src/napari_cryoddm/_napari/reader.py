@@ -255,18 +255,15 @@ def _box_size(table: pd.DataFrame) -> int:
     return DEFAULT_BOX_SIZE
 
 
-def _auto_attach_target():
-    """The viewer's only micrograph stack, if there is exactly one (else None)."""
+def _auto_attach_targets() -> list:
+    """The viewer's micrograph stacks (none without a viewer)."""
     try:
         import napari
 
         viewer = napari.current_viewer()
     except Exception:  # no Qt, no viewer: nothing to attach to
-        return None
-    if viewer is None:
-        return None
-    layers = micrograph_layers(viewer)
-    return layers[0] if len(layers) == 1 else None
+        return []
+    return micrograph_layers(viewer) if viewer is not None else []
 
 
 def coordinate_layer_data(path: str | os.PathLike[str], image_layer: Any = None) -> LayerData:
@@ -274,14 +271,16 @@ def coordinate_layer_data(path: str | os.PathLike[str], image_layer: Any = None)
     (or found) and every name matches, else with a provisional leading index."""
     table, kind = read_coordinate_table(path)
     box = _box_size(table)
-    target = image_layer if image_layer is not None else _auto_attach_target()
-    attached = None
-    if target is not None:
-        names = micrograph_names(target)
-        shapes = [m.get("shape") for m in target.metadata["cryoddm"]["micrographs"]]
+    # attached at once to the given stack, else to the one open stack whose names all match
+    candidates = [image_layer] if image_layer is not None else _auto_attach_targets()
+    matches = []
+    for candidate in candidates:
+        names = micrograph_names(candidate)
+        shapes = [m.get("shape") for m in candidate.metadata["cryoddm"]["micrographs"]]
         result = attach_coordinates(table, names, shapes, require_match=False)
         if not result.unmatched and result.n_points == len(table):
-            attached = result
+            matches.append((candidate, result))
+    target, attached = matches[0] if len(matches) == 1 else (None, None)
     if attached is not None:
         data, features = attached.points, attached.features
         scale = tuple(target.scale)
