@@ -88,7 +88,8 @@ def micrograph_layer_data(path: PathOrPaths, pyramid_min: int | None = None) -> 
     """One Image LayerData for a file, folder or list (the reader's work, callable directly)."""
     paths = _as_list(path)
     kwargs = {} if pyramid_min is None else {"pyramid_min": pyramid_min}
-    stack = open_stack(paths if len(paths) > 1 else paths[0], **kwargs)
+    # the contrast comes from the same bounded sample, read once here (display_limits)
+    stack = open_stack(paths if len(paths) > 1 else paths[0], contrast=False, **kwargs)
     vs = stack.voxel_size or 1.0
     axis0 = vs if stack.is_volume and stack.voxel_size else 1.0
     differ = voxel_sizes_differ(stack)
@@ -129,23 +130,30 @@ def _show_warning(message: str) -> None:
         pass
 
 
-def _overview(stack: Any, max_side: int = 1024) -> np.ndarray:
-    """The first micrograph as the viewer shows it at fit-to-window: the pyramid level (block
-    means) at most `max_side` px, else the image block-mean binned down to it."""
-    from ..io.stack import block_mean
+def _sample(stack: Any, overview_side: int = 1024) -> np.ndarray:
+    """The bounded row sample the stack's own contrast uses (a few whole rows of a few images;
+    opening never reads more), each row block-averaged over f² pixels, f = the binning that
+    brings the micrograph to `overview_side`: for noise-dominated micrographs that has the
+    spread of the smoothed overview the viewer shows at fit-to-window."""
+    from ..io import stack as stackio
 
-    level = next((lv for lv in stack.levels if max(lv.shape[-2:]) <= max_side), stack.levels[-1])
-    h, w = (int(v) for v in stack.slices[0].shape[-2:])
-    f0 = stack.levels[0].shape[-1] / level.shape[-1]
-    image = np.asarray(level[0][: int(np.ceil(h / f0)), : int(np.ceil(w / f0))], dtype=np.float32)
-    factor = int(np.ceil(max(image.shape) / max_side))
-    return block_mean(image, factor) if factor > 1 else image
+    slices = stack.slices
+    picks = np.unique(np.linspace(0, len(slices) - 1, min(stackio.CONTRAST_SLICES, len(slices)))
+                      .astype(int))
+    f = int(np.ceil(max(stack.levels[0].shape[-2:]) / overview_side))
+    k = f * f
+    rows = []
+    for i in picks:
+        sample = stackio._read_rows(slices[int(i)], stackio.CONTRAST_ROWS)
+        n = sample.shape[1] // k * k
+        rows.append(sample[:, :n].reshape(len(sample), -1, k).mean(axis=2) if k > 1 and n else sample)
+    return np.concatenate([r.ravel() for r in rows])
 
 
 def robust_limits(image: np.ndarray, k: float = 3.0) -> tuple[tuple[float, float], tuple[float, float]]:
-    """(display limits, full range): the median ± k robust σ (1.4826·MAD) of the smoothed
-    overview, so a contamination blob, vacuum or hot pixels do not stretch the grey scale; the
-    full range spans everything in the overview with a margin, for the contrast slider."""
+    """(display limits, full range): the median ± k robust σ (1.4826·MAD) of `image` (the
+    smoothed sample), so a contamination blob, vacuum or hot pixels do not stretch the grey scale; the
+    full range spans everything in it with a margin, for the contrast slider."""
     values = image[np.isfinite(image)].ravel()
     if not values.size:
         return (0.0, 1.0), (0.0, 1.0)
@@ -164,10 +172,9 @@ def robust_limits(image: np.ndarray, k: float = 3.0) -> tuple[tuple[float, float
 def display_limits(stack: Any) -> tuple[tuple[float, float], tuple[float, float]]:
     """Robust display limits and the contrast slider's full range for a micrograph stack."""
     try:
-        return robust_limits(_overview(stack))
-    except Exception:  # unreadable pixels: the header sample's limits
-        limits = tuple(stack.contrast_limits or (0.0, 1.0))
-        return limits, limits  # type: ignore[return-value]
+        return robust_limits(_sample(stack))
+    except InputError:  # a truncated file: it opens, and says so when a slice is shown
+        return (0.0, 1.0), (0.0, 1.0)
 
 
 _HOOKED: set[int] = set()
