@@ -18,19 +18,28 @@ def test_info_real_files_text(real_data, capsys):
                str(real_data / "particle_stacks/empiar_10076_7.mrc")])
     out = capsys.readouterr().out.splitlines()
     assert rc == 0 and len(out) == 4
-    assert out[0].endswith("epu2.9_example.mrc: image 4096×4096 (mode 6 uint16), voxel size 0.6666 Å/px, "
-                           "extended header FEI2 (909312 bytes)")
-    assert "image 3838×3710" in out[1] and "0.8538 Å/px" in out[1] and "FEI1 (786432 bytes)" in out[1]
-    assert "stack 5×256×256 (mode 2 float32), voxel size 1.0000 Å/px, extended header none" in out[2]
-    assert "volume 7×320×320" in out[3] and "voxel size unknown" in out[3]
+    assert out[0].endswith("epu2.9_example.mrc: image 4096×4096 (rows×columns) (mode 6 uint16), voxel "
+                           "size 0.6666 Å/px, extended header FEI2 (909312 bytes)")
+    # the fei-extended micrograph is 3838 rows by 3710 columns: the order is named
+    assert "image 3838×3710 (rows×columns)" in out[1] and "0.8538 Å/px" in out[1]
+    assert "FEI1 (786432 bytes)" in out[1]
+    assert "stack 5×256×256 (images×rows×columns) (mode 2 float32), voxel size 1.0000 Å/px" in out[2]
+    assert "check the real pixel size" in out[2]  # 1.0 Å/px: the writers' placeholder, flagged
+    assert "volume 7×320×320 (sections×rows×columns)" in out[3] and "voxel size unknown" in out[3]
 
 
 def test_info_extended_fei_fields(real_data, capsys):
     assert main(["info", "--extended", str(real_data / "full_size/epu2.9_example.mrc")]) == 0
     out = capsys.readouterr().out
-    for piece in ("HT 300 kV", "dose 41.17 e/Å²", "pixel size 0.6666 Å", "defocus 1.815 µm",
-                  "magnification 120,000×", "camera BM-Falcon", "EPU 2.9.0.1519"):
+    for piece in ("HT 300 kV", "dose 41.17 e/Å²", "pixel size 0.6666 Å", "defocus 1.815 µm underfocus",
+                  "applied defocus 2.2 µm underfocus", "magnification 120,000×", "camera BM-Falcon",
+                  "EPU 2.9.0.1519"):
         assert piece in out
+    # EPU 1.2 writes both defocus fields negative, EPU 2.9 the measured one positive: one sign here
+    assert main(["info", "--extended", str(real_data / "full_size/fei-extended.mrc")]) == 0
+    out = capsys.readouterr().out
+    assert "defocus 0.9066 µm underfocus" in out and "applied defocus 0.8 µm underfocus" in out
+    assert "-" not in out.split("defocus", 1)[1].split(",")[0]
 
 
 def test_info_json_and_gzip(tmp_path, capsys):

@@ -31,6 +31,19 @@ def test_walk_the_five_widgets(make_napari_viewer, tmp_path, monkeypatch):
     tiny = SampleConfig(n_micrographs=2, width=384, height=384, particles=3, seed=4)
     out = _walk_module().walk(viewer, tmp_path / "walk", epochs=1, max_noise=6, sample_config=tiny)
 
+    # each step's inputs default to what the step before produced; no dock grew
+    raw, particles, d = out["raw_layer"], out["particles_layer"], out["defaults"]
+    assert d["picker"] == (raw, particles, True)
+    assert d["forward"][:3] == (raw, particles, out["noise_layer"])
+    assert d["forward"][3] == pytest.approx(particles.metadata["cryoddm"]["diameter_px"])
+    assert Path(d["train_forward"]) == Path(out["forward"].out)
+    assert Path(d["predict"][0]) == Path(out["checkpoint"]) and d["predict"][1] is raw
+    assert d["cs2star"][0] is raw
+    assert out["widths"].grown() == {}
+    # after Predict: side by side, the raw and the denoised stack only
+    assert out["grid"]["enabled"]
+    assert sorted(out["grid"]["visible"]) == sorted([raw.name, out["denoised_layer"].name])
+
     # predict: the denoised layer is core predict's output for the checkpoint train made
     raw_paths = [m["path"] for m in out["raw_layer"].metadata["cryoddm"]["micrographs"]]
     layer = out["denoised_layer"]

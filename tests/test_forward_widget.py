@@ -1,4 +1,4 @@
-"""The Forward dock widget in a real napari viewer: layers in, preview stack, dataset out."""
+"""The Forward dock widget in a real napari viewer: layers in, preview strip, dataset out."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import scipy.ndimage as ndi
 
-from napari_cryoddm.forward import read_manifest
+from napari_cryoddm.forward_layout import read_manifest
 from napari_cryoddm.io.mrc import write_mrc
 from napari_cryoddm.io.star import write_coordinates_star
 
@@ -80,20 +80,22 @@ def test_widget_picks_layers_and_schedule_presets(make_napari_viewer, data):
         (f"mic_{i}.mrc", x, y) for i, cs in enumerate(CENTRES) for x, y in cs)
 
 
-def test_preview_shows_one_chain_as_a_stack(make_napari_viewer, data):
+def test_preview_shows_one_chain_in_the_dock(make_napari_viewer, data):
     viewer = _viewer_with_layers(make_napari_viewer, data)
     w = _widget(viewer)
     w.form["diameter"].value = 20
     w.form["jitter"].value = 0.0
     w._preview_crop.value = 1
+    labels = tuple(viewer.dims.axis_labels)
+    n_layers = len(viewer.layers)
     w.run_preview()
-    layer = viewer.layers["forward chain x0…xT"]
-    # a step axis before the micrograph axis; the chain sits on the crop's window (crop 1 is the
-    # particle at x 200, y 150 of micrograph 0)
-    assert layer.data.shape == (6, 1, 128, 128)
-    np.testing.assert_allclose(layer.translate, (0, 0, 150 - 64, 200 - 64))
-    assert viewer.dims.axis_labels[:2] == ("step k", "micrograph")
-    chain = np.asarray(layer.data)[:, 0]
+    # the chain is drawn in the dock: no layer is added and the slider keeps its axis names
+    assert len(viewer.layers) == n_layers and tuple(viewer.dims.axis_labels) == labels
+    assert len(w.chain_plot.figure.axes) == 6
+    # crop 1 is the particle at x 200, y 150 of micrograph 0
+    assert w.preview.shape == (6, 128, 128)
+    assert w.preview_info == {**w.preview_info, "micrograph": "mic_0.mrc", "x": 200, "y": 150}
+    chain = np.asarray(w.preview)
     # x_0 is the micrograph under the window, normalised (clipped, then a linear map)
     raw = data[2][0, 150 - 64:150 + 64, 200 - 64:200 + 64]
     assert np.corrcoef(chain[0].ravel(), raw.ravel())[0, 1] > 0.99  # (the blob top is clipped)
@@ -106,11 +108,11 @@ def test_preview_shows_one_chain_as_a_stack(make_napari_viewer, data):
     c5 = np.corrcoef(chain[0].ravel(), chain[5].ravel())[0, 1]
     assert c1 > 0.9 > 0.5 > c5
     assert "crop 1 of 5 (mic_0.mrc, x 200, y 150)" in w._status.value
-    # a second preview replaces the layer; from files (no micrograph layer) it is a plain stack
+    # a second preview replaces the strip
     w._preview_crop.value = 4
     w.run_preview()
-    assert [lay.name for lay in viewer.layers].count("forward chain x0…xT") == 1
-    np.testing.assert_allclose(viewer.layers["forward chain x0…xT"].translate, (0, 1, 100 - 64, 230 - 64))
+    assert len(w.chain_plot.figure.axes) == 6 and len(viewer.layers) == n_layers
+    assert (w.preview_info["micrograph"], w.preview_info["x"], w.preview_info["y"]) == ("mic_1.mrc", 230, 100)
 
 
 def test_run_writes_the_dataset_from_layers(make_napari_viewer, data, tmp_path):

@@ -343,7 +343,7 @@ def test_contrast_sample_is_bounded_for_any_stack(tmp_path):
     stack = open_stack(folder, contrast=False)
     lo, hi = contrast_limits(stack.slices)
     assert -3 < lo < 1 and 7 < hi < 12  # slices 0 … 8 have means 0 … 8
-    rows = stackio._read_rows(stack.slices[0], 32)
+    rows = stackio.read_rows(stack.slices[0], 32)
     assert rows.shape == (32, 80)
 
 

@@ -118,20 +118,29 @@ def test_hand_add_refuse_and_ctrl_click(make_napari_viewer, mics):
     assert widget.count_per_micrograph() == {"mic_0.mrc": 1, "mic_1.mrc": 1}
 
 
-def test_box_size_change_flags_invalid_and_save_refuses(make_napari_viewer, mics, tmp_path):
+def test_box_size_applies_to_new_boxes_and_misfits_block_save(make_napari_viewer, mics, tmp_path):
     viewer, widget, image, layer = _setup(make_napari_viewer, mics)
     for p in ([0, 70, 70], [0, 160, 176], [1, 250, 280]):
         layer.add(p)
-    widget.box.value = 256
-    assert layer.size.tolist() == [256, 256, 256]
-    assert layer.features["valid"].tolist() == [False, True, False]
-    assert np.allclose(layer.border_color[0], [1, 0.85, 0, 1]) and np.allclose(layer.border_color[1], [1, 0, 0, 1])
+    widget.box.value = 256  # boxes already picked keep the size they were picked with
+    assert layer.size.tolist() == [128, 128, 128]
+    assert layer.features["valid"].tolist() == [True, True, True]
+    assert widget.message.value == ""  # nothing to warn about
+    layer.add([0, 160, 200])
+    assert layer.size.tolist() == [128, 128, 128, 256]
+    # boxes loaded at 256 px that do not fit are flagged yellow and block saving
+    src = tmp_path / "loaded_noise.txt"
+    src.write_text("mic_0.mrc 60 300\nmic_1.mrc 180 150\n")
+    assert widget.load(src) == 2
+    assert layer.size.tolist() == [128, 128, 128, 256, 256, 256]
+    assert layer.features["valid"].tolist() == [True, True, True, True, False, True]
+    assert np.allclose(layer.border_color[4], [1, 0.85, 0, 1]) and np.allclose(layer.border_color[1], [1, 0, 0, 1])
     out = tmp_path / "noise.txt"
     assert widget.save(out) is None and not out.exists()
     assert "do not fit" in widget.message.value
-    assert widget.delete_invalid() == 2
+    assert widget.delete_invalid() == 1
     assert widget.save(out) == out
-    assert read_noise_txt(out).values.tolist() == [["mic_0.mrc", 176, 160]]
+    assert len(read_noise_txt(out)) == 5
 
 
 def test_save_reload_identical_and_keeps_micrographs_not_open(make_napari_viewer, mics, tmp_path):

@@ -273,7 +273,7 @@ def test_rank_empty_boxes_avoids_blobs_and_keeps_rule():
 # ---------------------------------------------------------------- CLI
 
 
-def test_cli_reads_only_headers_and_round_trips(tmp_path, monkeypatch):
+def test_cli_no_screen_reads_only_headers_and_round_trips(tmp_path, monkeypatch):
     paths = [_sparse_mrc(tmp_path / f"mic_{i:03d}.mrc", 4096, 4096, 1.0) for i in range(5)]
     star = tmp_path / "particles.star"
     rng = np.random.default_rng(0)
@@ -287,7 +287,7 @@ def test_cli_reads_only_headers_and_round_trips(tmp_path, monkeypatch):
     monkeypatch.setattr(picking, "read_micrograph", no_pixels)
     out = tmp_path / "noise_coordinates.txt"
     assert main(["pick-noise", *map(str, paths), "--particles", str(star), "--diameter-A", "200",
-                 "--quiet", "-o", str(out)]) == 0
+                 "--no-screen", "--quiet", "-o", str(out)]) == 0
     boxes = read_noise_txt(out)
     assert set(boxes.micrograph) == {p.name for p in paths}
     assert boxes.groupby("micrograph").size().max() <= 100
@@ -298,15 +298,15 @@ def test_cli_reads_only_headers_and_round_trips(tmp_path, monkeypatch):
         assert d.min() >= 100
     # refuses to replace, merges on request (keeping every old box), writes STAR too
     assert main(["pick-noise", str(paths[0]), "--particles", str(star), "--diameter", "200",
-                 "--allow-unmatched", "--quiet", "-o", str(out)]) == 2
+                 "--allow-unmatched", "--no-screen", "--quiet", "-o", str(out)]) == 2
     assert read_noise_txt(out).equals(boxes)
     assert main(["pick-noise", str(paths[0]), "--particles", str(star), "--diameter", "200",
-                 "--allow-unmatched", "--overlap", "0.5", "--quiet", "--merge", "-o", str(out)]) == 0
+                 "--allow-unmatched", "--overlap", "0.5", "--no-screen", "--quiet", "--merge", "-o", str(out)]) == 0
     merged = read_noise_txt(out)
     assert merged.iloc[:len(boxes)].equals(boxes) and len(merged) > len(boxes)
     star_out = tmp_path / "noise.star"
     assert main(["pick-noise", *map(str, paths), "--particles", str(star), "--diameter", "200",
-                 "--quiet", "-o", str(star_out)]) == 0
+                 "--no-screen", "--quiet", "-o", str(star_out)]) == 0
     from napari_cryoddm.io.star import read_coordinates
     back = read_coordinates(star_out)
     assert back[["micrograph", "x", "y"]].astype({"x": int, "y": int}).equals(boxes)
@@ -459,7 +459,7 @@ def test_coordinate_free_boxes_hit_particles_a_third_as_often_as_random(sample_s
 
 def test_real_screening_keeps_boxes_off_the_contamination(real_data, tmp_path):
     """The Ucsf micrograph has a large unpicked contamination blob: the rule alone (it trusts the
-    picks) puts boxes on it; `--screen` reads the pixels and keeps every box off it."""
+    picks) puts boxes on it; screening (the default) reads the pixels and keeps every box off it."""
     from scipy import ndimage
 
     from napari_cryoddm.io.mrc import read_micrograph
@@ -477,7 +477,7 @@ def test_real_screening_keeps_boxes_off_the_contamination(real_data, tmp_path):
         return sum(blob[y - 64:y + 64, x - 64:x + 64].any() for x, y in zip(b.x, b.y)), len(b)
 
     plain, screened = tmp_path / "plain.txt", tmp_path / "screened.txt"
-    for out, extra in ((plain, []), (screened, ["--screen"])):
+    for out, extra in ((plain, ["--no-screen"]), (screened, [])):
         assert main(["pick-noise", str(mic), "--particles", str(star), "--diameter", "40",
                      "--overlap", "0.25", "--quiet", "-o", str(out), *extra]) == 0
     hits, n = on_blob(plain)

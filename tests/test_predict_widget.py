@@ -93,9 +93,13 @@ def test_denoise_all_writes_files_and_layer_reads_them(make_napari_viewer, tmp_p
         shown = np.asarray(den.data[i])[:arr.shape[0], :arr.shape[1]]
         np.testing.assert_array_equal(shown, arr)
     assert den.metadata["cryoddm"]["micrographs"][0]["voxel_size"] == pytest.approx(4.0)
-    # contrast from the first result (0.5–99.5 %), not the placeholder set before any result
+    # contrast from the first result (median ± 3 robust σ), not the placeholder set before any
+    # result; the slider's range reaches well beyond it
+    from napari_cryoddm._napari.reader import robust_limits
     first = mrcfile.read(tmp_path / "out" / paths[0].name)
-    assert tuple(den.contrast_limits) == pytest.approx(tuple(np.percentile(first, [0.5, 99.5])), rel=1e-5)
+    assert tuple(den.contrast_limits) == pytest.approx(robust_limits(first)[0], rel=1e-5)
+    lo, hi = den.contrast_limits
+    assert den.contrast_limits_range[0] < lo - (hi - lo) and den.contrast_limits_range[1] > hi + (hi - lo)
 
 
 def test_missing_model_and_folder_are_reported_not_raised(make_napari_viewer, tmp_path, monkeypatch):

@@ -78,7 +78,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
         help_text = meta.get("help", "")
         if meta.get("unit"):
             help_text += f" [{meta['unit']}]"
-        kwargs: dict[str, Any] = {"dest": f.name, "help": f"{help_text} (default: {default})"}
+        # one default per option: none when the help already states it or there is none to state
+        shown = "" if default in (None, "") or "default" in help_text.lower() else f" (default: {default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f"{help_text}{shown}"}
         if typ is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
             kwargs["default"] = default

@@ -84,10 +84,10 @@ class PickConfig:
         "help": "coordinate-free mode: propose boxes whose structure score is at most this "
                 "multiple of the micrograph's median box score (lower = stricter)",
         "label": "empty threshold"})
-    screen: bool = field(default=False, metadata={
+    screen: bool = field(default=True, metadata={
         "help": "with coordinates, also read the pixels and leave out boxes on contamination, "
                 "carbon or vacuum (background level > 3 robust σ off) and on strong structure "
-                "nobody picked", "label": "screen pixels"})
+                "nobody picked (--no-screen: headers only, faster)", "label": "screen pixels"})
     allow_unmatched: bool = field(default=False, metadata={
         "help": "accept particle files that also name micrographs not given (a subset run)",
         "label": "allow unmatched names"})
@@ -138,6 +138,11 @@ class Micrograph:
     path: Path | None = None
     voxel_size: float = 0.0
     pixels: Callable[[], np.ndarray] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def readable(self) -> bool:
+        """Whether there are pixels to read (a file or an open layer), not only a shape."""
+        return self.pixels is not None or self.path is not None
 
     def image(self) -> np.ndarray:
         if self.pixels is not None:
@@ -348,7 +353,7 @@ def _boxes_from_particles(m: Micrograph, particles_xy: np.ndarray | None, prior:
         dist = particle_box_distance(prior[:, 0], prior[:, 1], box, particles_xy[:, 0], particles_xy[:, 1])
         tally.dirty += int((dist.min(axis=1) < diameter / 2).sum())
     exclude = None
-    if config.screen:
+    if config.screen and m.readable:  # screening wherever pixels can be read
         smap = structure_map(m.image(), diameter, box, config.grid_step, config.edge_margin)
         exclude = smap.outlier | (smap.score > SCREEN_SCORE)
     return auto_boxes_from_particles(m.shape, particles_xy, diameter, box, config.max_per_micrograph,

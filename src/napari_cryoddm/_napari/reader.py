@@ -88,27 +88,123 @@ def micrograph_layer_data(path: PathOrPaths, pyramid_min: int | None = None) -> 
     """One Image LayerData for a file, folder or list (the reader's work, callable directly)."""
     paths = _as_list(path)
     kwargs = {} if pyramid_min is None else {"pyramid_min": pyramid_min}
-    stack = open_stack(paths if len(paths) > 1 else paths[0], **kwargs)
+    # the contrast comes from the same bounded sample, read once here (display_limits)
+    stack = open_stack(paths if len(paths) > 1 else paths[0], contrast=False, **kwargs)
     vs = stack.voxel_size or 1.0
     axis0 = vs if stack.is_volume and stack.voxel_size else 1.0
     differ = voxel_sizes_differ(stack)
     if differ:
-        log.warning("%d micrographs have another voxel size than %.4f Å/px (e.g. %s); the layer "
-                    "uses one scale", len(differ), vs, differ[0])
+        msg = (f"{len(differ)} micrographs have another voxel size than {vs:.4f} Å/px "
+               f"(e.g. {differ[0]}); the layer uses one scale")
+        log.warning(msg)
+        _show_warning(msg)  # in the viewer too, not only in the log
+    limits, full = display_limits(stack)
     meta = stack.metadata()
     meta.update({"voxel_size": stack.voxel_size, "volume": stack.is_volume,
                  "source": paths[0] if len(paths) == 1 else paths,
-                 "padded": len({tuple(s.shape) for s in stack.slices}) > 1})
+                 "padded": len({tuple(s.shape) for s in stack.slices}) > 1,
+                 "contrast_range": list(full)})
+    _install_range_hook()
     kw = {
         "name": _layer_name(paths),
         "scale": (axis0, vs, vs),
-        "contrast_limits": stack.contrast_limits,
+        "contrast_limits": limits,
         "colormap": "gray",
         "multiscale": stack.multiscale,
         "metadata": {"cryoddm": meta},
     }
+    if stack.multiscale:
+        # fit-to-window shows a pyramid level at about half a screen pixel per level pixel; nearest
+        # sampling then shows only pixel noise, a Gaussian kernel averages it and the particles show
+        kw["interpolation2d"] = "gaussian"
     data = stack.levels if stack.multiscale else stack.levels[0]
     return (data, kw, "image")
+
+
+def _show_warning(message: str) -> None:
+    try:
+        from napari.utils.notifications import show_warning
+
+        show_warning(message)
+    except Exception:  # no napari: the log has it
+        pass
+
+
+def _sample(stack: Any, overview_side: int = 1024) -> np.ndarray:
+    """The bounded row sample the stack's own contrast uses (a few whole rows of a few images;
+    opening never reads more), each row block-averaged over f² pixels, f = the binning that
+    brings the micrograph to `overview_side`: for noise-dominated micrographs that has the
+    spread of the smoothed overview the viewer shows at fit-to-window."""
+    from ..io import stack as stackio
+
+    slices = stack.slices
+    picks = np.unique(np.linspace(0, len(slices) - 1, min(stackio.CONTRAST_SLICES, len(slices)))
+                      .astype(int))
+    f = int(np.ceil(max(stack.levels[0].shape[-2:]) / overview_side))
+    k = f * f
+    rows = []
+    for i in picks:
+        sample = stackio.read_rows(slices[int(i)], stackio.CONTRAST_ROWS)
+        n = sample.shape[1] // k * k
+        rows.append(sample[:, :n].reshape(len(sample), -1, k).mean(axis=2) if k > 1 and n else sample)
+    return np.concatenate([r.ravel() for r in rows])
+
+
+def robust_limits(image: np.ndarray, k: float = 3.0) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(display limits, full range): the median ± k robust σ (1.4826·MAD) of `image` (the
+    smoothed sample), so a contamination blob, vacuum or hot pixels do not stretch the grey scale; the
+    full range spans everything in it with a margin, for the contrast slider."""
+    values = image[np.isfinite(image)].ravel()
+    if not values.size:
+        return (0.0, 1.0), (0.0, 1.0)
+    med = float(np.median(values))
+    sigma = 1.4826 * float(np.median(np.abs(values - med)))
+    lo_all, hi_all = float(values.min()), float(values.max())
+    if not sigma > 0:
+        sigma = float(values.std()) or 1.0
+    lo, hi = max(lo_all, med - k * sigma), min(hi_all, med + k * sigma)
+    if not hi > lo:
+        lo, hi = med - 1.0, med + 1.0
+    span = max(hi_all - lo_all, hi - lo)
+    return (lo, hi), (min(lo, lo_all - 0.5 * span), max(hi, hi_all + 0.5 * span))
+
+
+def display_limits(stack: Any) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Robust display limits and the contrast slider's full range for a micrograph stack."""
+    try:
+        return robust_limits(_sample(stack))
+    except InputError:  # a truncated file: it opens, and says so when a slice is shown
+        return (0.0, 1.0), (0.0, 1.0)
+
+
+_HOOKED: set[int] = set()
+
+
+def _install_range_hook() -> None:
+    """napari takes a new layer's contrast slider range from its first limits, so the slider
+    could not be widened; once per viewer, micrograph layers get the full range we measured."""
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:
+        return
+    if viewer is None or id(viewer) in _HOOKED:
+        return
+    _HOOKED.add(id(viewer))
+    viewer.layers.events.inserted.connect(_widen_range)
+    for layer in viewer.layers:
+        _widen_range(type("E", (), {"value": layer})())
+
+
+def _widen_range(event: Any) -> None:
+    layer = getattr(event, "value", None)
+    meta = getattr(layer, "metadata", None) or {}
+    full = (meta.get("cryoddm") or {}).get("contrast_range") if isinstance(meta, dict) else None
+    if full and hasattr(layer, "contrast_limits_range"):
+        lo, hi = layer.contrast_limits
+        layer.contrast_limits_range = (min(full[0], lo), max(full[1], hi))
+        layer.contrast_limits = (lo, hi)
 
 
 def read_micrographs(path: PathOrPaths, stack: bool = False) -> list[LayerData]:
@@ -166,18 +262,15 @@ def _box_size(table: pd.DataFrame) -> int:
     return DEFAULT_BOX_SIZE
 
 
-def _auto_attach_target():
-    """The viewer's only micrograph stack, if there is exactly one (else None)."""
+def _auto_attach_targets() -> list:
+    """The viewer's micrograph stacks (none without a viewer)."""
     try:
         import napari
 
         viewer = napari.current_viewer()
     except Exception:  # no Qt, no viewer: nothing to attach to
-        return None
-    if viewer is None:
-        return None
-    layers = micrograph_layers(viewer)
-    return layers[0] if len(layers) == 1 else None
+        return []
+    return micrograph_layers(viewer) if viewer is not None else []
 
 
 def coordinate_layer_data(path: str | os.PathLike[str], image_layer: Any = None) -> LayerData:
@@ -185,14 +278,16 @@ def coordinate_layer_data(path: str | os.PathLike[str], image_layer: Any = None)
     (or found) and every name matches, else with a provisional leading index."""
     table, kind = read_coordinate_table(path)
     box = _box_size(table)
-    target = image_layer if image_layer is not None else _auto_attach_target()
-    attached = None
-    if target is not None:
-        names = micrograph_names(target)
-        shapes = [m.get("shape") for m in target.metadata["cryoddm"]["micrographs"]]
+    # attached at once to the given stack, else to the one open stack whose names all match
+    candidates = [image_layer] if image_layer is not None else _auto_attach_targets()
+    matches = []
+    for candidate in candidates:
+        names = micrograph_names(candidate)
+        shapes = [m.get("shape") for m in candidate.metadata["cryoddm"]["micrographs"]]
         result = attach_coordinates(table, names, shapes, require_match=False)
         if not result.unmatched and result.n_points == len(table):
-            attached = result
+            matches.append((candidate, result))
+    target, attached = matches[0] if len(matches) == 1 else (None, None)
     if attached is not None:
         data, features = attached.points, attached.features
         scale = tuple(target.scale)

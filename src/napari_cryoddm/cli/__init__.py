@@ -30,6 +30,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def wrap(text: str, width: int = 79) -> str:
+    """A description pre-wrapped for `RawDescriptionHelpFormatter` (which keeps lines as given,
+    so a long single-line description would run off the terminal); blank lines split paragraphs."""
+    import textwrap
+
+    return "\n\n".join(textwrap.fill(" ".join(par.split()), width) for par in text.split("\n\n"))
+
+
 def _chosen(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 

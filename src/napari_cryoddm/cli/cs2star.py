@@ -10,6 +10,7 @@ from ..config import add_config_arguments, config_from_args
 from ..cs2star import Cs2StarConfig, convert, convert_job_dirs
 from ..errors import CryoDDMError
 from ..jobs import CancelToken, run_job
+from . import wrap
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,9 @@ bottom-left; RELION's first row is the top of the image), rounded as pyem rounds
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "cs2star", help="convert cryoSPARC .cs particles to RELION STAR (pyem's mapping) for the raw micrographs",
-        description="Convert cryoSPARC particle files (.cs, numpy or compressed) to RELION 3.1 STAR, "
+        description=wrap("Convert cryoSPARC particle files (.cs, numpy or compressed) to RELION 3.1 STAR, "
                     "field by field as pyem's csparc2star.py, and carry the particles back to the "
-                    "raw micrographs (binning scale, raw names, raw CTF and optics).",
+                    "raw micrographs (binning scale, raw names, raw CTF and optics)."),
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", metavar="FILE.cs",
                    help="the particle file (e.g. J102_008_particles.cs), then passthrough files "

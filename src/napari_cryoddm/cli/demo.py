@@ -28,6 +28,11 @@ def run(args: argparse.Namespace) -> int:
     from ..simulation.demo import DemoConfig, run_demo
 
     config = config_from_args(DemoConfig, args)
+    # matplotlib (the report) builds its font cache on first import and says so: before the bar
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.font_manager  # noqa: F401
     cancel = CancelToken()
     result = run_job(run_demo(args.out, config, cancel), desc="demo", cancel=cancel, quiet=args.quiet)
     print(f"report: {result.files['report']}")
@@ -35,5 +40,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"denoised micrographs: {result.denoised[0].parent}")
     print(f"cs2star: {result.star} (within {result.cs2star_max_error_px:.2f} px of the true positions)")
     print("step times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result.timings.items()))
-    print(f"open it in napari: napari {result.sample_dir / 'micrographs'} {result.denoised[0].parent}")
+    print("open raw and denoised side by side in napari (then View ▸ Toggle Grid Mode, Ctrl+G):\n"
+          f"  napari --plugin napari-cryoddm {result.sample_dir / 'micrographs'} "
+          f"{result.denoised[0].parent}")
     return 0

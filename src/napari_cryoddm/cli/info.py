@@ -15,9 +15,14 @@ from ..io.mrc import MrcInfo, list_micrographs, read_extended_header, read_heade
 _MODE_NAMES = {0: "int8", 1: "int16", 2: "float32", 3: "complex int16", 4: "complex64",
                6: "uint16", 12: "float16", 101: "4-bit"}
 # FEI1/FEI2 extended-header fields worth a line, with the factor to a readable unit
+_UNDERFOCUS = "underfocus"
 _FEI_FIELDS = (("HT", "HT", 1e-3, "kV"), ("Dose", "dose", 1e-20, "e/Å²"),
-               ("Pixel size X", "pixel size", 1e10, "Å"), ("Defocus", "defocus", 1e6, "µm"),
-               ("Applied defocus", "applied defocus", 1e6, "µm"),
+               ("Pixel size X", "pixel size", 1e10, "Å"),
+               # EPU versions write the measured and the applied defocus with either sign (2.9:
+               # measured +, applied −; 1.2: both −) for the same underfocused image: shown as
+               # RELION does, underfocus positive, one convention for both fields
+               ("Defocus", "defocus", _UNDERFOCUS, "µm underfocus"),
+               ("Applied defocus", "applied defocus", _UNDERFOCUS, "µm underfocus"),
                ("Magnification", "magnification", 1, "×"), ("Camera name", "camera", None, ""),
                ("Application version", "EPU", None, ""))
 
@@ -52,17 +57,20 @@ def _fei_fields(info: MrcInfo) -> dict:
             if text:
                 out[label] = text
         elif factor is not None and np.isfinite(value) and value:
-            v = float(value) * factor
+            v = abs(float(value)) * 1e6 if factor == _UNDERFOCUS else float(value) * factor
             out[label] = f"{v:,.0f}×" if unit == "×" else f"{v:.4g} {unit}"
     return out
 
 
 def describe(info: MrcInfo) -> str:
-    shape = "×".join(str(n) for n in info.shape)
     kind = "stack" if info.is_stack else ("volume" if len(info.shape) == 3 else "image")
+    axes = {"stack": "images×rows×columns", "volume": "sections×rows×columns"}.get(kind, "rows×columns")
+    shape = "×".join(str(n) for n in info.shape) + f" ({axes})"
     mode = f"mode {info.mode} {_MODE_NAMES.get(info.mode, '?')}"
     ext = f"{info.exttyp or 'unknown type'} ({info.nsymbt} bytes)" if info.nsymbt else "none"
     vs = f"{info.voxel_size:.4f} Å/px" if info.voxel_size else "unknown"
+    if info.voxel_size and abs(info.voxel_size - 1.0) < 1e-6:
+        vs += " (1.0 is what writers put when they do not know: check the real pixel size)"
     return (f"{info.path}: {kind} {shape} ({mode}), voxel size {vs}, extended header {ext}"
             f"{', gzip' if info.compressed else ''}")
 

@@ -27,8 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "pick-noise",
         help="pick pure-background boxes (noise) away from particles, or the emptiest boxes",
         description="Pick noise boxes of the forward window W on micrographs. With --particles, "
-                    "boxes avoid every particle disc (only headers are read). With --no-particles, "
-                    "boxes are ranked by how little structure they hold; review them in napari.",
+                    "boxes avoid every particle disc and, unless --no-screen, contamination. With --no-particles, "
+                    "boxes are ranked by how little structure they hold; review them in napari. "
+                    "One of --diameter (px) or --diameter-A (Å) is required.",
     )
     p.add_argument("micrographs", nargs="+", help="MRC files, folders or globs")
     src = p.add_mutually_exclusive_group(required=True)

@@ -9,6 +9,7 @@ from ..config import add_config_arguments, config_from_args
 from ..errors import CryoDDMError
 from ..jobs import CancelToken, run_job
 from ..predict import PredictConfig
+from . import wrap
 
 EPILOG = """\
 outputs: OUT/<stem><suffix>.mrc, float32, with the input's voxel size (× the bin factor when the
@@ -27,9 +28,9 @@ examples:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="denoise micrographs with a trained model (tiled, seam-free)",
-                       description="Denoise whole micrographs with a trained CryoDDM model: tiles "
+                       description=wrap("Denoise whole micrographs with a trained CryoDDM model: tiles "
                                    "with margins covering the network's receptive field, batched, "
-                                   "on a CPU, a GPU, several GPUs or a dask cluster.",
+                                   "on a CPU, a GPU, several GPUs or a dask cluster."),
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="checkpoint: napari-cryoddm .pt, the original's N.pth / checkpoint.pth, "
                                  "or a built-in model's name (sample)")

@@ -8,16 +8,17 @@ from pathlib import Path
 from ..config import add_config_arguments, config_from_args
 from ..jobs import CancelToken, run_job
 from ..simulation.sample import SampleConfig, generate_sample
+from . import wrap
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sample", help="write synthetic micrographs with ground truth (particles, clean signal)",
-        description="Write a seeded set of synthetic single-particle micrographs whose truth is "
+        description=wrap("Write a seeded set of synthetic single-particle micrographs whose truth is "
                     "known: OUT/micrographs/*.mrc (noisy), OUT/clean/*.mrc (CTF-modulated signal), "
                     "OUT/particles.star (RELION 3.1: coordinates, angles, defocus, class = "
                     "conformation), OUT/truth.json, and a cryoSPARC pair OUT/particles.cs + "
-                    "OUT/passthrough.cs. The same seed gives byte-identical files.",
+                    "OUT/passthrough.cs. The same seed gives byte-identical files."),
         epilog="examples:\n"
                "  cryoddm sample sample_data\n"
                "  cryoddm sample bench --pixel-size 1.5 --particles 15 --snr 0.01 --hinge-angle 6 -n 200\n",

@@ -184,7 +184,7 @@ def _level_array(slices: list[StackSlice], shape: tuple[int, int], factor: int) 
                          name=f"cryoddm-level{factor}-{id(slices):x}-{shape[0]}x{shape[1]}")
 
 
-def _read_rows(sl: StackSlice, rows: int) -> np.ndarray:
+def read_rows(sl: StackSlice, rows: int) -> np.ndarray:
     """`rows` evenly spaced whole rows of one image, read with seek + read (no memory map), so
     the bytes a sample costs are exactly rows × row length."""
     info = sl.info
@@ -216,7 +216,7 @@ def contrast_limits(slices: Sequence[StackSlice], n_slices: int = CONTRAST_SLICE
     if not slices:
         raise CryoDDMError("no images to take contrast limits from")
     picks = np.unique(np.linspace(0, len(slices) - 1, min(n_slices, len(slices))).astype(int))
-    sample = np.concatenate([_read_rows(slices[int(i)], rows).ravel() for i in picks])
+    sample = np.concatenate([read_rows(slices[int(i)], rows).ravel() for i in picks])
     sample = sample[np.isfinite(sample)]
     if not sample.size:
         return (0.0, 1.0)

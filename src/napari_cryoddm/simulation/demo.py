@@ -116,17 +116,22 @@ class DemoResult:
 
 
 def _stage(job: Job[Any], index: int, name: str, timings: dict[str, float]) -> Job[Any]:
-    """Re-yield a step's progress with `[i/7 name]` in front; time the step."""
+    """Re-yield a step's progress on the demo's scale (one unit per step, so the bar's total stays
+    7 and its rate is seconds per step), with `[i/7 name]` and the step's own count in front;
+    time the step."""
     t0 = time.perf_counter()
     prefix = f"[{index + 1}/{len(STEPS)} {name}]"
-    yield Progress(0, None, prefix)
+    yield Progress(index, len(STEPS), prefix)
     while True:
         try:
             ev = next(job)
         except StopIteration as stop:
             timings[name] = round(time.perf_counter() - t0, 2)
             return stop.value
-        yield Progress(ev.done, ev.total, f"{prefix} {ev.message}".strip(), dict(ev.payload, step=name))
+        frac = min(1.0, ev.done / ev.total) if ev.total else 0.0
+        count = f" {ev.done}/{ev.total}" if ev.total else ""
+        yield Progress(round(index + frac, 3), len(STEPS), f"{prefix}{count} {ev.message}".strip(),
+                       dict(ev.payload, step=name, step_done=ev.done, step_total=ev.total))
 
 
 # what a demo folder holds: every step's output, each of which has its own --overwrite guard too
@@ -195,14 +200,15 @@ def run_demo(out: str | Path = "cryoddm-demo", config: DemoConfig | None = None,
 
     # 7. report against the truth
     t0 = time.perf_counter()
-    yield Progress(0, None, f"[7/7 report] scoring {len(denoised)} micrographs against the truth")
+    yield Progress(len(STEPS) - 1, len(STEPS), f"[7/7 report] scoring {len(denoised)} micrographs "
+                   "against the truth")
     rep = write_demo_report(out / "report", sample, denoised, cfg, timings, err, checkpoint)
     timings["report"] = round(time.perf_counter() - t0, 2)
     summary = {"config": to_jsonable(cfg), "timings_s": timings, "rows": rep.rows,
                "cs2star_max_error_px": err, "checkpoint": str(checkpoint)}
     with atomic_write(out / "demo.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(to_jsonable(json_finite(summary)), indent=1) + "\n", encoding="utf-8")
-    yield Progress(1, 1, f"[7/7 report] {rep.files['report']}")
+    yield Progress(len(STEPS), len(STEPS), f"[7/7 report] {rep.files['report']}")
     return DemoResult(out, sample.out_dir, noise_txt, fwd.out, out / "train", checkpoint, denoised,
                       c2s.outputs[0], rep.folder, rep.files, rep.rows, err, timings)
 

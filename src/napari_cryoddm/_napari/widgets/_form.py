@@ -16,15 +16,22 @@ class ConfigForm(Container):
     """One control per config field (fields with metadata `widget=False` are left out).
 
     `value()` returns a config instance; `set(**values)` fills controls from code (e.g. from the
-    files the previous step wrote). An optional number (`float | None = None`) shows as 0 and a
-    0 reads back as None ("not given, automatic"): spin boxes cannot hold None.
+    files the previous step wrote). An optional number (`float | None = None`) holds 0 for None
+    ("not given") and shows `special.get(name, "auto")` in place of the 0: spin boxes cannot hold
+    None. Fields named in `advanced` (expert options) go into a collapsed "Advanced" section;
+    `labels` overrides a field's label.
     """
 
-    def __init__(self, cls: type, skip: tuple[str, ...] = (), **overrides: Any) -> None:
+    def __init__(self, cls: type, skip: tuple[str, ...] = (), advanced: tuple[str, ...] = (),
+                 labels: dict[str, str] | None = None, special: dict[str, str] | None = None,
+                 **overrides: Any) -> None:
         super().__init__(labels=True)
         self._cls = cls
         self._controls: dict[str, Any] = {}
         self._zero_is_none: set[str] = set()
+        self.advanced_controls: list[Any] = []
+        self._whole: set[str] = set()
+        labels, special = labels or {}, special or {}
         for f in dataclasses.fields(cls):
             if f.name in skip or f.metadata.get("widget", True) is False:
                 continue
@@ -47,21 +54,42 @@ class ConfigForm(Container):
             if optional and typ in (int, float):
                 self._zero_is_none.add(f.name)
                 default = 0 if default is None else default
-            label = f.metadata.get("label", f.name.replace("_", " "))
-            if f.metadata.get("unit"):
-                label += f" ({f.metadata['unit']})"
-            if f.name in self._zero_is_none:
-                label += ", 0 = auto"
+                if typ is int:  # a whole-number QDoubleSpinBox: Qt's int box here cannot show text for 0
+                    annotation = float
+                    options.update(step=1, max=1e7)
+                    self._whole.add(f.name)
+            label = labels.get(f.name, f.metadata.get("label", f.name.replace("_", " ")))
+            unit = f.metadata.get("unit")
+            if unit and unit not in label:
+                label += f" ({unit})"
             kwargs = dict(value=default, annotation=annotation, label=label, options=options,
                           name=f.name)
             if widget_type:
                 kwargs["widget_type"] = widget_type
             w = create_widget(**kwargs)
+            if f.name in self._whole:
+                w.native.setDecimals(0)
             w.tooltip = f.metadata.get("help", "")
-            if f.name in self._zero_is_none:
-                w.tooltip += " (0: not given, automatic)"
+            if f.name in self._zero_is_none and hasattr(w.native, "setSpecialValueText"):
+                text = special.get(f.name, "auto")
+                w.native.setSpecialValueText(text)  # shown instead of the 0 that means None
+                w.tooltip += f" ({text} when 0)"
             self._controls[f.name] = w
-            self.append(w)
+            if f.name in advanced:
+                self.advanced_controls.append(w)
+            else:
+                self.append(w)
+        self.advanced = None
+        if self.advanced_controls:
+            from superqt import QCollapsible
+
+            inner = Container(labels=True, widgets=self.advanced_controls)
+            inner.margins = (0, 0, 0, 0)
+            self.advanced = QCollapsible("Advanced")
+            self.advanced.addWidget(inner.native)
+            self.advanced.collapse(animate=False)
+            self._advanced_inner = inner
+            self.native.layout().addWidget(self.advanced)
 
     def __getitem__(self, name):  # type: ignore[override]
         if isinstance(name, str) and name in self._controls:
@@ -85,6 +113,8 @@ class ConfigForm(Container):
                 v = tuple(inner(s) for s in str(v).split(",") if s.strip())
             if f.name in self._zero_is_none and not v:
                 v = None
+            elif f.name in self._whole:
+                v = int(round(v))
             values[f.name] = v
         values.update(extra)
         return self._cls(**values)

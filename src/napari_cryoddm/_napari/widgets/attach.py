@@ -17,7 +17,9 @@ from ...attach import AttachResult, attach_coordinates
 from ...errors import CryoDDMError
 from ..layers import (DEFAULT_BOX_SIZE, boxes_layer_kwargs, cryoddm_metadata, micrograph_layers,
                       micrograph_names, micrographs, set_feature_defaults)
+from ..session import session
 from ..workers import notify, report_error
+from ._qt import finish_dock, status_label
 
 
 def _table(layer: Any) -> pd.DataFrame:
@@ -78,7 +80,9 @@ class AttachWidget(Container):
                                 tooltip="side of the square drawn around each coordinate")
         self.button = PushButton(text="Attach")
         self.result = Label(value="")
+        status_label(self.result)
         self.extend([self.points, self.image, self.box_size, self.button, self.result])
+        finish_dock(self)
         self.button.changed.connect(self.attach)
         self.points.changed.connect(self._take_box_size)
         for ev in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
@@ -99,11 +103,29 @@ class AttachWidget(Container):
         self.image.reset_choices()
 
     def _take_box_size(self, _value=None) -> None:
+        """A coordinates layer brings its box size and chooses the stack its names match."""
         layer = self.points.value
         if layer is not None:
             size = cryoddm_metadata(layer).get("box_size")
             if size:
                 self.box_size.value = int(size)
+            match = self._matching_stack(layer)
+            if match is not None:
+                self.image.value = match
+
+    def _matching_stack(self, layer) -> Any:
+        from ...names import match_names
+
+        if "micrograph" not in layer.features.columns:
+            return None
+        wanted = pd.unique(layer.features.get("source_micrograph", layer.features["micrograph"])
+                           .astype(str))
+        best, best_n = None, 0
+        for stack in micrograph_layers(self.viewer):
+            n = len(match_names(wanted, micrograph_names(stack)).mapping)
+            if n > best_n:
+                best, best_n = stack, n
+        return best
 
     def attach(self, _value=None) -> AttachResult | None:
         try:
@@ -117,6 +139,7 @@ class AttachWidget(Container):
             report_error(exc)
             return None
         self.last = result
+        session(self.viewer).publish("particles", self.points.value)
         self.result.value = result.summary()
         notify(result.summary())
         return result

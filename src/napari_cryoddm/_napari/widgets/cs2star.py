@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, SpinBox
+from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
 
 from ...attach import AttachResult, attach_coordinates
 from ...cs2star import Cs2StarConfig, Cs2StarResult, convert, convert_job_dirs
@@ -21,8 +21,11 @@ from ...errors import CryoDDMError
 from ...io.star import read_coordinates, read_star_blocks
 from ...jobs import Cancelled
 from ..layers import DEFAULT_BOX_SIZE, add_boxes_layer, micrograph_layers, micrographs
+from ..layers import cryoddm_metadata
+from ..session import particle_stack, particles_of, session
 from ..workers import JobHandle, notify, report_error, start_job
 from ._form import ConfigForm
+from ._qt import finish_dock, status_label
 
 INPUT_MODES = ("particle files", "job folder")
 _OPTIONAL_NUMBERS = ("scale", "denoised_apix", "raw_apix")
@@ -77,7 +80,9 @@ class Cs2StarWidget(Container):
                              tooltip="J<N> … J<N+K−1> → class0 … class{K−1}")
         self._output = FileEdit(label="output", mode="w", filter="*.star",
                                 tooltip="a .star file (particle files) or a folder (job folder)")
-        self.form = ConfigForm(Cs2StarConfig)
+        self.form = ConfigForm(Cs2StarConfig, advanced=(
+            "swap_xy", "invert_y", "invert_x", "scale", "denoised_apix", "raw_apix",
+            "keep_image_names"))
         self.form["micrograph_folder"].value = ""
         self.form["raw_micrographs"].filter = "*.star"
         for name in _OPTIONAL_NUMBERS:  # 0 in the form reads back as None (ConfigForm)
@@ -85,14 +90,19 @@ class Cs2StarWidget(Container):
         self._image = ComboBox(label="show on", nullable=True,
                                choices=lambda _w: [(lay.name, lay) for lay in micrograph_layers(self.viewer)],
                                tooltip="the raw micrograph stack to draw the particles on (optional)")
-        self._box = SpinBox(label="box size (px)", value=0, min=0, max=4096,
-                            tooltip="side of the boxes drawn; 0: the particle box of the output")
+        self._box = FloatSpinBox(label="box size (px)", value=0, min=0, max=4096, step=1,
+                            tooltip="side of the boxes drawn; 'from the STAR': the particle box "
+                                    "of the output (its rlnImageSize), else that of the particles "
+                                    "already on the stack")
+        self._box.native.setDecimals(0)  # a whole number; QDoubleSpinBox for the text at 0
+        self._box.native.setSpecialValueText("from the STAR")
         self._run_button = PushButton(text="Convert")
         self._stop_button = PushButton(text="Stop", enabled=False)
-        self._status = Label(value="")
+        self._status = status_label(Label(value=""))
         self.extend([self._mode, self._particles, self._passthrough, self._job_dir, self._jobs,
                      self._output, self.form, self._image, self._box, self._run_button,
                      self._stop_button, self._status])
+        finish_dock(self, self.form)
         self._handle: JobHandle | None = None
         self.results: list[Cs2StarResult] = []
         self.layers: list[Any] = []
@@ -107,9 +117,19 @@ class Cs2StarWidget(Container):
     # ------------------------------------------------------------------ inputs
 
     def _refresh(self, *_: Any) -> None:
+        """Default: the stack that carries particles; the box size of its particles."""
         self._image.reset_choices()
-        if self._image.value is None and self._image.choices[1:]:
-            self._image.value = self._image.choices[1]
+        if self._image.value is None:
+            stack = particle_stack(self.viewer)
+            if stack is not None:
+                self._image.value = stack
+            elif self._image.choices[1:]:
+                self._image.value = self._image.choices[1]
+        particles = particles_of(self.viewer, self._image.value)
+        if particles is not None and not int(self._box.value):
+            size = cryoddm_metadata(particles).get("box_size")
+            if size:
+                self._box.value = int(size)
 
     def _on_mode(self, mode: str) -> None:
         files = mode == INPUT_MODES[0]
@@ -128,7 +148,6 @@ class Cs2StarWidget(Container):
 
     def _make_job(self):
         config = self.config()
-        config.validate()
         out = _nonempty(self._output.value)
         if out is None:
             raise CryoDDMError("choose where to write the output")
@@ -202,6 +221,7 @@ class Cs2StarWidget(Container):
                     lines.append(f"  not shown: {exc}")
                     continue
                 self.layers.append(layer)
+                session(self.viewer).publish("particles", layer)
                 lines.append("  " + attached.summary())
         self._status.value = "\n".join(lines)
         notify(lines[0] if len(lines) == 1 else "\n".join(lines[:6]))

@@ -2,8 +2,9 @@
 
 Inputs come from the viewer (a micrograph stack layer, particle and noise boxes layers) or from
 files; parameters from the same `ForwardConfig` the CLI uses. "Preview" shows one particle's
-chain x_0…x_T as a small image stack (slide through the steps); "Run" writes the dataset with a
-progress bar, and "Stop" cancels it (a cancelled run leaves only `OUT.partial/`).
+chain x_0…x_T as a strip of small images in the dock (the viewer's layers and slider are left
+alone); "Run" writes the dataset with a progress bar, and "Stop" cancels it (a cancelled run
+leaves only `OUT.partial/`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from ...errors import CryoDDMError
 from ...forward import PRESETS, ForwardConfig, ForwardResult, preview_chain, run_forward
 from ...jobs import Cancelled, CancelToken, Progress
 from ..layers import cryoddm_metadata, micrograph_layers, micrograph_paths, points_layers, points_table
+from ..session import particle_stack, particles_of, session
 from ..workers import JobHandle, notify, report_error, start_job
 from ._form import ConfigForm
+from ._qt import finish_dock, status_label
 
-PREVIEW_LAYER = "forward chain x0…xT"
 _SCHEDULE = ("beta", "steps", "start")
 
 
@@ -34,6 +36,33 @@ def _nonempty(path: Any) -> Path | None:
         paths = [Path(p) for p in path if str(p) not in ("", ".")]
         return paths or None  # type: ignore[return-value]
     return None if str(path) in ("", ".") else Path(path)
+
+
+class ChainStrip:
+    """x_0 … x_T of one crop side by side, in a small matplotlib canvas inside the dock."""
+
+    def __init__(self) -> None:
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(4, 1.0))
+        self.figure.subplots_adjust(left=0.01, right=0.99, top=0.8, bottom=0.02, wspace=0.05)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(0)
+        self.canvas.setMaximumHeight(0)  # hidden until there is a chain
+
+    def show(self, xs: np.ndarray, start: int) -> None:
+        self.figure.clear()
+        lo, hi = (float(v) for v in np.percentile(xs[0], [1, 99]))
+        n = len(xs)
+        for k, x in enumerate(xs):
+            ax = self.figure.add_subplot(1, n, k + 1)
+            ax.imshow(x, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
+            ax.set_title(f"x{k}" + ("*" if k >= start else ""), fontsize=7, pad=2)
+            ax.set_axis_off()
+        self.canvas.setMaximumHeight(16777215)
+        self.canvas.setMinimumHeight(110)
+        self.canvas.draw_idle()
 
 
 class ForwardWidget(Container):
@@ -58,7 +87,8 @@ class ForwardWidget(Container):
                                tooltip="a noise boxes layer (from the noise picker)")
         self._noise_file = FileEdit(label="or noise file", mode="r", filter="*.txt *.star",
                                     tooltip="`name x y` text or STAR; used when no noise layer is chosen")
-        self.form = ConfigForm(ForwardConfig)
+        self.form = ConfigForm(ForwardConfig, advanced=("normalise", "seed", "jitter", "max_crops"),
+                               special={"diameter": "not given", "diameter_A": "not given"})
         self.form["beta"].step = 0.0001  # four decimals: Config 1's β is 0.1288
         self._output = FileEdit(label="output folder", mode="d",
                                 tooltip="written as OUT.partial/ and renamed when complete")
@@ -67,16 +97,18 @@ class ForwardWidget(Container):
         self._preview_button = PushButton(text="Preview one chain")
         self._run_button = PushButton(text="Run")
         self._stop_button = PushButton(text="Stop", enabled=False)
-        self._status = Label(value="")
-        self._status.native.setWordWrap(True)  # long results must not widen the dock
+        self._status = status_label(Label(value=""))  # long results must not widen the dock
         self.extend([self._micrographs, self._micrograph_files, self._particles, self._particles_file,
                      self._noise, self._noise_file, self.form, self._output, self._preview_crop,
                      self._preview_button, self._run_button, self._stop_button, self._status])
+        self.chain_plot = ChainStrip()
+        self.native.layout().addWidget(self.chain_plot.canvas)
+        finish_dock(self, self.form)
         self._handle: JobHandle | None = None
         self._cancel: CancelToken | None = None
         self.result: ForwardResult | None = None
         self.preview: np.ndarray | None = None
-        self.preview_layer: Any = None
+        self.preview_info: dict[str, Any] = {}
         self._preview_button.changed.connect(self.run_preview)
         self._run_button.changed.connect(self.run)
         self._stop_button.changed.connect(self.stop)
@@ -87,6 +119,19 @@ class ForwardWidget(Container):
                       self.viewer.layers.events.moved):
             event.connect(self._refresh)
         self._refresh()
+        self._session = session(self.viewer)
+        self._session.changed.connect(self._on_session)
+        for key in ("particles", "noise", "diameter_px"):
+            if self._session.get(key) is not None:
+                self._on_session(key, self._session.get(key))
+
+    def _on_session(self, key: str, value: Any) -> None:
+        """The picker's stack, particles, noise boxes and diameter become the defaults."""
+        if key in ("particles", "noise"):
+            self._refresh(prefer=True)
+        elif key == "diameter_px" and value and not self.form["diameter"].value \
+                and not self.form["diameter_A"].value:
+            self.form["diameter"].value = float(value)
 
     # ------------------------------------------------------------------ inputs
 
@@ -96,11 +141,27 @@ class ForwardWidget(Container):
             layers = [lay for lay in points_layers(self.viewer) if "micrograph" in lay.features]
         return [(lay.name, lay) for lay in layers]
 
-    def _refresh(self, *_: Any) -> None:
+    def _refresh(self, *_: Any, prefer: bool = False) -> None:
+        """Defaults: the stack that carries particles, its particles and its noise boxes."""
         for combo in (self._micrographs, self._particles, self._noise):
             combo.reset_choices()
-            if combo.value is None and combo.choices[1:]:
+        stack = particle_stack(self.viewer)
+        if stack is not None and (prefer or self._micrographs.value is None):
+            self._micrographs.value = stack
+        stack = self._micrographs.value
+        for combo, layer in ((self._particles, particles_of(self.viewer, stack)),
+                             (self._noise, self._noise_of(stack))):
+            if layer is not None and (prefer or combo.value is None):
+                combo.value = layer
+            elif combo.value is None and combo.choices[1:]:
                 combo.value = combo.choices[1]
+
+    def _noise_of(self, stack: Any) -> Any:
+        for layer in reversed(points_layers(self.viewer, "noise")):
+            meta = cryoddm_metadata(layer)
+            if stack is not None and meta.get("attached_to") == stack.name and not meta.get("proposals"):
+                return layer
+        return None
 
     def _particles_changed(self, layer: Any = None) -> None:
         """A particles layer that knows its diameter (the sample data, the picker's) fills an
@@ -180,40 +241,20 @@ class ForwardWidget(Container):
                   on_error=self._failed)
 
     def _show_preview(self, result: tuple[np.ndarray, Any], image: Any = None, crop: int = 0) -> None:
-        """Add the chain as an image stack. Over a micrograph layer it gets its own leading "step"
-        axis and sits exactly on the crop's window in its micrograph (binned pixels scaled back),
-        so the micrograph slider and the step slider are independent."""
+        """Show the chain x_0…x_T as a strip of small images in the dock (one contrast for all,
+        that of x_0), so the viewer's layers and its micrograph slider are untouched."""
         xs, plan = result
         self.preview = xs
         beta, steps, start = plan.schedule
         crop = int(np.clip(crop, 0, len(plan.crops) - 1))
         row = plan.crops.iloc[crop]
-        lo, hi = (float(v) for v in np.percentile(xs[0], [1, 99]))
-        meta = {"cryoddm": {"kind": "forward_preview", "window": plan.window, "crop": crop,
-                            "micrograph": plan.micrographs[int(row.micrograph)].path.name,
-                            "x": int(row.x), "y": int(row.y), "bin_factor": plan.factor,
-                            "schedule": {"beta": beta, "steps": steps, "start": start}}}
-        kw: dict[str, Any] = {"name": PREVIEW_LAYER, "colormap": "gray", "metadata": meta,
-                              "contrast_limits": (lo, hi if hi > lo else lo + 1)}
-        data = xs
-        if image is not None and image.ndim == 3:
-            f, h, mi = plan.factor, plan.window // 2, int(row.micrograph)
-            si, sy, sx = (float(v) for v in image.scale)
-            ti, ty, tx = (float(v) for v in image.translate)
-            data = xs[:, None]  # (T+1, 1, W, W): step, micrograph, y, x
-            kw["scale"] = (1.0, si, sy * f, sx * f)
-            kw["translate"] = (0.0, ti + mi * si, ty + (int(row.y) - h) * f * sy,
-                               tx + (int(row.x) - h) * f * sx)
-        if PREVIEW_LAYER in self.viewer.layers:
-            self.viewer.layers.remove(PREVIEW_LAYER)
-        layer = self.viewer.add_image(data, **kw)
-        if data.ndim == 4:
-            self.viewer.dims.axis_labels = ("step k", "micrograph", "y", "x")
-            self.viewer.dims.set_point(1, kw["translate"][1])
-            self.viewer.dims.set_point(0, 0)
-        self.preview_layer = layer
+        mic = plan.micrographs[int(row.micrograph)].path.name
+        self.preview_info = {"window": plan.window, "crop": crop, "micrograph": mic,
+                             "x": int(row.x), "y": int(row.y), "bin_factor": plan.factor,
+                             "schedule": {"beta": beta, "steps": steps, "start": start}}
+        self.chain_plot.show(xs, start)
         self._status.value = (f"preview: crop {crop} of {plan.counts['crops']} "
-                              f"({meta['cryoddm']['micrograph']}, x {int(row.x)}, y {int(row.y)}"
+                              f"({mic}, x {int(row.x)}, y {int(row.y)}"
                               f"{'' if plan.factor == 1 else f' binned ×{plan.factor:g}'}), "
                               f"W = {plan.window} px, steps 0…{steps} (pairs saved from k = {start})")
 
@@ -252,6 +293,7 @@ class ForwardWidget(Container):
 
     def _done(self, result: ForwardResult) -> None:
         self.result = result
+        self._session.publish("forward", result.out)
         c = result.counts
         msg = (f"{result.out}: {c['crops']} crops, {c['noise']} noise patches, W = {result.window} px, "
                f"{c['s2_pairs']} s2 + {c['val_pairs']} val pairs"

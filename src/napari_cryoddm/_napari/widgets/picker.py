@@ -26,9 +26,11 @@ from ...names import match_names
 from ...params import window_for_diameter
 from ...picking import Micrograph, PickConfig, PickResult, merge_boxes, pick_noise
 from ..layers import (add_boxes_layer, cryoddm_metadata, current_slice, is_boxes_layer,
-                      micrograph_layers, micrographs, points_table, set_box_size)
+                      micrograph_layers, micrographs, points_table)
+from ..session import particle_stack, particles_of, session
 from ..workers import report_error, start_job
 from ._form import ConfigForm
+from ._qt import finish_dock, status_label
 
 VALID_COLOUR = np.array([1.0, 0.0, 0.0, 1.0])  # red, as the original
 INVALID_COLOUR = np.array([1.0, 0.85, 0.0, 1.0])  # yellow: the box no longer fits its micrograph
@@ -59,7 +61,8 @@ class NoisePickerWidget(Container):
                            tooltip="side of each noise box; defaults to the forward window W for "
                                    "the diameter (what forward crops around each noise centre)")
         self.window_label = Label(value="")
-        self.form = ConfigForm(PickConfig)
+        self.form = ConfigForm(PickConfig, labels={
+            "max_per_micrograph": "max per image", "allow_unmatched": "allow unmatched"})
         self.particles_layer = ComboBox(label="particles layer", choices=self._particle_choices,
                                         tooltip="attached particle coordinates (a Points layer)")
         self.particles_file = FileEdit(label="or particles STAR", mode="r", filter="*.star *.cbox",
@@ -77,12 +80,19 @@ class NoisePickerWidget(Container):
         self.counts = Label(value="")
         self.message = Label(value="")
         for label in (self.counts, self.message, self.window_label):
-            if hasattr(label.native, "setWordWrap"):
-                label.native.setWordWrap(True)  # long messages wrap inside the dock
+            status_label(label)  # long messages wrap inside the dock, never widen it
+        self._hooked: set[int] = set()
+        self._sized: set[int] = set()
+        self._settings: dict[str, tuple[float, str]] = {}  # stack name → (diameter, unit)
+        self._restoring = False
         self.extend([self.image, self.diameter, self.unit, self.box, self.window_label, self.form,
                      self.particles_layer, self.particles_file, self.scope, self.pick_button,
                      self.propose_button, self.accept_button, self.invalid_button,
                      self.noise_file, self.load_button, self.save_button, self.counts, self.message])
+        finish_dock(self, self.form)
+        if particle_stack(napari_viewer) is not None:
+            self.image.value = particle_stack(napari_viewer)
+        session(napari_viewer).changed.connect(self._on_session)
 
         self.diameter.changed.connect(self._diameter_changed)
         self.unit.changed.connect(self._diameter_changed)
@@ -123,10 +133,34 @@ class NoisePickerWidget(Container):
         self.particles_layer.reset_choices()
         self._update_counts()
 
+    def _on_session(self, key: str, value) -> None:
+        """Particles attached to a stack (Attach, cs2star): the picker works on that stack."""
+        if key == "particles" and value is not None:
+            stack = particle_stack(self.viewer)
+            if stack is not None and stack is not self.image.value:
+                self.image.value = stack
+
     def _image_changed(self, _value=None) -> None:
+        """Each stack has its own noise layer; settings apply to the stack chosen here, and boxes
+        already picked keep the size they were picked with."""
+        image = self.image.value
+        layer = self._attached_noise_layer(image) if image is not None else None
+        if layer is not self.noise_layer:
+            self.noise_layer = None
+            if layer is not None:
+                self._adopt(layer)
+        saved = self._settings.get(image.name) if image is not None else None
+        if saved is not None:  # this stack's own diameter and unit, as last set for it
+            self._restoring = True
+            try:
+                self.unit.value, self.diameter.value = saved[1], saved[0]
+            finally:
+                self._restoring = False
+        particles = particles_of(self.viewer, image)
+        if particles is not None:
+            self.particles_layer.reset_choices()
+            self.particles_layer.value = particles
         self._diameter_changed()
-        if self.noise_layer is not None:
-            self._restyle()
         self._update_counts()
 
     @property
@@ -164,6 +198,9 @@ class NoisePickerWidget(Container):
             self.diameter.value = float(d)
 
     def _diameter_changed(self, _value=None) -> None:
+        image = self.image.value
+        if image is not None and not self._restoring:
+            self._settings[image.name] = (float(self.diameter.value), self.unit.value)
         try:
             w = window_for_diameter(self.diameter_px())
         except CryoDDMError as exc:
@@ -175,28 +212,41 @@ class NoisePickerWidget(Container):
 
     def ensure_noise_layer(self):
         """The `noise` layer of this widget (created over the chosen stack on first use)."""
-        if self.noise_layer is not None and self.noise_layer in self.viewer.layers:
+        if self.noise_layer is not None and self.noise_layer in self.viewer.layers \
+                and id(self.noise_layer) in self._sized:
             return self.noise_layer
         image = self.image.value
         if image is None:
             raise CryoDDMError("open micrographs with napari-cryoddm first (File ▸ Open)")
         layer = self._attached_noise_layer(image)
         if layer is None:
+            others = [lay for lay in self.viewer.layers if lay.name == "noise"]
             layer = add_boxes_layer(self.viewer, None, "noise", int(self.box.value),
-                                    image_layer=image, name="noise", attached_to=image.name,
-                                    micrograph_names=self._names(),
+                                    image_layer=image, name=f"noise {image.name}" if others else "noise",
+                                    attached_to=image.name, micrograph_names=self._names(),
                                     features=pd.DataFrame({"micrograph": pd.Series([], dtype=object)}))
-        names = layer.features["micrograph"].astype(object).to_numpy() if len(layer.data) else []
-        layer.features = pd.DataFrame({"micrograph": pd.Series(names, dtype=object),
-                                       "valid": np.ones(len(layer.data), dtype=bool)})
-        layer.feature_defaults = {"micrograph": "", "valid": True}
-        layer.events.data.connect(self._on_data)
-        layer.mouse_drag_callbacks.insert(0, self._ctrl_click)
-        self.noise_layer = layer
+        elif id(layer) not in self._sized and len(layer.data):
+            layer.size = float(self.box.value)  # a noise file carries no box size: W's
+        self._sized.add(id(layer))
+        self._adopt(layer)
         self.viewer.layers.selection.active = layer
         self.particles_layer.reset_choices()
         self._restyle()
         return layer
+
+    def _adopt(self, layer) -> None:
+        """Make `layer` the noise layer this widget edits (hooked once per layer)."""
+        if id(layer) not in self._hooked:
+            names = layer.features["micrograph"].astype(object).to_numpy() if len(layer.data) else []
+            valid = (layer.features["valid"].to_numpy(bool) if "valid" in layer.features
+                     and len(layer.features) == len(layer.data) else np.ones(len(layer.data), bool))
+            layer.features = pd.DataFrame({"micrograph": pd.Series(names, dtype=object),
+                                           "valid": valid})
+            layer.feature_defaults = {"micrograph": "", "valid": True}
+            layer.events.data.connect(self._on_data)
+            layer.mouse_drag_callbacks.insert(0, self._ctrl_click)
+            self._hooked.add(id(layer))
+        self.noise_layer = layer
 
     def _attached_noise_layer(self, image):
         """A noise boxes layer already attached to `image` (a noise file opened with File ▸ Open
@@ -211,8 +261,15 @@ class NoisePickerWidget(Container):
 
     # ------------------------------------------------------------------ geometry and styling
 
-    def _valid(self, data: np.ndarray, box: int | None = None) -> np.ndarray:
-        box = int(box or self.box.value)
+    def _sizes(self) -> np.ndarray:
+        """Each box's own side (px): boxes keep the size they were picked with."""
+        layer = self.noise_layer
+        n = len(layer.data) if layer is not None else 0
+        size = np.asarray(layer.size, dtype=float).reshape(-1) if n else np.zeros(0)
+        return size if len(size) == n else np.full(n, float(self.box.value))
+
+    def _valid(self, data: np.ndarray, box: Any = None) -> np.ndarray:
+        box = np.asarray(self.box.value if box is None else box, dtype=float)
         shapes = self._shapes()
         if not len(data):
             return np.zeros(0, dtype=bool)
@@ -228,10 +285,16 @@ class NoisePickerWidget(Container):
         if layer is None:
             return
         data = np.asarray(layer.data, dtype=float).reshape(-1, 3)
-        valid = self._valid(data)
+        valid = self._valid(data, self._sizes())
         self._guard = True
         try:
-            set_box_size(layer, int(self.box.value))
+            sizes = np.asarray(layer.size, dtype=float).copy()
+            layer.current_size = int(self.box.value)  # new boxes; existing ones keep theirs
+            if len(sizes) == len(data) and len(data):
+                layer.size = sizes  # current_size also resizes the selected boxes: undone
+            meta = dict(layer.metadata)
+            meta["cryoddm"] = {**cryoddm_metadata(layer), "box_size": int(self.box.value)}
+            layer.metadata = meta
             features = layer.features.copy()
             features["valid"] = valid
             layer.features = features
@@ -243,15 +306,10 @@ class NoisePickerWidget(Container):
         self._update_counts()
 
     def _box_changed(self, _value=None) -> None:
+        """The box size applies to boxes picked from now on (on the chosen stack)."""
         if self.noise_layer is None:
             return
         self._restyle()
-        n_bad = int((~self.noise_layer.features["valid"].astype(bool)).sum())
-        if n_bad:
-            self._say(f"{n_bad} boxes no longer fit inside their micrograph at {self.box.value} px "
-                      f"(yellow); move or delete them before saving", warn=True)
-        if self.proposals_layer is not None:
-            set_box_size(self.proposals_layer, int(self.box.value))
 
     # ------------------------------------------------------------------ hand editing
 
@@ -307,7 +365,7 @@ class NoisePickerWidget(Container):
         if layer is None or not len(layer.data):
             return None
         data = np.asarray(layer.data, dtype=float)
-        half = int(self.box.value) / 2.0
+        half = self._sizes() / 2.0
         hit = (np.round(data[:, 0]) == index) & (np.abs(data[:, 1] - y) <= half) & \
             (np.abs(data[:, 2] - x) <= half)
         if not hit.any():
@@ -335,7 +393,8 @@ class NoisePickerWidget(Container):
     def delete_invalid(self) -> int:
         if self.noise_layer is None:
             return 0
-        bad = np.flatnonzero(~self._valid(np.asarray(self.noise_layer.data, float).reshape(-1, 3)))
+        bad = np.flatnonzero(~self._valid(np.asarray(self.noise_layer.data, float).reshape(-1, 3),
+                                          self._sizes()))
         self._remove(list(bad))
         self._restyle()
         self._say(f"deleted {len(bad)} boxes that did not fit")
@@ -360,6 +419,9 @@ class NoisePickerWidget(Container):
         kept aside (and saved back)."""
         layer = self.ensure_noise_layer()
         names = self._names()
+        old = np.asarray(layer.data, dtype=float).reshape(-1, 3)
+        kept = {(int(round(i)), int(round(y)), int(round(x))): size
+                for (i, y, x), size in zip(old, self._sizes())}
         match = match_names(pd.unique(table["micrograph"].astype(str)), names)
         idx = table["micrograph"].astype(str).map(match.mapping)
         mine = table[idx.notna()]
@@ -371,6 +433,9 @@ class NoisePickerWidget(Container):
         try:
             layer.selected_data = set()
             layer.data = data
+            layer.size = np.array([kept.get((int(round(i)), int(round(y)), int(round(x))),
+                                            float(self.box.value)) for i, y, x in data]) \
+                if len(data) else float(self.box.value)
             layer.features = pd.DataFrame({"micrograph": [names[i] for i in ii],
                                            "valid": np.ones(len(ii), dtype=bool)})
         finally:
@@ -409,7 +474,8 @@ class NoisePickerWidget(Container):
             if not str(path) or str(path) == "." or path.is_dir():
                 raise CryoDDMError("choose a noise file (.txt or .star) to save to")
             if self.noise_layer is not None:
-                bad = int((~self._valid(np.asarray(self.noise_layer.data, float).reshape(-1, 3))).sum())
+                bad = int((~self._valid(np.asarray(self.noise_layer.data, float).reshape(-1, 3),
+                                        self._sizes())).sum())
                 if bad:
                     raise CryoDDMError(f"{bad} boxes do not fit inside their micrograph at "
                                        f"{self.box.value} px (yellow): move them, delete them "
@@ -499,6 +565,16 @@ class NoisePickerWidget(Container):
     def _picked(self, result: PickResult) -> None:
         self.set_boxes(merge_boxes(self.all_boxes(), result.new))
         self._report(result)
+        self._publish()
+
+    def _publish(self) -> None:
+        """Forward takes the diameter and these noise boxes as its defaults."""
+        s = session(self.viewer)
+        try:
+            s.publish("diameter_px", float(self.diameter_px()))
+        except CryoDDMError:
+            pass
+        s.publish("noise", self.noise_layer)
 
     def _proposed(self, result: PickResult) -> None:
         names = self._names()
@@ -541,6 +617,7 @@ class NoisePickerWidget(Container):
         layer.selected_data = set()
         layer.remove(chosen)
         self._say(f"accepted {len(chosen)} proposed boxes")
+        self._publish()
         return len(chosen)
 
     # ------------------------------------------------------------------ messages and counts

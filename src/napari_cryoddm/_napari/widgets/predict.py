@@ -24,10 +24,27 @@ from ...jobs import CancelToken, Progress
 from ...models import available
 from ...predict import PredictConfig, PredictModel, denoise_job, output_path, predict_files
 from ..layers import current_slice, micrograph_layers, micrographs
+from ..reader import robust_limits
+from ..session import fill_empty, particle_stack, session
 from ..workers import JobHandle, notify, report_error, start_job
 from ._form import ConfigForm
+from ._qt import finish_dock, status_label
 
 QUICK_LOOK_KEEP = 8  # quick-look results kept in memory (older ones are dropped)
+
+
+def _smoothed(image: np.ndarray, max_side: int = 1024) -> np.ndarray:
+    from ...io.stack import block_mean
+
+    factor = int(np.ceil(max(image.shape) / max_side))
+    return block_mean(np.asarray(image, np.float32), factor) if factor > 1 else image
+
+
+def _wide(limits: list[float]) -> tuple[float, float]:
+    """A contrast slider range that lets the limits be widened well past the first guess."""
+    lo, hi = float(limits[0]), float(limits[1])
+    span = max(hi - lo, 1e-6)
+    return (lo - 2 * span, hi + 2 * span)
 
 
 class PredictWidget(Container):
@@ -44,16 +61,19 @@ class PredictWidget(Container):
                                    tooltip="checkpoint from Train, or the original's N.pth")
         self.layer_combo = ComboBox(label="micrographs", choices=self._layer_choices,
                                     tooltip="an image layer opened with napari-cryoddm")
-        self.form = ConfigForm(PredictConfig)
+        self.form = ConfigForm(PredictConfig, advanced=(
+            "batch_size", "tile", "overlap", "precision", "estimator", "estimator_step",
+            "channels_last", "compile", "threads", "prefetch", "suffix", "overwrite"))
         self.out_dir = FileEdit(mode="d", label="output folder",
                                 tooltip="where 'Denoise all' writes <name>.mrc (finished ones are skipped)")
         self.overlay = CheckBox(value=False, text="overlay on the raw micrograph (else side by side)")
         self.current_button = PushButton(text="Denoise current micrograph")
         self.all_button = PushButton(text="Denoise all to the folder (background)")
         self.stop_button = PushButton(text="Stop", enabled=False)
-        self.status = Label(value="")
+        self.status = status_label(Label(value=""))
         self.extend([self.model_choice, self.model_file, self.layer_combo, self.form, self.out_dir, self.overlay,
                      self.current_button, self.all_button, self.stop_button, self.status])
+        finish_dock(self, self.form)
         self.current_button.changed.connect(self.denoise_current)
         self.all_button.changed.connect(self.denoise_all)
         self.stop_button.changed.connect(self.stop)
@@ -61,12 +81,31 @@ class PredictWidget(Container):
         self.model_choice.changed.connect(self._on_model_choice)
         self.model_file.changed.connect(self._on_model_choice)
         self.viewer.layers.events.inserted.connect(lambda e=None: self.layer_combo.reset_choices())
+        if particle_stack(napari_viewer) is not None:
+            self.layer_combo.value = particle_stack(napari_viewer)
         self.viewer.layers.events.removed.connect(lambda e=None: self.layer_combo.reset_choices())
         self._model: PredictModel | None = None
         self._model_key: tuple | None = None
         self._handle: JobHandle | None = None
         self._quick: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._outputs: dict[str, Path] = {}  # raw layer name → folder of 'all' results
+        self._hidden: list[Any] = []  # layers hidden for the side-by-side view
+        self._session = session(napari_viewer)
+        self._session.changed.connect(self._on_session)
+        for key in ("particles", "checkpoint"):
+            self._on_session(key, self._session.get(key))
+
+    def _on_session(self, key: str, value: Any) -> None:
+        """The stack that carries particles and the checkpoint Train just wrote are the defaults."""
+        if key == "particles":
+            stack = particle_stack(self.viewer)
+            if stack is not None:
+                self.layer_combo.reset_choices()
+                self.layer_combo.value = stack
+        elif key == "checkpoint" and value is not None:
+            self.model_choice.value = "checkpoint file"
+            fill_empty(self.model_file, Path(value))
+            fill_empty(self.out_dir, Path(value).parent.parent / "denoised")
 
     # ------------------------------------------------------------------ inputs
 
@@ -133,7 +172,9 @@ class PredictWidget(Container):
                 self._quick.popitem(last=False)
             self._show(layer, pm, focus=result)
             self.status.value = f"denoised {entry['name']}"
+            self.side_by_side(layer)
 
+        self.status.value = f"denoising {entry['name']}…"
         self._start(make, f"Denoise {entry['name']}", done)
 
     def denoise_all(self) -> None:
@@ -179,11 +220,14 @@ class PredictWidget(Container):
         def done(result: Any) -> None:
             self._show(layer, pm, focus=first_result(reported or list(result.written) + list(result.skipped)))
             self.status.value = result.summary().splitlines()[0]
+            self._session.publish("denoised", out)
+            self.side_by_side(layer)
             if result.failed:
                 report_error(CryoDDMError(result.summary()))
             else:
                 notify(self.status.value)
 
+        self.status.value = f"denoising {len(paths)} micrographs of {layer.name} into {out}…"
         self._start(make, "Denoise all", done, progress)
 
     def stop(self) -> None:
@@ -251,9 +295,9 @@ class PredictWidget(Container):
         scale = list(layer.scale)
         scale[-1] *= factor
         scale[-2] *= factor
-        if focus is not None:
-            lo, hi = (float(v) for v in np.percentile(focus, [0.5, 99.5]))
-            limits = [lo, hi if hi > lo else lo + 1]
+        if focus is not None:  # robust: a contamination blob does not wash the rest out
+            (lo, hi), _ = robust_limits(_smoothed(focus))
+            limits = [lo, hi]
         else:
             limits = None
         meta = {"cryoddm": {"micrographs": [
@@ -267,19 +311,45 @@ class PredictWidget(Container):
             target.translate = list(layer.translate)
             target.metadata = meta
             if limits is not None:
+                target.contrast_limits_range = _wide(limits)
                 target.contrast_limits = limits
         else:
             target = self.viewer.add_image(stack, name=name, scale=scale, translate=list(layer.translate),
                                            colormap="gray", contrast_limits=limits or [-3.0, 3.0],
                                            metadata=meta)
+            target.contrast_limits_range = _wide(limits or [-3.0, 3.0])
             src = self.viewer.layers.index(layer)
             dst = self.viewer.layers.index(target)
             if dst != src + 1:
                 self.viewer.layers.move(dst, src + 1)
         target.refresh()
+
+    def side_by_side(self, layer: Any = None) -> None:
+        """Show the raw stack and its denoised stack only (side by side in napari's grid, or the
+        denoised one over the raw one), fitted to the canvas; other layers are hidden and come
+        back when the grid is left (the overlay box)."""
+        layer = layer if layer is not None else self.layer_combo.value
+        name = self.denoised_name(layer) if layer is not None else None
+        if layer is None or name not in self.viewer.layers:
+            return
+        denoised = self.viewer.layers[name]
+        for other in self.viewer.layers:
+            if other not in (layer, denoised) and other.visible:
+                other.visible = False
+                self._hidden.append(other)
+        layer.visible = denoised.visible = True
         self._apply_view_mode()
 
     def _apply_view_mode(self, _value: Any = None) -> None:
-        """Side by side: napari's grid mode; overlay: one canvas, the denoised layer on top."""
+        """Side by side: napari's grid mode (the visible layers only); overlay: one canvas, the
+        denoised layer on top and the layers hidden for the grid shown again."""
         grid = getattr(getattr(self.viewer, "canvas", None), "grid", None) or self.viewer.grid
         grid.enabled = not self.overlay.value
+        if self.overlay.value:
+            for other in self._hidden:
+                if other in self.viewer.layers:
+                    other.visible = True
+            self._hidden = []
+        shown = [lay for lay in self.viewer.layers if lay.visible]
+        if shown:
+            self.viewer.reset_view(layers=shown)

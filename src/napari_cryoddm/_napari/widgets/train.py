@@ -17,8 +17,10 @@ from magicgui.widgets import CheckBox, Container, FileEdit, Label, PushButton
 from ...errors import CryoDDMError
 from ...jobs import CancelToken, Progress
 from ...train import PHASES, TrainConfig, TrainResult, read_history, train
+from ..session import fill_empty, session
 from ..workers import JobHandle, notify, report_error, start_job
 from ._form import ConfigForm
+from ._qt import finish_dock, status_label
 
 COLOURS = {"s1": "#1f77b4", "s2": "#ff7f0e", "s3": "#2ca02c", "val": "#111111"}
 _REDRAW_S = 0.4  # at most ~2 redraws a second while batches stream in
@@ -40,6 +42,7 @@ class LossPlot:
         self.figure = Figure(figsize=(4, 2.8), tight_layout=True)
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(220)
+        self.canvas.setMinimumWidth(120)
         self.ax = self.figure.add_subplot(111)
         self.batches: dict[str, tuple[list[float], list[float]]] = {p: ([], []) for p in PHASES}
         self.epochs: dict[str, tuple[list[float], list[float]]] = {p: ([], []) for p in (*PHASES, "val")}
@@ -52,7 +55,10 @@ class LossPlot:
         ax.set_xlabel("epoch")
         ax.set_ylabel("MSE loss")
         ax.set_yscale("log")
-        self.batch_lines = {p: ax.plot([], [], ".", ms=2, alpha=0.35, color=COLOURS[p])[0] for p in PHASES}
+        ax.set_xlim(0, 1, auto=True)  # until the first batch: one epoch, losses of a normalised image
+        ax.set_ylim(1e-2, 10, auto=True)
+        self.batch_lines = {p: ax.plot([], [], "o", ms=3.5, alpha=0.45, mew=0, color=COLOURS[p])[0]
+                            for p in PHASES}
         self.epoch_lines = {p: ax.plot([], [], "-o", ms=3, lw=1.5, color=COLOURS[p],
                                        label=p.upper() if p != "val" else "validation")[0]
                             for p in (*PHASES, "val")}
@@ -91,6 +97,9 @@ class LossPlot:
             line.set_data(*self.epochs[p])
         self.ax.relim()
         self.ax.autoscale_view()
+        lo, hi = self.ax.get_xlim()
+        if hi - lo < 1.1:  # at least one epoch wide, the epoch means not on the frame
+            self.ax.set_xlim(min(lo, -0.05), max(hi, 1.05), auto=True)
         self.canvas.draw_idle()
 
 
@@ -105,16 +114,19 @@ class TrainWidget(Container):
         self._out = FileEdit(label="output folder", mode="d",
                              tooltip="last.pt (every epoch, resumable), best.pt (lowest validation "
                                      "loss) and history.json go here")
-        self.form = ConfigForm(TrainConfig, skip=("resume", "overwrite"))
+        self.form = ConfigForm(TrainConfig, skip=("resume", "overwrite"),
+                               advanced=("batch_size", "warmup", "clip", "precision", "workers",
+                                         "seed", "max_shift", "linear_start", "fresh_noise"))
         self.form["init"].tooltip += " (empty: random initialisation)"
         self.form["lr"].step = 0.0001  # four decimals: 0.0010, 0.0003 …
         self._overwrite = CheckBox(text="replace checkpoints already in the output folder", value=False)
         self._train_button = PushButton(text="Train")
         self._stop_button = PushButton(text="Stop", enabled=False)
         self._resume_button = PushButton(text="Resume")
-        self._status = Label(value="")
+        self._status = status_label(Label(value=""))
         self.extend([self._forward, self._out, self.form, self._overwrite, self._train_button,
                      self._stop_button, self._resume_button, self._status])
+        finish_dock(self, self.form)
         self.plot = LossPlot()
         self.native.layout().addWidget(self.plot.canvas)
         self._train_button.changed.connect(lambda *_: self.start(resume=False))
@@ -124,6 +136,16 @@ class TrainWidget(Container):
         self._handle: JobHandle | None = None
         self._cancel: CancelToken | None = None
         self.result: TrainResult | None = None
+        self._session = session(napari_viewer)
+        self._session.changed.connect(self._on_session)
+        if self._session.get("forward") is not None:
+            self._on_session("forward", self._session.get("forward"))
+
+    def _on_session(self, key: str, value: Any) -> None:
+        """The folder Forward just wrote is the one to train on; the run goes beside it."""
+        if key == "forward" and value is not None:
+            fill_empty(self._forward, Path(value))
+            fill_empty(self._out, Path(value).parent / "train")
 
     # -- actions ---------------------------------------------------------------------------
 
@@ -182,6 +204,9 @@ class TrainWidget(Container):
 
     def _done(self, result: TrainResult) -> None:
         self.result = result
+        checkpoint = result.best or result.last
+        if checkpoint is not None:
+            self._session.publish("checkpoint", Path(checkpoint))
         if result.stopped:
             msg = (f"stopped after {result.epochs_done} full epochs; {result.last} can be resumed "
                    "(Resume)")
