@@ -141,7 +141,7 @@ def test_widget_from_the_manifest(make_napari_viewer):
 
 def test_stop_leaves_nothing(viewer_with_micrographs, sample_set, tmp_path, monkeypatch):
     """Stop (the job's cancel token set before its first item) reports and writes nothing."""
-    from napari_cryoddm._napari.widgets import cs2star as mod
+    from napari_cryoddm._napari.widgets import _run as mod  # where every dock starts its job
     from napari_cryoddm.jobs import CancelToken
 
     viewer, _ = viewer_with_micrographs

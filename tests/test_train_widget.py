@@ -114,7 +114,7 @@ def test_training_in_a_thread_keeps_the_viewer_responsive(make_napari_viewer, da
     _viewer, widget = _widget(make_napari_viewer, data, tmp_path / "run")
     ticks = []
     timer = QTimer()
-    timer.timeout.connect(lambda: ticks.append(widget._handle is not None and widget._handle.running))
+    timer.timeout.connect(lambda: ticks.append(widget._runner.running))
     timer.start(20)
     handle = widget.start()
     assert handle is not None and handle.worker is not None

@@ -11,24 +11,29 @@ from ...jobs import CancelToken, Job, Progress
 from ..workers import JobHandle, start_job
 
 
+EMPTY = ("", ".", "None")  # what magicgui gives for an empty file field (or a None choice)
+
+
 def path_or_none(value: Any) -> Path | list[Path] | None:
-    """A FileEdit's value, or None when the field is empty (magicgui gives "" or "." then); a
-    multi-file field gives its non-empty paths, or None."""
+    """A FileEdit's value, or None when the field is empty; a multi-file field gives its
+    non-empty paths, or None."""
     if value is None:
         return None
     if isinstance(value, (tuple, list)):
-        paths = [Path(p) for p in value if str(p) not in ("", ".")]
+        paths = [Path(p) for p in value if str(p) not in EMPTY]
         return paths or None
-    return None if str(value) in ("", ".") else Path(value)
+    return None if str(value) in EMPTY else Path(value)
 
 
 class JobButtons:
     """The Run buttons, the Stop button and the running job of one dock."""
 
-    def __init__(self, run: Any | Sequence[Any], stop: Any, status: Any = None) -> None:
+    def __init__(self, run: Any | Sequence[Any], stop: Any, status: Any = None,
+                 stop_message: str | None = None) -> None:
         self.run_buttons = list(run) if isinstance(run, (list, tuple)) else [run]
         self.stop_button = stop
         self.status = status
+        self.stop_message = stop_message
         self.handle: JobHandle | None = None
         self._cancel: CancelToken | None = None
         self._active = False
@@ -66,12 +71,12 @@ class JobButtons:
                                 on_error=on_error, on_finish=finish)
         return self.handle
 
-    def stop(self, message: str | None = None) -> None:
-        """Ask the running job to stop after its current item."""
+    def stop(self) -> None:
+        """Ask the running job to stop after its current item (and say so)."""
         if self._cancel is not None and not self._cancel.cancelled:
             self._cancel.cancel()
-            if message and self.status is not None:
-                self.status.value = message
+            if self.stop_message and self.status is not None:
+                self.status.value = self.stop_message
 
     def _set_running(self, running: bool) -> None:
         for button in self.run_buttons:

@@ -23,25 +23,13 @@ from ...jobs import Cancelled
 from ..layers import DEFAULT_BOX_SIZE, add_boxes_layer, micrograph_layers, micrographs
 from ..layers import cryoddm_metadata
 from ..session import particle_stack, particles_of, session
-from ..workers import JobHandle, notify, report_error, start_job
+from ..workers import JobHandle, notify, report_error
 from ._form import ConfigForm
+from ._run import JobButtons, path_or_none
 from ._qt import finish_dock, status_label
 
 INPUT_MODES = ("particle files", "job folder")
 _OPTIONAL_NUMBERS = ("scale", "denoised_apix", "raw_apix")
-
-
-def _nonempty(path: Any) -> Path | None:
-    if path is None or str(path) in ("", ".", "None"):
-        return None
-    return Path(path)
-
-
-def _paths(value: Any) -> list[Path]:
-    if value is None:
-        return []
-    values = value if isinstance(value, (list, tuple)) else [value]
-    return [Path(v) for v in values if str(v) not in ("", ".", "None")]
 
 
 def particles_on_micrographs(star: Path, image_layer: Any) -> tuple[AttachResult, int]:
@@ -103,12 +91,11 @@ class Cs2StarWidget(Container):
                      self._output, self.form, self._image, self._box, self._run_button,
                      self._stop_button, self._status])
         finish_dock(self, self.form)
-        self._handle: JobHandle | None = None
+        self._runner = JobButtons(self._run_button, self._stop_button, self._status)
         self.results: list[Cs2StarResult] = []
         self.layers: list[Any] = []
         self._mode.changed.connect(self._on_mode)
         self._run_button.changed.connect(self.run)
-        self._stop_button.changed.connect(self.stop)
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(self._refresh)
         self._on_mode(self._mode.value)
@@ -143,23 +130,23 @@ class Cs2StarWidget(Container):
         extra: dict[str, Any] = {}
         folder = str(self.form["micrograph_folder"].value or "").strip()
         extra["micrograph_folder"] = folder if folder and folder != "None" else None
-        extra["raw_micrographs"] = _nonempty(self.form["raw_micrographs"].value)
+        extra["raw_micrographs"] = path_or_none(self.form["raw_micrographs"].value)
         return self.form.value(**extra)
 
     def _make_job(self):
         config = self.config()
-        out = _nonempty(self._output.value)
+        out = path_or_none(self._output.value)
         if out is None:
             raise CryoDDMError("choose where to write the output")
         if self._mode.value == INPUT_MODES[0]:
-            particles = _nonempty(self._particles.value)
+            particles = path_or_none(self._particles.value)
             if particles is None:
                 raise CryoDDMError("choose the cryoSPARC particle file (.cs)")
             if out.suffix.lower() != ".star":
                 out = out.with_suffix(".star")
-            passthroughs = _paths(self._passthrough.value)
+            passthroughs = path_or_none(list(v) if isinstance(v := self._passthrough.value, (list, tuple)) else [v]) or []
             return lambda cancel: convert(particles, passthroughs, out, config, cancel)
-        job_dir = _nonempty(self._job_dir.value)
+        job_dir = path_or_none(self._job_dir.value)
         if job_dir is None:
             raise CryoDDMError("choose a cryoSPARC job folder (J<N>)")
         n = int(self._jobs.value)
@@ -169,27 +156,18 @@ class Cs2StarWidget(Container):
 
     def run(self, *_: Any) -> JobHandle | None:
         """Convert (threaded, with progress; inline under CRYODDM_NAPARI_NOTHREADS), then show."""
-        if self._handle is not None and self._handle.running:
-            return self._handle
+        if self._runner.running:
+            return self._runner.handle
         try:
             make_job = self._make_job()
         except CryoDDMError as exc:
             self._failed(exc)
             return None
-        self._status.value = "converting…"
-        self._run_button.enabled = False
-        self._stop_button.enabled = True
-        self._handle = start_job(make_job, "cs2star", on_done=self._done, on_error=self._failed,
-                                 on_finish=self._finished)
-        return self._handle
+        return self._runner.start(make_job, "cs2star", on_done=self._done, on_error=self._failed,
+                                message="converting…")
 
     def stop(self, *_: Any) -> None:
-        if self._handle is not None:
-            self._handle.stop()
-
-    def _finished(self) -> None:
-        self._run_button.enabled = True
-        self._stop_button.enabled = False
+        self._runner.stop()
 
     def _failed(self, exc: BaseException) -> None:
         if isinstance(exc, Cancelled):  # Stop: outputs are written atomically, so none exist

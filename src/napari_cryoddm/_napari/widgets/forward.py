@@ -18,24 +18,15 @@ from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, S
 
 from ...errors import CryoDDMError
 from ...forward import PRESETS, ForwardConfig, ForwardResult, preview_chain, run_forward
-from ...jobs import Cancelled, CancelToken, Progress
+from ...jobs import Cancelled, Progress
 from ..layers import cryoddm_metadata, micrograph_layers, micrograph_paths, points_layers, points_table
 from ..session import particle_stack, particles_of, session
 from ..workers import JobHandle, notify, report_error, start_job
 from ._form import ConfigForm
+from ._run import JobButtons, path_or_none
 from ._qt import finish_dock, status_label
 
 _SCHEDULE = ("beta", "steps", "start")
-
-
-def _nonempty(path: Any) -> Path | None:
-    """A FileEdit value, or None when the field is empty."""
-    if path is None:
-        return None
-    if isinstance(path, (tuple, list)):
-        paths = [Path(p) for p in path if str(p) not in ("", ".")]
-        return paths or None  # type: ignore[return-value]
-    return None if str(path) in ("", ".") else Path(path)
 
 
 class ChainStrip:
@@ -104,14 +95,13 @@ class ForwardWidget(Container):
         self.chain_plot = ChainStrip()
         self.native.layout().addWidget(self.chain_plot.canvas)
         finish_dock(self, self.form)
-        self._handle: JobHandle | None = None
-        self._cancel: CancelToken | None = None
+        self._runner = JobButtons(self._run_button, self._stop_button, self._status,
+                                stop_message="stopping after the current micrograph or block of crops…")
         self.result: ForwardResult | None = None
         self.preview: np.ndarray | None = None
         self.preview_info: dict[str, Any] = {}
         self._preview_button.changed.connect(self.run_preview)
         self._run_button.changed.connect(self.run)
-        self._stop_button.changed.connect(self.stop)
         self.form["preset"].changed.connect(self._on_preset)
         self._on_preset(self.form["preset"].value)
         self._particles.changed.connect(self._particles_changed)
@@ -183,7 +173,7 @@ class ForwardWidget(Container):
     def inputs(self) -> tuple[list[str], Any, Any]:
         """(micrograph paths, particles, noise) from the chosen layers, else the chosen files."""
         image = self._micrographs.value
-        files = _nonempty(self._micrograph_files.value)
+        files = path_or_none(self._micrograph_files.value)
         if image is not None:
             mics = micrograph_paths(image)
         elif files:
@@ -202,7 +192,7 @@ class ForwardWidget(Container):
             if table.empty:
                 raise CryoDDMError(f"layer {layer.name!r} holds no {kind} boxes")
             return table.loc[:, ["micrograph", "x", "y"]]
-        p = _nonempty(path)
+        p = path_or_none(path)
         if p is None:
             raise CryoDDMError(f"choose a {kind} layer or a {kind} file")
         return p
@@ -214,7 +204,7 @@ class ForwardWidget(Container):
         return self.form.value(**extra)
 
     def output(self) -> Path:
-        out = _nonempty(self._output.value)
+        out = path_or_none(self._output.value)
         if out is None:
             raise CryoDDMError("choose an output folder")
         return out
@@ -260,8 +250,8 @@ class ForwardWidget(Container):
 
     def run(self, *_: Any) -> JobHandle | None:
         """Write the dataset (threaded, with progress; inline under CRYODDM_NAPARI_NOTHREADS)."""
-        if self._handle is not None and self._handle.running:
-            return self._handle
+        if self._runner.running:
+            return self._runner.handle
         try:
             mics, particles, noise = self.inputs()
             config = self.config()
@@ -271,25 +261,11 @@ class ForwardWidget(Container):
             self._status.value = str(exc)
             return None
         self.result = None
-        self._set_running(True)
-        self._status.value = "running…"
-
-        def job(cancel: CancelToken):
-            self._cancel = cancel  # known before the first item, also when run inline
-            return run_forward(mics, particles, noise, out, config, cancel)
-
-        self._handle = start_job(job, "forward", on_done=self._done, on_error=self._failed,
-                                 on_finish=lambda: self._set_running(False))
-        return self._handle
+        return self._runner.start(lambda cancel: run_forward(mics, particles, noise, out, config, cancel),
+                                "forward", on_done=self._done, on_error=self._failed)
 
     def stop(self, *_: Any) -> None:
-        if self._cancel is not None:
-            self._cancel.cancel()
-            self._status.value = "stopping after the current micrograph or block of crops…"
-
-    def _set_running(self, running: bool) -> None:
-        self._run_button.enabled = not running
-        self._stop_button.enabled = running
+        self._runner.stop()
 
     def _done(self, result: ForwardResult) -> None:
         self.result = result

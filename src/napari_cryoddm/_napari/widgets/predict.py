@@ -26,8 +26,9 @@ from ...predict import PredictConfig, PredictModel, denoise_job, output_path, pr
 from ..layers import current_slice, micrograph_layers, micrographs
 from ..reader import robust_limits
 from ..session import fill_empty, particle_stack, session
-from ..workers import JobHandle, notify, report_error, start_job
+from ..workers import notify, report_error
 from ._form import ConfigForm
+from ._run import JobButtons, path_or_none
 from ._qt import finish_dock, status_label
 
 QUICK_LOOK_KEEP = 8  # quick-look results kept in memory (older ones are dropped)
@@ -76,7 +77,6 @@ class PredictWidget(Container):
         finish_dock(self, self.form)
         self.current_button.changed.connect(self.denoise_current)
         self.all_button.changed.connect(self.denoise_all)
-        self.stop_button.changed.connect(self.stop)
         self.overlay.changed.connect(self._apply_view_mode)
         self.model_choice.changed.connect(self._on_model_choice)
         self.model_file.changed.connect(self._on_model_choice)
@@ -86,7 +86,7 @@ class PredictWidget(Container):
         self.viewer.layers.events.removed.connect(lambda e=None: self.layer_combo.reset_choices())
         self._model: PredictModel | None = None
         self._model_key: tuple | None = None
-        self._handle: JobHandle | None = None
+        self._runner = JobButtons([self.current_button, self.all_button], self.stop_button)
         self._quick: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._outputs: dict[str, Path] = {}  # raw layer name → folder of 'all' results
         self._hidden: list[Any] = []  # layers hidden for the side-by-side view
@@ -131,8 +131,8 @@ class PredictWidget(Container):
                 self._model, self._model_key = PredictModel.from_checkpoint(self.model_choice.value), key
             assert self._model is not None
             return self._model
-        path = Path(str(self.model_file.value))
-        if not str(self.model_file.value) or path == Path(".") or not path.is_file():
+        path = path_or_none(self.model_file.value)
+        if path is None or not path.is_file():
             raise CryoDDMError("choose a model file (a checkpoint from Train or the original's .pth)")
         key = (str(path), path.stat().st_mtime_ns)
         if key != self._model_key:
@@ -182,8 +182,8 @@ class PredictWidget(Container):
         try:
             layer = self.raw_layer()
             pm, config = self.predict_model(), self.config()
-            out = Path(str(self.out_dir.value))
-            if not str(self.out_dir.value) or out == Path("."):
+            out = path_or_none(self.out_dir.value)
+            if out is None:
                 raise CryoDDMError("choose an output folder for 'Denoise all'")
             paths = [m.get("path") for m in micrographs(layer)]
             if not all(paths):
@@ -231,21 +231,13 @@ class PredictWidget(Container):
         self._start(make, "Denoise all", done, progress)
 
     def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.stop()
+        self._runner.stop()
 
     def _start(self, make, description: str, done, progress=None) -> None:
-        if self._handle is not None and self._handle.running:
+        if self._runner.running:
             report_error(CryoDDMError("a prediction is already running; stop it first"))
             return
-        self.current_button.enabled = self.all_button.enabled = False
-        self.stop_button.enabled = True
-
-        def finish() -> None:
-            self.current_button.enabled = self.all_button.enabled = True
-            self.stop_button.enabled = False
-
-        self._handle = start_job(make, description, on_progress=progress, on_done=done, on_finish=finish)
+        self._runner.start(make, description, on_progress=progress, on_done=done, message=None)
 
     # ------------------------------------------------------------------ display
 

@@ -15,21 +15,16 @@ from typing import Any
 from magicgui.widgets import CheckBox, Container, FileEdit, Label, PushButton
 
 from ...errors import CryoDDMError
-from ...jobs import CancelToken, Progress
+from ...jobs import Progress
 from ...train import PHASES, TrainConfig, TrainResult, read_history, train
 from ..session import fill_empty, session
-from ..workers import JobHandle, notify, report_error, start_job
+from ..workers import JobHandle, notify, report_error
 from ._form import ConfigForm
+from ._run import JobButtons, path_or_none
 from ._qt import finish_dock, status_label
 
 COLOURS = {"s1": "#1f77b4", "s2": "#ff7f0e", "s3": "#2ca02c", "val": "#111111"}
 _REDRAW_S = 0.4  # at most ~2 redraws a second while batches stream in
-
-
-def _path_or_none(value: Any) -> Path | None:
-    if value is None or str(value) in ("", "."):
-        return None
-    return Path(value)
 
 
 class LossPlot:
@@ -131,10 +126,9 @@ class TrainWidget(Container):
         self.native.layout().addWidget(self.plot.canvas)
         self._train_button.changed.connect(lambda *_: self.start(resume=False))
         self._resume_button.changed.connect(lambda *_: self.start(resume=True))
-        self._stop_button.changed.connect(lambda *_: self.stop())
         self._out.changed.connect(self._show_existing)
-        self._handle: JobHandle | None = None
-        self._cancel: CancelToken | None = None
+        self._runner = JobButtons([self._train_button, self._resume_button], self._stop_button, self._status,
+                                stop_message="stopping after the current batch (a resumable last.pt is saved)…")
         self.result: TrainResult | None = None
         self._session = session(napari_viewer)
         self._session.changed.connect(self._on_session)
@@ -150,15 +144,15 @@ class TrainWidget(Container):
     # -- actions ---------------------------------------------------------------------------
 
     def config(self, resume: bool = False) -> TrainConfig:
-        init = _path_or_none(self.form["init"].value)
+        init = path_or_none(self.form["init"].value)
         return self.form.value(init=init, resume=resume, overwrite=bool(self._overwrite.value))
 
     def start(self, resume: bool = False) -> JobHandle | None:
         """Start training (or resume the output folder's last.pt) in a worker thread."""
-        if self._handle is not None and self._handle.running:
-            return self._handle
-        forward = _path_or_none(self._forward.value)
-        out = _path_or_none(self._out.value)
+        if self._runner.running:
+            return self._runner.handle
+        forward = path_or_none(self._forward.value)
+        out = path_or_none(self._out.value)
         try:
             if forward is None:
                 raise CryoDDMError("choose the forward folder (the forward step's output)")
@@ -174,22 +168,14 @@ class TrainWidget(Container):
         if resume:
             for h in read_history(out):
                 self.plot.add_epoch(int(h["epoch"]), h)
-        self._status.value = "resuming…" if resume else "starting…"
-        self._set_running(True)
-
-        def job(cancel: CancelToken):
-            self._cancel = cancel
-            return train(forward, out, config, cancel)
-
-        self._handle = start_job(job, "train", on_progress=self._on_progress, on_done=self._done,
-                                 on_error=self._failed, on_finish=lambda: self._set_running(False))
-        return self._handle
+        self.form.enabled = False
+        return self._runner.start(lambda cancel: train(forward, out, config, cancel), "train",
+                                on_progress=self._on_progress, on_done=self._done, on_error=self._failed,
+                                on_finish=self._finished, message="resuming…" if resume else "starting…")
 
     def stop(self) -> None:
         """Finish the current batch, save a resumable last.pt, stop."""
-        if self._cancel is not None and not self._cancel.cancelled:
-            self._cancel.cancel()
-            self._status.value = "stopping after the current batch (a resumable last.pt is saved)…"
+        self._runner.stop()
 
     # -- callbacks -------------------------------------------------------------------------
 
@@ -221,18 +207,13 @@ class TrainWidget(Container):
         self._status.value = str(exc) if isinstance(exc, CryoDDMError) else f"{type(exc).__name__}: {exc}"
         report_error(exc)
 
-    def _set_running(self, running: bool) -> None:
-        if not running:
-            self._cancel = None
-        self._train_button.enabled = not running
-        self._resume_button.enabled = not running
-        self._stop_button.enabled = running
-        self.form.enabled = not running
+    def _finished(self) -> None:
+        self.form.enabled = True
 
     def _show_existing(self, *_: Any) -> None:
         """Choosing a run folder shows its loss history (e.g. to decide whether to resume)."""
-        out = _path_or_none(self._out.value)
-        if out is None or (self._handle is not None and self._handle.running):
+        out = path_or_none(self._out.value)
+        if out is None or self._runner.running:
             return
         history = read_history(out)
         if history:
