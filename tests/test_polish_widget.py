@@ -108,3 +108,14 @@ def test_demo_closing_command_opens_raw_and_denoised_with_the_plugin(make_napari
     assert all(lay.data.shape[0] == 2 for lay in viewer.layers)
     viewer.canvas.grid.enabled = True  # Ctrl+G
     assert viewer.canvas.grid.actual_shape(viewer.layers) == (1, 2)
+
+
+def test_a_bad_value_is_named_by_its_label_not_its_flag(make_napari_viewer):
+    """ConfigError is keyed by field: the CLI says --max-per-micrograph, the form its label."""
+    from napari_cryoddm._napari.widgets._form import ConfigForm
+    from napari_cryoddm.errors import CryoDDMError
+    from napari_cryoddm.picking import PickConfig
+
+    form = ConfigForm(PickConfig, labels={"max_per_micrograph": "max per image"})
+    with pytest.raises(CryoDDMError, match=r"^max per image: must be at least 1, got 0$"):
+        form.value(diameter=100.0, max_per_micrograph=0)

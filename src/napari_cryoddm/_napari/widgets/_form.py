@@ -9,7 +9,8 @@ from typing import Any
 
 from magicgui.widgets import Container, create_widget
 
-from ...config import field_type
+from ...config import ConfigError, field_type
+from ...errors import CryoDDMError
 
 
 class ConfigForm(Container):
@@ -32,6 +33,7 @@ class ConfigForm(Container):
         self.advanced_controls: list[Any] = []
         self._whole: set[str] = set()
         labels, special = labels or {}, special or {}
+        self._labels = dict(labels)
         for f in dataclasses.fields(cls):
             if f.name in skip or f.metadata.get("widget", True) is False:
                 continue
@@ -117,4 +119,7 @@ class ConfigForm(Container):
                 v = int(round(v))
             values[f.name] = v
         values.update(extra)
-        return self._cls(**values)
+        try:
+            return self._cls(**values)
+        except ConfigError as exc:  # said with the form's label, not the CLI flag
+            raise CryoDDMError(f"{self._labels.get(exc.field, exc.label)}: {exc.problem}") from exc
