@@ -8,7 +8,7 @@ import platform
 
 def machine() -> str:
     try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):  # pragma: no cover
         mem = float("nan")
     try:

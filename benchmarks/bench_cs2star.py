@@ -34,14 +34,31 @@ def make_pair(folder: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
     uid = rng.permutation(np.arange(1, n + 1, dtype=np.uint64) * np.uint64(7919))
     mic = rng.integers(0, N_MICS, n)
     stems = np.array([f"{10**20 + k:021d}_FoilHole_{k:06d}_Data_fractions" for k in range(N_MICS)])
-    p = np.zeros(n, dtype=[("uid", "<u8"), ("blob/path", "S90"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)),
-                           ("blob/psize_A", "<f4"), ("ctf/exp_group_id", "<u4"), ("ctf/accel_kv", "<f4"),
-                           ("ctf/cs_mm", "<f4"), ("ctf/amp_contrast", "<f4"), ("ctf/df1_A", "<f4"),
-                           ("ctf/df2_A", "<f4"), ("ctf/df_angle_rad", "<f4"), ("ctf/phase_shift_rad", "<f4"),
-                           ("ctf/bfactor", "<f4"), ("alignments3D/split", "<u4"),
-                           ("alignments3D/shift", "<f4", (2,)), ("alignments3D/pose", "<f4", (3,)),
-                           ("alignments3D/psize_A", "<f4"), ("alignments3D/class_posterior", "<f4"),
-                           ("alignments3D/class", "<u4")])
+    p = np.zeros(
+        n,
+        dtype=[
+            ("uid", "<u8"),
+            ("blob/path", "S90"),
+            ("blob/idx", "<u4"),
+            ("blob/shape", "<u4", (2,)),
+            ("blob/psize_A", "<f4"),
+            ("ctf/exp_group_id", "<u4"),
+            ("ctf/accel_kv", "<f4"),
+            ("ctf/cs_mm", "<f4"),
+            ("ctf/amp_contrast", "<f4"),
+            ("ctf/df1_A", "<f4"),
+            ("ctf/df2_A", "<f4"),
+            ("ctf/df_angle_rad", "<f4"),
+            ("ctf/phase_shift_rad", "<f4"),
+            ("ctf/bfactor", "<f4"),
+            ("alignments3D/split", "<u4"),
+            ("alignments3D/shift", "<f4", (2,)),
+            ("alignments3D/pose", "<f4", (3,)),
+            ("alignments3D/psize_A", "<f4"),
+            ("alignments3D/class_posterior", "<f4"),
+            ("alignments3D/class", "<u4"),
+        ],
+    )
     p["uid"] = uid
     p["blob/path"] = np.char.add(np.char.add("J9/extract/", stems[mic]), "_particles.mrc").astype("S90")
     p["blob/idx"] = rng.integers(0, 400, n)
@@ -56,9 +73,16 @@ def make_pair(folder: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
     p["alignments3D/pose"] = rng.normal(0, 1.5, (n, 3))
     p["alignments3D/psize_A"] = 1.06
     p["alignments3D/class_posterior"] = 1
-    t = np.zeros(n, dtype=[("uid", "<u8"), ("location/micrograph_path", "S90"),
-                           ("location/micrograph_shape", "<u4", (2,)), ("location/center_x_frac", "<f4"),
-                           ("location/center_y_frac", "<f4")])
+    t = np.zeros(
+        n,
+        dtype=[
+            ("uid", "<u8"),
+            ("location/micrograph_path", "S90"),
+            ("location/micrograph_shape", "<u4", (2,)),
+            ("location/center_x_frac", "<f4"),
+            ("location/center_y_frac", "<f4"),
+        ],
+    )
     order = rng.permutation(n)
     t["uid"] = uid[order]
     t["location/micrograph_path"] = np.char.add(np.char.add("J1/imported/", stems[mic[order]]), ".mrc").astype("S90")
@@ -127,8 +151,9 @@ def main() -> None:
         ours = np.column_stack(matrix_to_relion_euler(rotvec_to_relion_matrix(pose)))
         t_ours = time.perf_counter() - t0
         err = np.abs(relion_euler_to_matrix(*ours.T) - relion_euler_to_matrix(*base.T)).max()
-    print("| particles | end-to-end (s) | particles/s | STAR size (MB) | read .cs (s) | join + map (s) "
-          "| write STAR (s) |")
+    print(
+        "| particles | end-to-end (s) | particles/s | STAR size (MB) | read .cs (s) | join + map (s) | write STAR (s) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for n, dt, rate, mb, tr, tm, tw in rows:
         print(f"| {n:,} | {dt:.2f} | {rate:,.0f} | {mb:.0f} | {tr:.2f} | {tm:.2f} | {tw:.2f} |")

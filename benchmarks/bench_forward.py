@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 W = 384
-PER_MIC = 100        # crops per micrograph (a 10 × 10 grid on a 2048² micrograph)
+PER_MIC = 100  # crops per micrograph (a 10 × 10 grid on a 2048² micrograph)
 NOISE_PER_MIC = 10
 SHAPE = (2048, 2048)
 
@@ -60,8 +60,7 @@ def make_data(folder: Path, n_crops: int) -> tuple[list[Path], Path, Path]:
         rows += [(p.name, float(x), float(y)) for y in grid for x in grid]
         noise += [(p.name, 250 + 150 * k, 1850) for k in range(NOISE_PER_MIC)]
     star = folder / f"particles_{n_crops}.star"
-    write_coordinates_star(star, pd.DataFrame(rows[:n_crops], columns=["micrograph", "x", "y"]),
-                           overwrite=True)
+    write_coordinates_star(star, pd.DataFrame(rows[:n_crops], columns=["micrograph", "x", "y"]), overwrite=True)
     txt = folder / f"noise_{n_crops}.txt"
     write_noise_txt(txt, pd.DataFrame(noise, columns=["micrograph", "x", "y"]))
     return mics, star, txt
@@ -71,8 +70,11 @@ def streamed(mics, star, txt, out: Path) -> int:
     from napari_cryoddm.forward import ForwardConfig, run_forward
     from napari_cryoddm.jobs import collect
 
-    res = collect(run_forward(mics, star, txt, out, ForwardConfig(
-        diameter=200, window=W, per_micrograph=PER_MIC, max_crops=10**6, seed=0)))
+    res = collect(
+        run_forward(
+            mics, star, txt, out, ForwardConfig(diameter=200, window=W, per_micrograph=PER_MIC, max_crops=10**6, seed=0)
+        )
+    )
     return res.counts["crops"]
 
 
@@ -90,9 +92,9 @@ def baseline(mics, star, txt, out: Path) -> int:
     for mi, mic in enumerate(plan.micrographs):
         image = read_prepared(mic.path, 1.0, config.normalisation).image
         for r in plan.noise[plan.noise.micrograph == mi].itertuples():
-            noises.append(image[r.y - h:r.y + h, r.x - h:r.x + h].copy())
+            noises.append(image[r.y - h : r.y + h, r.x - h : r.x + h].copy())
         for r in plan.crops[plan.crops.micrograph == mi].itertuples():
-            crops.append(image[r.y - h:r.y + h, r.x - h:r.x + h].copy())
+            crops.append(image[r.y - h : r.y + h, r.x - h : r.x + h].copy())
     beta, steps, start = config.schedule
     x = np.array(crops)
     noise = np.array(noises)
@@ -101,7 +103,7 @@ def baseline(mics, star, txt, out: Path) -> int:
     inputs, labels = [], []
     for k in range(1, steps + 1):
         n_k = noise[idx[:, k - 1]]
-        x_new = (np.float32(coef["x_coef"][k - 1]) * x + np.float32(coef["noise_coef"][k - 1]) * n_k)
+        x_new = np.float32(coef["x_coef"][k - 1]) * x + np.float32(coef["noise_coef"][k - 1]) * n_k
         if k >= start:
             inputs.append(x)
             labels.append(x_new)
@@ -128,16 +130,30 @@ def child(mode: str, n: int, workdir: Path) -> None:
     written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     shutil.rmtree(out, ignore_errors=True)
-    print(json.dumps({"mode": mode, "n": crops, "seconds": wall, "crops_per_s": crops / wall,
-                      "peak_rss_mb": peak / 1024, "rss_before_mb": rss0 / 1024,
-                      "written_gb": written / 1e9}))
+    print(
+        json.dumps(
+            {
+                "mode": mode,
+                "n": crops,
+                "seconds": wall,
+                "crops_per_s": crops / wall,
+                "peak_rss_mb": peak / 1024,
+                "rss_before_mb": rss0 / 1024,
+                "written_gb": written / 1e9,
+            }
+        )
+    )
 
 
 def measure(mode: str, n: int, workdir: Path) -> dict:
     # build the inputs first (outside the measured child) so every child measures only forward
     subprocess.run([sys.executable, __file__, "--prepare", str(n), "--workdir", str(workdir)], check=True)
-    r = subprocess.run([sys.executable, __file__, "--child", mode, str(n), "--workdir", str(workdir)],
-                       check=True, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, __file__, "--child", mode, str(n), "--workdir", str(workdir)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -167,23 +183,30 @@ def main() -> None:
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\nW = {W}, Config 1 (T 5, start 2), {PER_MIC} crops per 2048² micrograph, "
-          f"{NOISE_PER_MIC} noise boxes each\n")
+    print(
+        f"\nW = {W}, Config 1 (T 5, start 2), {PER_MIC} crops per 2048² micrograph, {NOISE_PER_MIC} noise boxes each\n"
+    )
     print("| run | crops | seconds | crops/s | written (GB) | peak RSS (MB) |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['mode']} | {r['n']} | {r['seconds']:.1f} | {r['crops_per_s']:.0f} | "
-              f"{r['written_gb']:.2f} | {r['peak_rss_mb']:.0f} |")
+        print(
+            f"| {r['mode']} | {r['n']} | {r['seconds']:.1f} | {r['crops_per_s']:.0f} | "
+            f"{r['written_gb']:.2f} | {r['peak_rss_mb']:.0f} |"
+        )
     base = next((r for r in rows if r["mode"] == "baseline"), None)
     same = next((r for r in rows if r["mode"] == "streamed" and base and r["n"] == base["n"]), None)
     if base and same:
-        print(f"\nat {base['n']} crops: streamed/baseline peak RSS = "
-              f"{same['peak_rss_mb'] / base['peak_rss_mb']:.2f}, speed = "
-              f"{same['crops_per_s'] / base['crops_per_s']:.2f}×")
+        print(
+            f"\nat {base['n']} crops: streamed/baseline peak RSS = "
+            f"{same['peak_rss_mb'] / base['peak_rss_mb']:.2f}, speed = "
+            f"{same['crops_per_s'] / base['crops_per_s']:.2f}×"
+        )
     streamed_rows = [r for r in rows if r["mode"] == "streamed"]
     if len(streamed_rows) > 1:
-        print(f"peak RSS from {streamed_rows[0]['n']} to {streamed_rows[-1]['n']} crops: "
-              f"×{streamed_rows[-1]['peak_rss_mb'] / streamed_rows[0]['peak_rss_mb']:.2f}")
+        print(
+            f"peak RSS from {streamed_rows[0]['n']} to {streamed_rows[-1]['n']} crops: "
+            f"×{streamed_rows[-1]['peak_rss_mb'] / streamed_rows[0]['peak_rss_mb']:.2f}"
+        )
 
 
 if __name__ == "__main__":

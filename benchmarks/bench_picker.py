@@ -50,8 +50,11 @@ def original_rule(nx: int, ny: int, particles: np.ndarray, box: int, rng) -> lis
     """The original find_noisy_txt: 200 px margin, step box//8, shuffled, squares of `box` vs
     particle squares and accepted squares (strict), ≤ 100 per micrograph — pure Python."""
     pts = [(int(x), int(y)) for x, y in particles]
-    grid = [(x, y) for x in range(box // 2 + 200, nx - box // 2 - 200, box // 8)
-            for y in range(box // 2 + 200, ny - box // 2 - 200, box // 8)]
+    grid = [
+        (x, y)
+        for x in range(box // 2 + 200, nx - box // 2 - 200, box // 8)
+        for y in range(box // 2 + 200, ny - box // 2 - 200, box // 8)
+    ]
     rng.shuffle(grid)
     out: list[tuple[int, int]] = []
     for x, y in grid:
@@ -77,8 +80,10 @@ def speed(n: int, n_particles: int, diameter: float = 150.0) -> None:
         coords = rng.uniform(0, 4096, (n, n_particles, 2))
         lines = [f"{p.name} {x:.2f} {y:.2f}" for p, c in zip(paths, coords) for x, y in c]
         star = tmp / "particles.star"
-        star.write_text("data_particles\n\nloop_\n_rlnMicrographName #1\n_rlnCoordinateX #2\n"
-                        "_rlnCoordinateY #3\n" + "\n".join(lines) + "\n")
+        star.write_text(
+            "data_particles\n\nloop_\n_rlnMicrographName #1\n_rlnCoordinateX #2\n"
+            "_rlnCoordinateY #3\n" + "\n".join(lines) + "\n"
+        )
         t = time.perf_counter()
         for p in paths:
             read_header(p)
@@ -89,8 +94,19 @@ def speed(n: int, n_particles: int, diameter: float = 150.0) -> None:
         t_imports = time.perf_counter() - t
         t = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
-            rc = main(["pick-noise", str(tmp), "--particles", str(star), "--diameter",
-                       str(diameter), "--quiet", "-o", str(out)])
+            rc = main(
+                [
+                    "pick-noise",
+                    str(tmp),
+                    "--particles",
+                    str(star),
+                    "--diameter",
+                    str(diameter),
+                    "--quiet",
+                    "-o",
+                    str(out),
+                ]
+            )
         t_cli = time.perf_counter() - t
         assert rc == 0
         n_boxes = sum(1 for _ in out.open())
@@ -99,19 +115,21 @@ def speed(n: int, n_particles: int, diameter: float = 150.0) -> None:
         t = time.perf_counter()
         orig = [original_rule(4096, 4096, coords[i], box, np.random.default_rng(42)) for i in range(sub)]
         t_orig = (time.perf_counter() - t) * n / sub
-    print(f"\n(1) {n} micrographs 4096², {n_particles} particles each, d = {diameter:.0f} px, "
-          f"W = {box} px")
+    print(f"\n(1) {n} micrographs 4096², {n_particles} particles each, d = {diameter:.0f} px, W = {box} px")
     print("| what | time (s) | per micrograph (ms) | vs this CLI |")
     print("|---|---:|---:|---:|")
-    print(f"| read headers only (floor) | {t_headers:.2f} | {1e3 * t_headers / n:.2f} | "
-          f"{t_headers / t_cli:.2f}× |")
+    print(f"| read headers only (floor) | {t_headers:.2f} | {1e3 * t_headers / n:.2f} | {t_headers / t_cli:.2f}× |")
     print(f"| `cryoddm pick-noise` (all of it) | {t_cli:.2f} | {1e3 * t_cli / n:.2f} | 1.00× |")
     print(f"| imports of a fresh `cryoddm` process (all subcommands) | {t_imports:.2f} | – | – |")
-    print(f"| original rule, pure Python (from {sub} micrographs) | {t_orig:.2f} | "
-          f"{1e3 * t_orig / n:.2f} | {t_orig / t_cli:.1f}× |")
-    print(f"boxes written: {n_boxes} ({n_boxes / n:.1f} per micrograph; the original rule found "
-          f"{np.mean([len(o) for o in orig]):.1f} per micrograph: particle squares of W instead of "
-          f"discs, a 200 px margin)")
+    print(
+        f"| original rule, pure Python (from {sub} micrographs) | {t_orig:.2f} | "
+        f"{1e3 * t_orig / n:.2f} | {t_orig / t_cli:.1f}× |"
+    )
+    print(
+        f"boxes written: {n_boxes} ({n_boxes / n:.1f} per micrograph; the original rule found "
+        f"{np.mean([len(o) for o in orig]):.1f} per micrograph: particle squares of W instead of "
+        f"discs, a 200 px margin)"
+    )
 
 
 def _alt_scores(image: np.ndarray, d: float, w: int, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -143,8 +161,11 @@ def statistics(seeds: list[int]) -> None:
     def hits(xy, truth):
         if not len(xy):
             return 0
-        return int((box_placement.particle_box_distance(xy[:, 0], xy[:, 1], w, truth[:, 0], truth[:, 1])
-                    .min(axis=1) < d / 2).sum())
+        return int(
+            (
+                box_placement.particle_box_distance(xy[:, 0], xy[:, 1], w, truth[:, 0], truth[:, 1]).min(axis=1) < d / 2
+            ).sum()
+        )
 
     rows: dict[str, list[int]] = {}
     counts: list[int] = []
@@ -169,16 +190,20 @@ def statistics(seeds: list[int]) -> None:
                 for k, v in saved.items():
                     setattr(picking, k, v)
                 order = np.argsort(smap.score.reshape(-1), kind="stable")
-                sel = np.array(box_placement.greedy_place(order, smap.ys, smap.xs, w, max(1, w // 8), 0.0,
-                                               smap.outlier.copy(), n_i)).reshape(-1, 2)
+                sel = np.array(
+                    box_placement.greedy_place(
+                        order, smap.ys, smap.xs, w, max(1, w // 8), 0.0, smap.outlier.copy(), n_i
+                    )
+                ).reshape(-1, 2)
                 rows.setdefault(name, [0, 0])
                 rows[name][0] += hits(sel, truth)
                 rows[name][1] += len(sel)
             for name in ("box mean of the band-passed energy", "box variance of a low-passed image"):
                 ys, xs, sc = _alt_scores(s.noisy[i], d, w, name)
                 order = np.argsort(sc.reshape(-1), kind="stable")
-                sel = np.array(box_placement.greedy_place(order, ys, xs, w, max(1, w // 8), 0.0,
-                                               np.zeros(sc.shape, bool), n_i)).reshape(-1, 2)
+                sel = np.array(
+                    box_placement.greedy_place(order, ys, xs, w, max(1, w // 8), 0.0, np.zeros(sc.shape, bool), n_i)
+                ).reshape(-1, 2)
                 rows.setdefault(name, [0, 0])
                 rows[name][0] += hits(sel, truth)
                 rows[name][1] += len(sel)
@@ -186,9 +211,11 @@ def statistics(seeds: list[int]) -> None:
             rand_hit += hits(r, truth)
             rand_n += len(r)
     rand = rand_hit / rand_n
-    print(f"\n(2) sample data: seeds {seeds}, {len(counts)} micrographs 1024², d = {d:.0f} px, "
-          f"W = {w}; default threshold {picking.PickConfig().empty_threshold} gave "
-          f"{sum(counts)} boxes ({np.mean(counts):.1f} per micrograph); each statistic takes as many")
+    print(
+        f"\n(2) sample data: seeds {seeds}, {len(counts)} micrographs 1024², d = {d:.0f} px, "
+        f"W = {w}; default threshold {picking.PickConfig().empty_threshold} gave "
+        f"{sum(counts)} boxes ({np.mean(counts):.1f} per micrograph); each statistic takes as many"
+    )
     print("| statistic | boxes | a particle reaches in | ratio to random |")
     print("|---|---:|---:|---:|")
     for name, (h, n) in rows.items():

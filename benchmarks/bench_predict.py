@@ -83,9 +83,10 @@ def scheme_topaz(ckpt: str, src: str, dst: str, device: str = "cpu", **_kw) -> d
                 ph, pw = (-t.shape[0]) % 32, (-t.shape[1]) % 32
                 t = np.pad(t, ((0, ph), (0, pw)), mode="reflect")
                 y = model(torch.from_numpy(np.ascontiguousarray(t))[None, None].to(device))[0, 0].cpu().numpy()
-                y = y[:b - a, :d - c] * sd + mu
-                out[i:min(h, i + core), j:min(w, j + core)] = y[i - a:i - a + min(core, h - i),
-                                                                j - c:j - c + min(core, w - j)]
+                y = y[: b - a, : d - c] * sd + mu
+                out[i : min(h, i + core), j : min(w, j + core)] = y[
+                    i - a : i - a + min(core, h - i), j - c : j - c + min(core, w - j)
+                ]
     _sync(device)
     t2 = time.perf_counter()
     _write(dst, out)
@@ -107,16 +108,16 @@ def scheme_original(ckpt: str, src: str, dst: str, device: str = "cpu", **_kw) -
     core, m = 256, 64
     ny, nx = -(-h // core), -(-w // core)
     big = np.zeros((ny * core + 2 * m, nx * core + 2 * m), np.float32)  # zero fill outside
-    big[m:m + h, m:m + w] = x
+    big[m : m + h, m : m + w] = x
     out = np.zeros((ny * core, nx * core), np.float32)
     origins = [(i * core, j * core) for i in range(ny) for j in range(nx)]
     with torch.inference_mode():
         for k in range(0, len(origins), 16):
-            chunk = origins[k:k + 16]
-            batch = np.stack([big[i:i + core + 2 * m, j:j + core + 2 * m] for i, j in chunk])
+            chunk = origins[k : k + 16]
+            batch = np.stack([big[i : i + core + 2 * m, j : j + core + 2 * m] for i, j in chunk])
             y = model(torch.from_numpy(batch)[:, None].to(device))[:, 0].cpu().numpy()
             for (i, j), t in zip(chunk, y):
-                out[i:i + core, j:j + core] = t[m:m + core, m:m + core]
+                out[i : i + core, j : j + core] = t[m : m + core, m : m + core]
     out = out[:h, :w]
     out = (out - out.min()) / ((out.max() - out.min()) or 1)
     _sync(device)
@@ -126,8 +127,17 @@ def scheme_original(ckpt: str, src: str, dst: str, device: str = "cpu", **_kw) -
     return {"model_s": t2 - t1, "e2e_s": t3 - t0}
 
 
-def scheme_ours(ckpt: str, src: str, dst: str, max_tiles: int = 0, precision: str = "fp32",
-                tile: int = 0, device: str = "cpu", compile: bool = False, **_kw) -> dict:
+def scheme_ours(
+    ckpt: str,
+    src: str,
+    dst: str,
+    max_tiles: int = 0,
+    precision: str = "fp32",
+    tile: int = 0,
+    device: str = "cpu",
+    compile: bool = False,
+    **_kw,
+) -> dict:
     """`predict_files` as the CLI runs it; model-only time is the time inside `estimate_job` (tiles, network, stitching)."""
     from napari_cryoddm import predict as P
     from napari_cryoddm.jobs import Cancelled, CancelToken, collect
@@ -169,9 +179,14 @@ def scheme_ours(ckpt: str, src: str, dst: str, max_tiles: int = 0, precision: st
         P.estimate_job = inner
     e2e = time.perf_counter() - t0
     g = spent["shape"]
-    info = {"model_s": spent["s"], "e2e_s": e2e, "tiles_run": spent["tiles"],
-            "tiles_total": g.n_tiles if g else None,
-            "tile": list(g.tile_shape) if g else None, "redundancy": round(g.redundancy, 3) if g else None}
+    info = {
+        "model_s": spent["s"],
+        "e2e_s": e2e,
+        "tiles_run": spent["tiles"],
+        "tiles_total": g.n_tiles if g else None,
+        "tile": list(g.tile_shape) if g else None,
+        "redundancy": round(g.redundancy, 3) if g else None,
+    }
     if max_tiles and g and spent["tiles"] < g.n_tiles:
         info["partial"] = True
     return info
@@ -184,23 +199,59 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    res = SCHEMES[args.child](args.ckpt, args.input, args.output, max_tiles=args.max_tiles,
-                              precision=args.precision, tile=args.tile, device=args.device,
-                              compile=args.compile)
+    res = SCHEMES[args.child](
+        args.ckpt,
+        args.input,
+        args.output,
+        max_tiles=args.max_tiles,
+        precision=args.precision,
+        tile=args.tile,
+        device=args.device,
+        compile=args.compile,
+    )
     res["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(res), flush=True)
 
 
-def run_child(name: str, ckpt: Path, src: Path, work: Path, threads: int, max_tiles: int = 0,
-              precision: str = "fp32", tile: int = 0, device: str = "cpu", compile: bool = False,
-              timeout: float | None = None) -> dict:
+def run_child(
+    name: str,
+    ckpt: Path,
+    src: Path,
+    work: Path,
+    threads: int,
+    max_tiles: int = 0,
+    precision: str = "fp32",
+    tile: int = 0,
+    device: str = "cpu",
+    compile: bool = False,
+    timeout: float | None = None,
+) -> dict:
     out = work / name / (src.stem + ".mrc")
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         out.unlink()
-    cmd = [sys.executable, __file__, "--child", name, "--ckpt", str(ckpt), "--input", str(src),
-           "--output", str(out), "--threads", str(threads), "--max-tiles", str(max_tiles),
-           "--precision", precision, "--tile", str(tile), "--device", device] + (["--compile"] if compile else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        name,
+        "--ckpt",
+        str(ckpt),
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "--threads",
+        str(threads),
+        "--max-tiles",
+        str(max_tiles),
+        "--precision",
+        precision,
+        "--tile",
+        str(tile),
+        "--device",
+        device,
+    ] + (["--compile"] if compile else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
@@ -240,8 +291,9 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench_predict_"))
     torch.manual_seed(0)
-    ckpt = save_checkpoint(work / "weights.pt", UDenoiseNet(),
-                           {"normalisation": Normalisation().to_dict(), "bin_factor": 1})
+    ckpt = save_checkpoint(
+        work / "weights.pt", UDenoiseNet(), {"normalisation": Normalisation().to_dict(), "bin_factor": 1}
+    )
     if args.size == 4096 and REAL_4K.exists():
         src = REAL_4K
     else:

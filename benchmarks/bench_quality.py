@@ -41,9 +41,8 @@ from napari_cryoddm.simulation.sample import iter_micrographs, molecule_for
 from napari_cryoddm.simulation.sample_config import SampleConfig
 
 SETTINGS = {"0.05": (0.05, 12.0), "0.01": (0.01, 6.0)}
-PIXEL_SIZE = 1.5      # Å/px: with the 135 Å molecule, 90-px particles
+PIXEL_SIZE = 1.5  # Å/px: with the 135 Å molecule, 90-px particles
 ROW_ORDER = ("clean (truth)", "raw", "gaussian σ=1.5 px", "gaussian σ=3 px", "wiener (radial)")
-
 
 
 def drain(job, label: str, verbose: bool) -> Any:
@@ -66,12 +65,7 @@ def drain(job, label: str, verbose: bool) -> Any:
 
 def model_denoiser(checkpoint: Path, device: str) -> Callable[[np.ndarray], np.ndarray]:
     """Our trained model as users run it: `predict.denoise_array` (normalise as trained, tiles)."""
-    from napari_cryoddm.predict import (
-        PredictConfig,
-        PredictModel,
-        denoise_array,
-        make_runtime,
-    )
+    from napari_cryoddm.predict import PredictConfig, PredictModel, denoise_array, make_runtime
 
     pm = PredictModel.from_checkpoint(checkpoint)
     config = PredictConfig(device=device)
@@ -79,6 +73,7 @@ def model_denoiser(checkpoint: Path, device: str) -> Callable[[np.ndarray], np.n
 
     def run(image: np.ndarray) -> np.ndarray:
         return np.asarray(denoise_array(pm, image, config, runtime), dtype=np.float32)
+
     return run
 
 
@@ -93,10 +88,25 @@ def topaz_denoiser() -> Callable[[np.ndarray], np.ndarray] | None:
             src = Path(tmp) / "in.mrc"
             with mrcfile.new(src) as m:
                 m.set_data(image.astype(np.float32))
-            subprocess.run([sys.executable, "-m", "topaz.commands.denoise", "-d", "-1", "--arch", "unet",
-                            "-o", str(Path(tmp) / "out"), str(src)], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "topaz.commands.denoise",
+                    "-d",
+                    "-1",
+                    "--arch",
+                    "unet",
+                    "-o",
+                    str(Path(tmp) / "out"),
+                    str(src),
+                ],
+                check=True,
+                capture_output=True,
+            )
             with mrcfile.open(Path(tmp) / "out" / "in.mrc") as m:
                 return np.array(m.data, dtype=np.float32)
+
     return run
 
 
@@ -112,15 +122,39 @@ def train_model(out: Path, snr: float, hinge: float, args: argparse.Namespace, r
     from napari_cryoddm.simulation.demo import train_on_sample
     from napari_cryoddm.train import TrainConfig
 
-    scfg = SampleConfig(n_micrographs=args.train_micrographs, width=args.size, height=args.size,
-                        pixel_size=PIXEL_SIZE, particles=args.train_particles, snr=snr,
-                        hinge_angle=hinge, seed=1000)
-    tcfg = TrainConfig(epochs=args.train_epochs, batch_size=args.batch_size, recipe=recipe,
-                       seed=args.seed, device=args.device, overwrite=True)
+    scfg = SampleConfig(
+        n_micrographs=args.train_micrographs,
+        width=args.size,
+        height=args.size,
+        pixel_size=PIXEL_SIZE,
+        particles=args.train_particles,
+        snr=snr,
+        hinge_angle=hinge,
+        seed=1000,
+    )
+    tcfg = TrainConfig(
+        epochs=args.train_epochs,
+        batch_size=args.batch_size,
+        recipe=recipe,
+        seed=args.seed,
+        device=args.device,
+        overwrite=True,
+    )
     timings: dict[str, float] = {}
-    trained = drain(train_on_sample(out, scfg, tcfg, window=args.window, max_noise=args.max_noise,
-                                    seed=args.seed, overwrite=True, timings=timings),
-                    f"train {recipe} SNR {snr}", args.verbose)
+    trained = drain(
+        train_on_sample(
+            out,
+            scfg,
+            tcfg,
+            window=args.window,
+            max_noise=args.max_noise,
+            seed=args.seed,
+            overwrite=True,
+            timings=timings,
+        ),
+        f"train {recipe} SNR {snr}",
+        args.verbose,
+    )
     return trained.checkpoint, timings.get("train", float("nan"))
 
 
@@ -148,9 +182,16 @@ def run_setting(key: str, args: argparse.Namespace, out: Path) -> dict[str, Any]
             info[name] = {"checkpoint": str(ckpt), "train_s": seconds}
 
     # image metrics on a held-out test set
-    tcfg = SampleConfig(n_micrographs=args.test_micrographs, width=args.size, height=args.size,
-                        pixel_size=PIXEL_SIZE, particles=args.test_particles, snr=snr,
-                        hinge_angle=hinge, seed=2000)
+    tcfg = SampleConfig(
+        n_micrographs=args.test_micrographs,
+        width=args.size,
+        height=args.size,
+        pixel_size=PIXEL_SIZE,
+        particles=args.test_particles,
+        snr=snr,
+        hinge_angle=hinge,
+        seed=2000,
+    )
     molecule = molecule_for(tcfg)
     outputs: dict[str, list[np.ndarray]] = {name: [] for name in methods}
     clean: list[np.ndarray] = []
@@ -170,8 +211,16 @@ def run_setting(key: str, args: argparse.Namespace, out: Path) -> dict[str, Any]
 
     # conformation evidence: ≥ conf_particles on dense micrographs, streamed
     n_mic = max(1, math.ceil(args.conf_particles / args.conf_density))
-    ccfg = SampleConfig(n_micrographs=n_mic, width=args.size, height=args.size, pixel_size=PIXEL_SIZE,
-                        particles=args.conf_density, snr=snr, hinge_angle=hinge, seed=3000)
+    ccfg = SampleConfig(
+        n_micrographs=n_mic,
+        width=args.size,
+        height=args.size,
+        pixel_size=PIXEL_SIZE,
+        particles=args.conf_density,
+        snr=snr,
+        hinge_angle=hinge,
+        seed=3000,
+    )
     box = q.box_size_for(ccfg.diameter_px)
     right: dict[str, list[np.ndarray]] = {name: [] for name in ("clean (truth)", *methods)}
     t0 = time.perf_counter()
@@ -184,30 +233,52 @@ def run_setting(key: str, args: argparse.Namespace, out: Path) -> dict[str, Any]
         for name, fn in methods.items():
             right[name].append(q.conformation_correct([fn(raw)], c, table, refs, box))
         if args.verbose and (i + 1) % max(1, n_mic // 5) == 0:
-            print(f"  conformation test: {i + 1}/{n_mic} micrographs ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
+            print(f"  conformation test: {i + 1}/{n_mic} micrographs ({time.perf_counter() - t0:.0f} s)", flush=True)
     raw_right = np.concatenate(right["raw"])
     for name, parts in right.items():
         acc = q.conformation_accuracy(np.concatenate(parts), raw_right)
         rows.setdefault(name, {}).update(acc.as_row())
     for name, extra in info.items():
         rows.setdefault(name, {}).update(extra)
-    return {"snr": snr, "hinge_deg": hinge, "rows": rows,
-            "test": {"micrographs": args.test_micrographs, "size": args.size,
-                     "particles_per_micrograph": args.test_particles},
-            "conformation": {"micrographs": n_mic, "particles": int(raw_right.size), "box": box}}
+    return {
+        "snr": snr,
+        "hinge_deg": hinge,
+        "rows": rows,
+        "test": {
+            "micrographs": args.test_micrographs,
+            "size": args.size,
+            "particles_per_micrograph": args.test_particles,
+        },
+        "conformation": {"micrographs": n_mic, "particles": int(raw_right.size), "box": box},
+    }
 
 
-COLUMNS = ("r", "r_plain", "frc_low", "frc_mid", "frc_high", "T_mid", "T_high", "acc", "acc_se",
-           "acc_diff", "acc_diff_se", "train_s", "s_per_micrograph")
+COLUMNS = (
+    "r",
+    "r_plain",
+    "frc_low",
+    "frc_mid",
+    "frc_high",
+    "T_mid",
+    "T_high",
+    "acc",
+    "acc_se",
+    "acc_diff",
+    "acc_diff_se",
+    "train_s",
+    "s_per_micrograph",
+)
 
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"Machine: {results['machine']}. Sizes: {results['args_summary']}.", ""]
     for res in results["settings"].values():
-        lines += [f"### SNR {res['snr']} (hinge {res['hinge_deg']:g}°): "
-                  f"{res['test']['micrographs']} test micrographs {res['test']['size']}², "
-                  f"conformation test on {res['conformation']['particles']} particles", ""]
+        lines += [
+            f"### SNR {res['snr']} (hinge {res['hinge_deg']:g}°): "
+            f"{res['test']['micrographs']} test micrographs {res['test']['size']}², "
+            f"conformation test on {res['conformation']['particles']} particles",
+            "",
+        ]
         rows = {k: v for k, v in res["rows"].items() if "note" not in v}
         lines.append(q.markdown_table(rows, COLUMNS, digits=3))
         for k, v in res["rows"].items():
@@ -220,30 +291,54 @@ def markdown(results: dict[str, Any]) -> str:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench-quality"))
-    p.add_argument("--snr", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
-                   help="settings to run: 0.05 (hinge 12°) and/or 0.01 (hinge 6°)")
+    p.add_argument(
+        "--snr",
+        nargs="+",
+        default=list(SETTINGS),
+        choices=list(SETTINGS),
+        help="settings to run: 0.05 (hinge 12°) and/or 0.01 (hinge 6°)",
+    )
     p.add_argument("--size", type=int, default=1024, help="micrograph side (px)")
     p.add_argument("--test-micrographs", type=int, default=4)
     p.add_argument("--test-particles", type=int, default=12, help="particles per test micrograph")
-    p.add_argument("--conf-particles", type=int, default=3000,
-                   help="particles in the conformation test (docs/quality.md asks for ≥ 3,000)")
+    p.add_argument(
+        "--conf-particles",
+        type=int,
+        default=3000,
+        help="particles in the conformation test (docs/quality.md asks for ≥ 3,000)",
+    )
     p.add_argument("--conf-density", type=int, default=30, help="particles per conformation micrograph")
     p.add_argument("--train-micrographs", type=int, default=8)
     p.add_argument("--train-particles", type=int, default=12)
     p.add_argument("--train-epochs", type=int, default=3, help="0: no model trained")
-    p.add_argument("--recipes", type=lambda s: s.split(","), default=["default"],
-                   help="training recipes to compare, comma-separated (default,original)")
-    p.add_argument("--window", type=int, default=128,
-                   help="training window W (CPU screening: 128; the rule gives 256 for 90-px particles)")
+    p.add_argument(
+        "--recipes",
+        type=lambda s: s.split(","),
+        default=["default"],
+        help="training recipes to compare, comma-separated (default,original)",
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=128,
+        help="training window W (CPU screening: 128; the rule gives 256 for 90-px particles)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-noise", type=int, default=40, help="noise boxes per training micrograph")
-    p.add_argument("--checkpoint", action="append", default=[],
-                   help="SNR=PATH: score this checkpoint instead of training (e.g. 0.05=best.pt)")
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        help="SNR=PATH: score this checkpoint instead of training (e.g. 0.05=best.pt)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke run: 768² micrographs, 2 test micrographs, 300 conformation "
-                        "particles, 1 epoch on 4 training micrographs")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 768² micrographs, 2 test micrographs, 300 conformation "
+        "particles, 1 epoch on 4 training micrographs",
+    )
     p.add_argument("--quiet", dest="verbose", action="store_false")
     args = p.parse_args(argv)
     if args.quick:
@@ -259,10 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results: dict[str, Any] = {
         "machine": machine(),
-        "args_summary": (f"{PIXEL_SIZE} Å/px, 90-px particles, {args.size}² micrographs; models "
-                         f"trained on {args.train_micrographs} micrographs × {args.train_particles} "
-                         f"particles, W {args.window}, {args.train_epochs} epochs, batch "
-                         f"{args.batch_size}"),
+        "args_summary": (
+            f"{PIXEL_SIZE} Å/px, 90-px particles, {args.size}² micrographs; models "
+            f"trained on {args.train_micrographs} micrographs × {args.train_particles} "
+            f"particles, W {args.window}, {args.train_epochs} epochs, batch "
+            f"{args.batch_size}"
+        ),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "settings": {},
     }

@@ -71,8 +71,7 @@ def phase(method: str, folder: Path, index: int) -> dict:
         viewer.screenshot(canvas_only=True, flash=False)
         t_next = time.perf_counter() - t1
         viewer.close()
-        return {"open_and_draw_s": t_first, "draw_other_slice_s": t_next,
-                "peak_rss_mb": _rss_mb(), "base_rss_mb": base}
+        return {"open_and_draw_s": t_first, "draw_other_slice_s": t_next, "peak_rss_mb": _rss_mb(), "base_rss_mb": base}
     if method == "lazy":
         from napari_cryoddm._napari.reader import micrograph_layer_data
 
@@ -90,11 +89,18 @@ def phase(method: str, folder: Path, index: int) -> dict:
         t3 = time.perf_counter()
         np.asarray(levels[-1][(index + 1) % levels[0].shape[0]])
         t_next = time.perf_counter() - t3
-        return {"open_s": t_open, "show_overview_s": t_overview, "show_full_s": t_full,
-                "show_next_s": t_next,
-                "peak_rss_mb": _rss_mb(), "base_rss_mb": base, "shape": list(levels[0].shape),
-                "levels": len(levels), "overview_shape": list(overview.shape),
-                "checksum": float(full[::64, ::64].mean())}
+        return {
+            "open_s": t_open,
+            "show_overview_s": t_overview,
+            "show_full_s": t_full,
+            "show_next_s": t_next,
+            "peak_rss_mb": _rss_mb(),
+            "base_rss_mb": base,
+            "shape": list(levels[0].shape),
+            "levels": len(levels),
+            "overview_shape": list(overview.shape),
+            "checksum": float(full[::64, ::64].mean()),
+        }
     import mrcfile
 
     base = _rss_mb()
@@ -108,9 +114,17 @@ def phase(method: str, folder: Path, index: int) -> dict:
     t2 = time.perf_counter()
     np.asarray(arrays[(index + 1) % len(arrays)], dtype=np.float32)
     t_next = time.perf_counter() - t2
-    return {"open_s": t_open, "show_overview_s": t_full, "show_full_s": t_full, "show_next_s": t_next,
-            "peak_rss_mb": _rss_mb(), "base_rss_mb": base, "shape": [len(arrays), *arrays[0].shape],
-            "levels": 1, "checksum": float(full[::64, ::64].mean())}
+    return {
+        "open_s": t_open,
+        "show_overview_s": t_full,
+        "show_full_s": t_full,
+        "show_next_s": t_next,
+        "peak_rss_mb": _rss_mb(),
+        "base_rss_mb": base,
+        "shape": [len(arrays), *arrays[0].shape],
+        "levels": 1,
+        "checksum": float(full[::64, ::64].mean()),
+    }
 
 
 def run_child(method: str, folder: Path, index: int) -> dict:
@@ -130,9 +144,11 @@ def main() -> None:
     ap.add_argument("--synthetic", action="store_true", help="float32 noise instead of the real file")
     ap.add_argument("--dir", type=Path, help="folder for the files (default: a temporary one)")
     ap.add_argument("--index", type=int, default=None, help="the slice to show (default: the middle)")
-    ap.add_argument("--napari", action="store_true",
-                    help="also time napari itself: viewer.open + first draw, then another slice "
-                         "(needs a display or xvfb-run)")
+    ap.add_argument(
+        "--napari",
+        action="store_true",
+        help="also time napari itself: viewer.open + first draw, then another slice (needs a display or xvfb-run)",
+    )
     ap.add_argument("--phase", choices=("lazy", "eager", "napari"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.phase:
@@ -146,21 +162,25 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         total = make_files(folder, args.n, args.size, args.synthetic)
-        print(f"made {args.n} files, {total / 2**30:.2f} GiB, in {time.perf_counter() - t0:.1f} s",
-              file=sys.stderr)
+        print(f"made {args.n} files, {total / 2**30:.2f} GiB, in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         index = args.n // 2 if args.index is None else args.index
         lazy = run_child("lazy", folder, index)
         eager = run_child("eager", folder, index)
-        assert abs(lazy["checksum"] - eager["checksum"]) < 1e-3 * (abs(eager["checksum"]) + 1), \
+        assert abs(lazy["checksum"] - eager["checksum"]) < 1e-3 * (abs(eager["checksum"]) + 1), (
             "the lazy slice differs from mrcfile's"
-        print(f"\n{args.n} × {args.size}² micrographs ({total / 2**30:.2f} GiB on disk), "
-              f"lazy stack {lazy['shape']} with {lazy['levels']} pyramid levels\n")
+        )
+        print(
+            f"\n{args.n} × {args.size}² micrographs ({total / 2**30:.2f} GiB on disk), "
+            f"lazy stack {lazy['shape']} with {lazy['levels']} pyramid levels\n"
+        )
         print("| | lazy (napari-cryoddm) | eager `mrcfile.read` | eager / lazy |")
         print("|---|---:|---:|---:|")
-        rows = [("open (s)", "open_s"),
-                ("show one slice, overview level (s; lazy: first dask compute)", "show_overview_s"),
-                ("show that slice at full resolution (s)", "show_full_s"),
-                ("show the next slice, overview level (s)", "show_next_s")]
+        rows = [
+            ("open (s)", "open_s"),
+            ("show one slice, overview level (s; lazy: first dask compute)", "show_overview_s"),
+            ("show that slice at full resolution (s)", "show_full_s"),
+            ("show the next slice, overview level (s)", "show_next_s"),
+        ]
         for label, key in rows:
             a, b = lazy[key], eager[key]
             ratio = f"{b / a:.0f}×" if a > 0 and b / a >= 10 else (f"{b / a:.2f}×" if a > 0 else "–")
@@ -171,16 +191,19 @@ def main() -> None:
             print(f"| {label} | {a:.3f} | {b:.3f} | {b / a:.0f}× |")
         la = lazy["peak_rss_mb"] - lazy["base_rss_mb"]
         ea = eager["peak_rss_mb"] - eager["base_rss_mb"]
-        print(f"| peak RSS (MB) | {lazy['peak_rss_mb']:.0f} | {eager['peak_rss_mb']:.0f} | "
-              f"{eager['peak_rss_mb'] / lazy['peak_rss_mb']:.1f}× |")
-        print(f"| peak RSS above the interpreter and imports (MB) | {la:.0f} | {ea:.0f} | "
-              f"{ea / max(la, 1):.0f}× |")
+        print(
+            f"| peak RSS (MB) | {lazy['peak_rss_mb']:.0f} | {eager['peak_rss_mb']:.0f} | "
+            f"{eager['peak_rss_mb'] / lazy['peak_rss_mb']:.1f}× |"
+        )
+        print(f"| peak RSS above the interpreter and imports (MB) | {la:.0f} | {ea:.0f} | {ea / max(la, 1):.0f}× |")
         if args.napari:
             nap = run_child("napari", folder, index)
-            print(f"\nIn napari (Viewer shown, plugin reader): `viewer.open(folder)` + first draw "
-                  f"{nap['open_and_draw_s']:.2f} s; drawing another micrograph "
-                  f"{nap['draw_other_slice_s']:.2f} s; peak RSS {nap['peak_rss_mb']:.0f} MB "
-                  f"({nap['peak_rss_mb'] - nap['base_rss_mb']:.0f} MB above the viewer's own).")
+            print(
+                f"\nIn napari (Viewer shown, plugin reader): `viewer.open(folder)` + first draw "
+                f"{nap['open_and_draw_s']:.2f} s; drawing another micrograph "
+                f"{nap['draw_other_slice_s']:.2f} s; peak RSS {nap['peak_rss_mb']:.0f} MB "
+                f"({nap['peak_rss_mb'] - nap['base_rss_mb']:.0f} MB above the viewer's own)."
+            )
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

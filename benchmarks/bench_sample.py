@@ -60,19 +60,28 @@ def main() -> None:
             write_mrc(out / f"a{i}.mrc", img, voxel_size=3.0)
             write_mrc(out / f"b{i}.mrc", img, voxel_size=3.0)
 
-    rows: list[tuple[str, tuple[float, float]]] = [("baseline: noise + 2 MRC writes per micrograph", timed(baseline, args.repeats))]
+    rows: list[tuple[str, tuple[float, float]]] = [
+        ("baseline: noise + 2 MRC writes per micrograph", timed(baseline, args.repeats))
+    ]
     defaults = S.SampleConfig(n_micrographs=n)
     original = S.default_workers
     for workers in (1, 2):
         S.default_workers = lambda w=workers: w
-        rows.append((f"generate_sample, defaults (1024², 3 Å/px, 7 × 45 px), {workers} thread(s)",
-                     timed(lambda: collect(S.generate_sample(fresh("d"), defaults)), args.repeats)))
+        rows.append(
+            (
+                f"generate_sample, defaults (1024², 3 Å/px, 7 × 45 px), {workers} thread(s)",
+                timed(lambda: collect(S.generate_sample(fresh("d"), defaults)), args.repeats),
+            )
+        )
     S.default_workers = original
     bench = S.SampleConfig(n_micrographs=n, pixel_size=1.5, particles=15, snr=0.01, hinge_angle=6.0)
-    rows.append(("generate_sample, benchmark regime (1.5 Å/px, 15 × 90 px, W 256)",
-                 timed(lambda: collect(S.generate_sample(fresh("b"), bench)), args.repeats)))
-    rows.append(("sample_arrays (in memory), defaults",
-                 timed(lambda: S.sample_arrays(defaults), args.repeats)))
+    rows.append(
+        (
+            "generate_sample, benchmark regime (1.5 Å/px, 15 × 90 px, W 256)",
+            timed(lambda: collect(S.generate_sample(fresh("b"), bench)), args.repeats),
+        )
+    )
+    rows.append(("sample_arrays (in memory), defaults", timed(lambda: S.sample_arrays(defaults), args.repeats)))
 
     os.environ["CRYODDM_CACHE_DIR"] = str(work / "cache")
     from napari_cryoddm._napari import sample_data
@@ -89,8 +98,10 @@ def main() -> None:
     ]
     base = rows[0][1][0]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-          f"{n} micrographs of 1024² per run, median of {args.repeats}; load average {load:.1f}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+        f"{n} micrographs of 1024² per run, median of {args.repeats}; load average {load:.1f}"
+    )
     print()
     print("| what | wall s | CPU s | wall per micrograph | wall × baseline |")
     print("|---|---:|---:|---:|---:|")

@@ -37,6 +37,7 @@ from napari_cryoddm.jobs import collect  # noqa: E402
 
 # ----------------------------------------------------------------------------- speed
 
+
 def _forward_folder(root: Path, window: int, n: int, pairs: int = 3) -> Path:
     """A forward folder of n crops at W×W with `pairs` S2 pairs per crop (random-normal pixels:
     speed does not depend on them)."""
@@ -44,8 +45,14 @@ def _forward_folder(root: Path, window: int, n: int, pairs: int = 3) -> Path:
 
     rng = np.random.default_rng(0)
     fw = root / "fw"
-    for rel, count in (("s1/particles", n), ("s2/input", pairs * n), ("s2/label", pairs * n),
-                       ("val/input", 2), ("val/label", 2), ("s3/noise", n)):
+    for rel, count in (
+        ("s1/particles", n),
+        ("s2/input", pairs * n),
+        ("s2/label", pairs * n),
+        ("val/input", 2),
+        ("val/label", 2),
+        ("s3/noise", n),
+    ):
         write_mrc(fw / f"{rel}.mrcs", rng.standard_normal((count, window, window), dtype=np.float32))
     return fw
 
@@ -84,18 +91,23 @@ def _bare(window: int, batch: int, steps: int, device: str, precision: str, q: A
     if dev.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    q.put({"samples_s": steps * batch / dt, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None})
+    q.put(
+        {
+            "samples_s": steps * batch / dt,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
+        }
+    )
 
 
-def _pipeline(folder: str, out: str, batch: int, steps: int, device: str, precision: str, workers: int | None,
-              q: Any) -> None:
+def _pipeline(
+    folder: str, out: str, batch: int, steps: int, device: str, precision: str, workers: int | None, q: Any
+) -> None:
     import torch
 
     from napari_cryoddm.train import TrainConfig, train
 
-    cfg = TrainConfig(epochs=1, batch_size=batch, device=device, precision=precision, workers=workers,
-                      overwrite=True)
+    cfg = TrainConfig(epochs=1, batch_size=batch, device=device, precision=precision, workers=workers, overwrite=True)
     job = train(folder, out, cfg)
     times: list[float] = []
     for ev in job:
@@ -105,9 +117,13 @@ def _pipeline(folder: str, out: str, batch: int, steps: int, device: str, precis
                 break
     job.close()
     dt = times[-1] - times[0]
-    q.put({"samples_s": (len(times) - 1) * batch / dt,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None})
+    q.put(
+        {
+            "samples_s": (len(times) - 1) * batch / dt,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        }
+    )
 
 
 def _child(target: Any, *args: Any) -> dict[str, Any]:
@@ -127,22 +143,38 @@ def speed(args: argparse.Namespace) -> None:
         folder = _forward_folder(Path(tmp), args.window, n)
         for precision in args.precisions:
             bare = _child(_bare, args.window, args.batch, args.steps, args.device, precision)
-            pipe = _child(_pipeline, str(folder), str(Path(tmp) / f"out-{precision}"), args.batch, args.steps,
-                          args.device, precision, args.workers)
+            pipe = _child(
+                _pipeline,
+                str(folder),
+                str(Path(tmp) / f"out-{precision}"),
+                args.batch,
+                args.steps,
+                args.device,
+                precision,
+                args.workers,
+            )
             rows.append((precision, bare, pipe))
-            print(f"{precision}: bare {bare['samples_s']:.3f} samples/s, pipeline {pipe['samples_s']:.3f} "
-                  f"samples/s ({pipe['samples_s'] / bare['samples_s']:.2f}×), peak RSS bare "
-                  f"{bare['peak_rss_mb']:.0f} MB / pipeline {pipe['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"{precision}: bare {bare['samples_s']:.3f} samples/s, pipeline {pipe['samples_s']:.3f} "
+                f"samples/s ({pipe['samples_s'] / bare['samples_s']:.2f}×), peak RSS bare "
+                f"{bare['peak_rss_mb']:.0f} MB / pipeline {pipe['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
     print(f"\n{machine()}; W = {args.window}, batch {args.batch}, {args.steps} timed steps after one warm-up\n")
-    print("| precision | bare step (samples/s) | data pipeline (samples/s) | pipeline / bare | peak RSS bare / pipeline (MB) | peak GPU (MB) |")
+    print(
+        "| precision | bare step (samples/s) | data pipeline (samples/s) | pipeline / bare | peak RSS bare / pipeline (MB) | peak GPU (MB) |"
+    )
     print("|---|---|---|---|---|---|")
     for precision, bare, pipe in rows:
         gpu = "—" if bare["peak_gpu_mb"] is None else f"{bare['peak_gpu_mb']:.0f} / {pipe['peak_gpu_mb']:.0f}"
-        print(f"| {precision} | {bare['samples_s']:.3f} | {pipe['samples_s']:.3f} | "
-              f"{pipe['samples_s'] / bare['samples_s']:.2f} | {bare['peak_rss_mb']:.0f} / {pipe['peak_rss_mb']:.0f} | {gpu} |")
+        print(
+            f"| {precision} | {bare['samples_s']:.3f} | {pipe['samples_s']:.3f} | "
+            f"{pipe['samples_s'] / bare['samples_s']:.2f} | {bare['peak_rss_mb']:.0f} / {pipe['peak_rss_mb']:.0f} | {gpu} |"
+        )
 
 
 # ----------------------------------------------------------------------------- recipes
+
 
 def _denoise(pm: Any, pc: Any, rt: Any, im: np.ndarray) -> np.ndarray:
     """A trained model as a quality-table method (`predict.denoise_array` with its runtime)."""
@@ -154,11 +186,7 @@ def _denoise(pm: Any, pc: Any, rt: Any, im: np.ndarray) -> np.ndarray:
 def recipes(args: argparse.Namespace) -> None:
     import torch
 
-    from napari_cryoddm.predict import (
-        PredictConfig,
-        PredictModel,
-        make_runtime,
-    )
+    from napari_cryoddm.predict import PredictConfig, PredictModel, make_runtime
     from napari_cryoddm.simulation import quality as q
     from napari_cryoddm.simulation.demo import train_on_sample
     from napari_cryoddm.simulation.sample import iter_micrographs, molecule_for
@@ -168,16 +196,23 @@ def recipes(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     variants = {"default": {}, "original": {"recipe": "original"}, "default + fresh-noise": {"fresh_noise": True}}
-    scfg = SampleConfig(n_micrographs=args.micrographs, width=args.size, height=args.size,
-                        particles=args.particles, snr=args.snr, seed=1000)
+    scfg = SampleConfig(
+        n_micrographs=args.micrographs,
+        width=args.size,
+        height=args.size,
+        particles=args.particles,
+        snr=args.snr,
+        seed=1000,
+    )
     results: dict[str, Any] = {"machine": machine(), "sample": vars(args), "variants": {}}
     methods = {}
     for name, extra in variants.items():
-        tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch, device="cpu", seed=0, overwrite=True,
-                           **extra)
+        tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch, device="cpu", seed=0, overwrite=True, **extra)
         t0 = time.perf_counter()
-        job = train_on_sample(out / name.replace(" ", "").replace("+", "_"), scfg, tcfg,
-                              max_noise=args.max_noise, seed=0, overwrite=True)
+        job = train_on_sample(
+            out / name.replace(" ", "").replace("+", "_"), scfg, tcfg, max_noise=args.max_noise, seed=0, overwrite=True
+        )
+
         def show(ev: Any, name: str = name) -> None:
             if ev.payload.get("epoch_end"):
                 print(f"  {name}: {ev.message}", flush=True)
@@ -190,10 +225,19 @@ def recipes(args: argparse.Namespace) -> None:
         pc = PredictConfig(device="cpu")
         rt = make_runtime(pm.model, pc)
         methods[f"CryoDDM {name}"] = functools.partial(_denoise, pm, pc, rt)
-        results["variants"][name] = {"history": history, "seconds": seconds,
-                                     "best_epoch": min(history, key=lambda h: h["val"])["epoch"]}
-    test = SampleConfig(n_micrographs=args.test_micrographs, width=args.size, height=args.size,
-                        particles=args.particles, snr=args.snr, seed=2000)
+        results["variants"][name] = {
+            "history": history,
+            "seconds": seconds,
+            "best_epoch": min(history, key=lambda h: h["val"])["epoch"],
+        }
+    test = SampleConfig(
+        n_micrographs=args.test_micrographs,
+        width=args.size,
+        height=args.size,
+        particles=args.particles,
+        snr=args.snr,
+        seed=2000,
+    )
     allm = {"raw": lambda im: im, **q.PEERS, **methods}
     outputs: dict[str, list[np.ndarray]] = {k: [] for k in allm}
     clean = []
@@ -205,16 +249,20 @@ def recipes(args: argparse.Namespace) -> None:
     results["scores"] = rows
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    print(f"\n{results['machine']}; sample: {args.micrographs} × {args.size}² train, "
-          f"{args.test_micrographs} held-out, SNR {args.snr}; {args.epochs} epochs, batch {args.batch}\n")
+    print(
+        f"\n{results['machine']}; sample: {args.micrographs} × {args.size}² train, "
+        f"{args.test_micrographs} held-out, SNR {args.snr}; {args.epochs} epochs, batch {args.batch}\n"
+    )
     print("| method | r | r_plain | FRC mid | FRC high | T_high | final val MSE | train s |")
     print("|---|---|---|---|---|---|---|---|")
     for k, r in rows.items():
         v = results["variants"].get(k.replace("CryoDDM ", ""), {})
         val = f"{v['history'][-1]['val']:.4f}" if v else ""
         secs = f"{v['seconds']:.0f}" if v else ""
-        print(f"| {k} | {r['r']:.3f} | {r['r_plain']:.3f} | {r['frc_mid']:.3f} | {r['frc_high']:.3f} | "
-              f"{r['T_high']:.2f} | {val} | {secs} |")
+        print(
+            f"| {k} | {r['r']:.3f} | {r['r_plain']:.3f} | {r['frc_mid']:.3f} | {r['frc_high']:.3f} | "
+            f"{r['T_high']:.2f} | {val} | {secs} |"
+        )
 
 
 def score(args: argparse.Namespace) -> None:
@@ -222,11 +270,7 @@ def score(args: argparse.Namespace) -> None:
     Gaussian low-passes (the same test set as `recipes`)."""
     import torch
 
-    from napari_cryoddm.predict import (
-        PredictConfig,
-        PredictModel,
-        make_runtime,
-    )
+    from napari_cryoddm.predict import PredictConfig, PredictModel, make_runtime
     from napari_cryoddm.simulation import quality as q
     from napari_cryoddm.simulation.sample import iter_micrographs, molecule_for
     from napari_cryoddm.simulation.sample_config import SampleConfig
@@ -239,8 +283,14 @@ def score(args: argparse.Namespace) -> None:
         pc = PredictConfig(device="cpu")
         rt = make_runtime(pm.model, pc)
         methods[name] = functools.partial(_denoise, pm, pc, rt)
-    test = SampleConfig(n_micrographs=args.test_micrographs, width=args.size, height=args.size,
-                        particles=args.particles, snr=args.snr, seed=2000)
+    test = SampleConfig(
+        n_micrographs=args.test_micrographs,
+        width=args.size,
+        height=args.size,
+        particles=args.particles,
+        snr=args.snr,
+        seed=2000,
+    )
     outputs: dict[str, list[np.ndarray]] = {k: [] for k in methods}
     clean = []
     for sim in iter_micrographs(test, molecule_for(test)):
@@ -252,7 +302,9 @@ def score(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|")
     for k, v in outputs.items():
         r = q.score(v, clean).as_row()
-        print(f"| {k} | {r['r']:.3f} | {r['r_plain']:.3f} | {r['frc_mid']:.3f} | {r['frc_high']:.3f} | {r['T_high']:.2f} |")
+        print(
+            f"| {k} | {r['r']:.3f} | {r['r_plain']:.3f} | {r['frc_mid']:.3f} | {r['frc_high']:.3f} | {r['T_high']:.2f} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

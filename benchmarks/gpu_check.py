@@ -46,6 +46,7 @@ CAPS = {"train": (120, 20), "predict": (100, 25), "reference": (150, 40), "ddp":
 
 # ----------------------------------------------------------------------------- the parts
 
+
 def part_train(args: argparse.Namespace) -> dict[str, Any]:
     from bench_train import _bare, _child, _forward_folder, _pipeline
 
@@ -58,11 +59,15 @@ def part_train(args: argparse.Namespace) -> dict[str, Any]:
         folder = _forward_folder(Path(tmp), window, max(batch * (steps + 2), 8), pairs=1)
         for precision in precisions:
             bare = _child(_bare, window, batch, steps, args.device, precision)
-            pipe = _child(_pipeline, str(folder), str(Path(tmp) / f"out-{precision}"), batch, steps,
-                          args.device, precision, None)
-            rows[precision] = {"bare_samples_s": bare["samples_s"], "pipeline_samples_s": pipe["samples_s"],
-                               "pipeline_over_bare": pipe["samples_s"] / bare["samples_s"],
-                               "peak_gpu_mb": bare.get("peak_gpu_mb")}
+            pipe = _child(
+                _pipeline, str(folder), str(Path(tmp) / f"out-{precision}"), batch, steps, args.device, precision, None
+            )
+            rows[precision] = {
+                "bare_samples_s": bare["samples_s"],
+                "pipeline_samples_s": pipe["samples_s"],
+                "pipeline_over_bare": pipe["samples_s"] / bare["samples_s"],
+                "peak_gpu_mb": bare.get("peak_gpu_mb"),
+            }
     return {"window": window, "batch": batch, "steps": steps, "rows": rows}
 
 
@@ -75,8 +80,9 @@ def _checkpoint_and_micrograph(work: Path, size: int) -> tuple[Path, Path]:
     from napari_cryoddm.normalise import Normalisation
 
     torch.manual_seed(0)
-    ckpt = save_checkpoint(work / "weights.pt", UDenoiseNet(),
-                           {"normalisation": Normalisation().to_dict(), "bin_factor": 1})
+    ckpt = save_checkpoint(
+        work / "weights.pt", UDenoiseNet(), {"normalisation": Normalisation().to_dict(), "bin_factor": 1}
+    )
     src = work / f"mic_{size}.mrc"
     write_mrc(src, np.random.default_rng(0).normal(100, 10, (size, size)).astype(np.float32), voxel_size=1.0)
     return ckpt, src
@@ -107,10 +113,15 @@ def part_predict(args: argparse.Namespace) -> dict[str, Any]:
         work = Path(tmp)
         ckpt, src = _checkpoint_and_micrograph(work, size)
         for name, precision, compiled, tile in variants:
-            label = (name + ("" if name != "ours" else f" {precision}") + (" compile" if compiled else "")
-                     + (f" tile {tile}" if tile else ""))
-            rows[label] = _scheme(args, name, ckpt, src, work / label.replace(" ", "_"),
-                                  precision=precision, compile=compiled, tile=tile)
+            label = (
+                name
+                + ("" if name != "ours" else f" {precision}")
+                + (" compile" if compiled else "")
+                + (f" tile {tile}" if tile else "")
+            )
+            rows[label] = _scheme(
+                args, name, ckpt, src, work / label.replace(" ", "_"), precision=precision, compile=compiled, tile=tile
+            )
     topaz = rows["topaz"]["model_s"]
     for label, r in rows.items():
         if label.startswith("ours"):
@@ -123,20 +134,63 @@ def part_predict(args: argparse.Namespace) -> dict[str, Any]:
 def part_reference(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out) / "reference"
     if args.smoke:
-        sizes = ["--micrographs", "2", "--particles", "3", "--size", "384", "--epochs", "1",
-                 "--test-micrographs", "1", "--max-noise", "4", "--held-out", "sample"]
+        sizes = [
+            "--micrographs",
+            "2",
+            "--particles",
+            "3",
+            "--size",
+            "384",
+            "--epochs",
+            "1",
+            "--test-micrographs",
+            "1",
+            "--max-noise",
+            "4",
+            "--held-out",
+            "sample",
+        ]
     else:
-        sizes = ["--micrographs", "40", "--particles", "12", "--pixel-size", "1.5", "--epochs", "25",
-                 "--minutes", "2.2", "--batch", "32", "--held-out", "full", "--test-micrographs", "4"]
-    cmd = [sys.executable, str(HERE.parent / "scripts" / "train_reference.py"), "--out", str(out),
-           "--device", args.device, "--no-tta", "--no-export", *sizes]
+        sizes = [
+            "--micrographs",
+            "40",
+            "--particles",
+            "12",
+            "--pixel-size",
+            "1.5",
+            "--epochs",
+            "25",
+            "--minutes",
+            "2.2",
+            "--batch",
+            "32",
+            "--held-out",
+            "full",
+            "--test-micrographs",
+            "4",
+        ]
+    cmd = [
+        sys.executable,
+        str(HERE.parent / "scripts" / "train_reference.py"),
+        "--out",
+        str(out),
+        "--device",
+        args.device,
+        "--no-tta",
+        "--no-export",
+        *sizes,
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-2000:])
     report = json.loads((out / "report.json").read_text())
-    return {"seconds": time.perf_counter() - t0, "data": report["data"], "train": {
-        k: report["train"][k] for k in ("seconds", "epochs", "stopped")}, "scores": report["scores"]}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "data": report["data"],
+        "train": {k: report["train"][k] for k in ("seconds", "epochs", "stopped")},
+        "scores": report["scores"],
+    }
 
 
 def part_ddp(args: argparse.Namespace) -> dict[str, Any]:
@@ -150,14 +204,36 @@ def part_ddp(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = _forward_folder(Path(tmp), 64 if args.smoke else 256, 16)
         device = "cpu" if args.smoke else "cuda"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "napari_cryoddm", "train", str(folder), "-o", str(Path(tmp) / "ddp"), "--epochs", "1",
-               "--batch-size", "4", "--device", device]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "napari_cryoddm",
+            "train",
+            str(folder),
+            "-o",
+            str(Path(tmp) / "ddp"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--device",
+            device,
+        ]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         ok = proc.returncode == 0 and (Path(tmp) / "ddp" / "last.pt").is_file()
-        return {"processes": 2, "device": device, "ok": ok, "seconds": time.perf_counter() - t0,
-                "stderr_tail": "" if ok else proc.stderr[-1500:]}
+        return {
+            "processes": 2,
+            "device": device,
+            "ok": ok,
+            "seconds": time.perf_counter() - t0,
+            "stderr_tail": "" if ok else proc.stderr[-1500:],
+        }
 
 
 def part_cpu(args: argparse.Namespace) -> dict[str, Any]:
@@ -170,19 +246,22 @@ def part_cpu(args: argparse.Namespace) -> dict[str, Any]:
             ckpt, src = _checkpoint_and_micrograph(work / str(size), size)
             orig = _scheme(args, "original", ckpt, src, work / str(size) / "original")
             ours = _scheme(args, "ours", ckpt, src, work / str(size) / "ours")
-            rows[str(size)] = {"original_e2e_s": orig["e2e_s"], "ours_e2e_s": ours["e2e_s"],
-                               "speedup": orig["e2e_s"] / ours["e2e_s"]}
+            rows[str(size)] = {
+                "original_e2e_s": orig["e2e_s"],
+                "ours_e2e_s": ours["e2e_s"],
+                "speedup": orig["e2e_s"] / ours["e2e_s"],
+            }
         ckpt, src = _checkpoint_and_micrograph(work / "big", big)
         r = _scheme(args, "ours", ckpt, src, work / "big" / "ours", max_tiles=big_tiles)
         rows["peak_rss"] = {"size": big, "peak_rss_mb": r["peak_rss_mb"], "tiles_run": r.get("tiles_run")}
     return {"rows": rows}
 
 
-RUNNERS = {"train": part_train, "predict": part_predict, "reference": part_reference, "ddp": part_ddp,
-           "cpu": part_cpu}
+RUNNERS = {"train": part_train, "predict": part_predict, "reference": part_reference, "ddp": part_ddp, "cpu": part_cpu}
 
 
 # ----------------------------------------------------------------------------- the table
+
 
 def markdown(results: dict[str, Any]) -> str:
     """The tables docs/benchmarks.md includes; a part that did not run says why."""
@@ -200,31 +279,49 @@ def markdown(results: dict[str, Any]) -> str:
             return r["skipped"]
         return None
 
-    lines += ["**Training speed** (samples/s)", "",
-              "| precision | bare step | data pipeline | pipeline / bare (goal ≥ 0.90) |", "|---|---|---|---|"]
+    lines += [
+        "**Training speed** (samples/s)",
+        "",
+        "| precision | bare step | data pipeline | pipeline / bare (goal ≥ 0.90) |",
+        "|---|---|---|---|",
+    ]
     why = missing("train")
     if why:
         lines.append(f"| — | {why} | | |")
     else:
         t = results["parts"]["train"]
         for prec, r in t["rows"].items():
-            lines.append(f"| {prec} (W {t['window']}, batch {t['batch']}) | {r['bare_samples_s']:.1f} | "
-                         f"{r['pipeline_samples_s']:.1f} | {r['pipeline_over_bare']:.2f} |")
-    lines += ["", "**Prediction of one micrograph** (seconds)", "",
-              "| scheme | model-only | end to end | model-only vs Topaz scheme (goal ≥ 2.5×) | "
-              "end to end / model-only (goal ≥ 0.80) | micrographs/s |", "|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {prec} (W {t['window']}, batch {t['batch']}) | {r['bare_samples_s']:.1f} | "
+                f"{r['pipeline_samples_s']:.1f} | {r['pipeline_over_bare']:.2f} |"
+            )
+    lines += [
+        "",
+        "**Prediction of one micrograph** (seconds)",
+        "",
+        "| scheme | model-only | end to end | model-only vs Topaz scheme (goal ≥ 2.5×) | "
+        "end to end / model-only (goal ≥ 0.80) | micrographs/s |",
+        "|---|---|---|---|---|---|",
+    ]
     why = missing("predict")
     if why:
         lines.append(f"| — | {why} | | | | |")
     else:
         p = results["parts"]["predict"]
         for label, r in p["rows"].items():
-            extra = (f"{r['model_speedup_vs_topaz']:.2f}× | {r['e2e_over_model']:.2f} | {r['micrographs_per_s']:.2f}"
-                     if "model_speedup_vs_topaz" in r else "— | — | —")
+            extra = (
+                f"{r['model_speedup_vs_topaz']:.2f}× | {r['e2e_over_model']:.2f} | {r['micrographs_per_s']:.2f}"
+                if "model_speedup_vs_topaz" in r
+                else "— | — | —"
+            )
             lines.append(f"| {label} ({p['size']}²) | {r['model_s']:.2f} | {r['e2e_s']:.2f} | {extra} |")
-    lines += ["", "**Reference training at GPU scale** (held-out r)", "",
-              "| data | epochs | train s | input | gaussian σ=1.5 px | model (chain) | model (direct) |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "**Reference training at GPU scale** (held-out r)",
+        "",
+        "| data | epochs | train s | input | gaussian σ=1.5 px | model (chain) | model (direct) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     why = missing("reference")
     if why:
         lines.append(f"| {why} | | | | | | |")
@@ -232,16 +329,26 @@ def markdown(results: dict[str, Any]) -> str:
         ref = results["parts"]["reference"]
         for setting, rows in ref["scores"].items():
             d = ref["data"]
-            lines.append(f"| {d['crops']} crops, W {d['window']} ({setting}) | {ref['train']['epochs']} | "
-                         f"{ref['train']['seconds']:.0f} | {rows['input']['r']:.3f} | "
-                         f"{rows['gaussian σ=1.5 px']['r']:.3f} | {rows['model, chain']['r']:.3f} | "
-                         f"{rows['model, direct']['r']:.3f} |")
+            lines.append(
+                f"| {d['crops']} crops, W {d['window']} ({setting}) | {ref['train']['epochs']} | "
+                f"{ref['train']['seconds']:.0f} | {rows['input']['r']:.3f} | "
+                f"{rows['gaussian σ=1.5 px']['r']:.3f} | {rows['model, chain']['r']:.3f} | "
+                f"{rows['model, direct']['r']:.3f} |"
+            )
     why = missing("ddp")
     d = results["parts"].get("ddp", {})
-    lines += ["", "**torchrun, 2 processes**: " + (why or (
-        f"{'passed' if d['ok'] else 'FAILED'} on {d['device']} in {d['seconds']:.0f} s"))]
-    lines += ["", "**CPU prediction, ours vs the original's scheme, end to end**", "",
-              "| micrograph | original (s) | ours (s) | ours faster by |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "**torchrun, 2 processes**: "
+        + (why or (f"{'passed' if d['ok'] else 'FAILED'} on {d['device']} in {d['seconds']:.0f} s")),
+    ]
+    lines += [
+        "",
+        "**CPU prediction, ours vs the original's scheme, end to end**",
+        "",
+        "| micrograph | original (s) | ours (s) | ours faster by |",
+        "|---|---|---|---|",
+    ]
     why = missing("cpu")
     if why:
         lines.append(f"| {why} | | | |")
@@ -251,12 +358,16 @@ def markdown(results: dict[str, Any]) -> str:
             if size != "peak_rss":
                 lines.append(f"| {size}² | {r['original_e2e_s']:.2f} | {r['ours_e2e_s']:.2f} | {r['speedup']:.2f}× |")
         pr = c["peak_rss"]
-        lines += ["", f"Peak RSS predicting a {pr['size']}² micrograph ({pr['tiles_run']} tiles run): "
-                      f"{pr['peak_rss_mb']:.0f} MB (goal ≤ 2048 MB)."]
+        lines += [
+            "",
+            f"Peak RSS predicting a {pr['size']}² micrograph ({pr['tiles_run']} tiles run): "
+            f"{pr['peak_rss_mb']:.0f} MB (goal ≤ 2048 MB).",
+        ]
     return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- orchestration
+
 
 def run_part(name: str, args: argparse.Namespace, budget: float) -> dict[str, Any]:
     """One part in a child process, killed at its cap; returns its result or why it has none
@@ -297,10 +408,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="default: cuda, or cpu with --smoke")
     ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     ap.add_argument("--limit", type=float, default=480.0, help="seconds for the whole run")
-    ap.add_argument("--predict-tiles", type=int, nargs="*", default=[],
-                    help="also predict with these tile sizes (ours, fp32 and bf16)")
-    ap.add_argument("--cap", type=float, default=None,
-                    help="seconds each part may take (default: the budgeted caps of the GPU run)")
+    ap.add_argument(
+        "--predict-tiles",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also predict with these tile sizes (ours, fp32 and bf16)",
+    )
+    ap.add_argument(
+        "--cap", type=float, default=None, help="seconds each part may take (default: the budgeted caps of the GPU run)"
+    )
     ap.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.device = args.device or ("cpu" if args.smoke else "cuda")
@@ -317,9 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     from _machine import machine
 
     t_start = time.perf_counter()
-    results: dict[str, Any] = {"machine": machine(), "smoke": args.smoke, "device": args.device,
-                               "command": " ".join(["python benchmarks/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
-                               "parts": {}}
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "smoke": args.smoke,
+        "device": args.device,
+        "command": " ".join(["python benchmarks/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
+        "parts": {},
+    }
     for name in args.parts:
         left = args.limit - (time.perf_counter() - t_start) - 5
         cap = args.cap or CAPS[name][1 if args.smoke else 0]

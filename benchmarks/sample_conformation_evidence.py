@@ -24,8 +24,14 @@ def main() -> None:
     print("| data | particles | clean accuracy | raw accuracy ± s.e. |")
     print("|---|---:|---:|---:|")
     for snr, hinge in ((0.05, 12.0), (0.01, 6.0)):
-        cfg = sample.SampleConfig(n_micrographs=args.micrographs, pixel_size=1.5, particles=args.particles,
-                                  snr=snr, hinge_angle=hinge, seed=args.seed)
+        cfg = sample.SampleConfig(
+            n_micrographs=args.micrographs,
+            pixel_size=1.5,
+            particles=args.particles,
+            snr=snr,
+            hinge_angle=hinge,
+            seed=args.seed,
+        )
         arr = sample.sample_arrays(cfg)
         box = q.box_size_for(cfg.diameter_px)
         refs = q.sample_references(arr.table, arr.molecule, cfg, box)

@@ -26,8 +26,9 @@ def counts(config: SampleConfig, seeds: int) -> np.ndarray:
         cfg = SampleConfig(**{**config.__dict__, "seed": seed})
         for i in range(cfg.n_micrographs):
             lay = micrograph_layout(cfg, i)
-            boxes = auto_boxes_from_particles(cfg.shape, lay.centres.astype(float), cfg.diameter_px,
-                                              cfg.window, name=lay.name, seed=0)
+            boxes = auto_boxes_from_particles(
+                cfg.shape, lay.centres.astype(float), cfg.diameter_px, cfg.window, name=lay.name, seed=0
+            )
             out.append(len(boxes))
     return np.asarray(out)
 

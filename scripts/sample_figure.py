@@ -59,8 +59,7 @@ def main(out: Path) -> None:
         part = image[crop]
         lo, hi = limits(part) if what == "noisy" else limits(part, 0.05, 99.95)
         ax.imshow(part, vmin=lo, vmax=hi, **gray)
-        ax.set_title(f"{what}, {2 * h}×{2 * h} px around particle 1 "
-                     f"(conformation {'AB'[int(p.conformation) - 1]})")
+        ax.set_title(f"{what}, {2 * h}×{2 * h} px around particle 1 (conformation {'AB'[int(p.conformation) - 1]})")
 
     ax = axes[1, 2]
     ps = np.abs(np.fft.fftshift(np.fft.fft2(sim.clean))) ** 2
@@ -69,9 +68,12 @@ def main(out: Path) -> None:
     for a in axes.ravel():
         a.set_xticks([])
         a.set_yticks([])
-    fig.suptitle(f"napari-cryoddm sample: {config.width}×{config.height} px at {config.pixel_size:g} Å/px, "
-                 f"{config.particles} particles of {config.diameter:g} Å ({config.diameter_px:.0f} px), "
-                 f"seed {config.seed}", fontsize=14)
+    fig.suptitle(
+        f"napari-cryoddm sample: {config.width}×{config.height} px at {config.pixel_size:g} Å/px, "
+        f"{config.particles} particles of {config.diameter:g} Å ({config.diameter_px:.0f} px), "
+        f"seed {config.seed}",
+        fontsize=14,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=72)
     plt.close(fig)

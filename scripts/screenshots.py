@@ -48,6 +48,7 @@ _dock = _open_dock
 
 def _process(viewer: Any) -> None:
     from qtpy.QtWidgets import QApplication
+
     for _ in range(3):
         QApplication.processEvents()
 
@@ -63,8 +64,14 @@ def open_sample(viewer: Any, sample_config: Any = None) -> None:
         getattr(viewer, f"add_{kind}")(data, **kwargs)
 
 
-def walk(viewer: Any, work: Path, shot: Callable[[str], None] | None = None,
-         epochs: int = 1, max_noise: int = 8, sample_config: Any = None) -> dict[str, Any]:
+def walk(
+    viewer: Any,
+    work: Path,
+    shot: Callable[[str], None] | None = None,
+    epochs: int = 1,
+    max_noise: int = 8,
+    sample_config: Any = None,
+) -> dict[str, Any]:
     """Run every step in `viewer` on the sample stack; `shot(name)` after each step."""
     from napari_cryoddm._napari.layers import micrograph_layers, points_layers
 
@@ -96,8 +103,10 @@ def walk(viewer: Any, work: Path, shot: Callable[[str], None] | None = None,
     defaults["picker"] = (picker.image.value, picker.particles_layer.value, picker.form["screen"].value)
     picker.image.value = raw_layer
     picker.unit.value = "px"
-    picker.diameter.value = float(particles_layer.metadata["cryoddm"].get("diameter_px")
-                                  or sample_meta["config"]["diameter"] / sample_meta["config"]["pixel_size"])
+    picker.diameter.value = float(
+        particles_layer.metadata["cryoddm"].get("diameter_px")
+        or sample_meta["config"]["diameter"] / sample_meta["config"]["pixel_size"]
+    )
     picker.particles_layer.value = particles_layer
     picker.form["max_per_micrograph"].value = max_noise
     picker.pick_from_particles()
@@ -111,8 +120,12 @@ def walk(viewer: Any, work: Path, shot: Callable[[str], None] | None = None,
 
     # 3. forward: everything from the layers
     forward = _dock(viewer, "Forward", docks)
-    defaults["forward"] = (forward._micrographs.value, forward._particles.value, forward._noise.value,
-                           forward.form["diameter"].value)
+    defaults["forward"] = (
+        forward._micrographs.value,
+        forward._particles.value,
+        forward._noise.value,
+        forward.form["diameter"].value,
+    )
     forward._micrographs.value = raw_layer
     forward._particles.value = particles_layer
     forward._noise.value = noise_layer
@@ -156,8 +169,7 @@ def walk(viewer: Any, work: Path, shot: Callable[[str], None] | None = None,
         raise RuntimeError(f"predict added no layer: {predict.status.value}")
     out["denoised_layer"] = viewer.layers[name]
     out["predict_config"] = predict.config()
-    out["grid"] = {"enabled": viewer.canvas.grid.enabled,
-                   "visible": [lay.name for lay in viewer.layers if lay.visible]}
+    out["grid"] = {"enabled": viewer.canvas.grid.enabled, "visible": [lay.name for lay in viewer.layers if lay.visible]}
     widths.check()
     _process(viewer)
     shot("05-predict")
@@ -213,8 +225,9 @@ class DockWidths:
         return {n: (self.initial[n], w) for n, w in self.widest.items() if w > self.initial[n]}
 
 
-def walk_real(viewer: Any, data: Path, work: Path, shot: Callable[[str], None] | None = None,
-              widths: DockWidths | None = None) -> dict[str, Any]:
+def walk_real(
+    viewer: Any, data: Path, work: Path, shot: Callable[[str], None] | None = None, widths: DockWidths | None = None
+) -> dict[str, Any]:
     """The review's walk on real data: the 4k EPU micrograph and `Ucsf_stack_1142_DW.mrc` with its
     RELION autopicks → Attach → Noise picker → Forward (binned ×2) → Train (1 epoch) → Predict
     (the Ucsf micrograph) → cs2star (a real `.cs` whose names match no open micrograph).
@@ -242,8 +255,13 @@ def walk_real(viewer: Any, data: Path, work: Path, shot: Callable[[str], None] |
     viewer.open(str(data / "coordinates" / "Ucsf_stack_1142_DW_autopick.star"), plugin=PLUGIN)
     epu, ucsf = micrograph_layers(viewer)
     star = points_layers(viewer)[-1]
-    out.update(epu=epu, ucsf=ucsf, star=star, axis_labels=tuple(viewer.dims.axis_labels),
-               star_attached_at_open=star.metadata["cryoddm"].get("attached_to"))
+    out.update(
+        epu=epu,
+        ucsf=ucsf,
+        star=star,
+        axis_labels=tuple(viewer.dims.axis_labels),
+        star_attached_at_open=star.metadata["cryoddm"].get("attached_to"),
+    )
     epu.visible = False
     viewer.reset_view(layers=[lay for lay in viewer.layers if lay.visible])
     _process(viewer)
@@ -291,8 +309,12 @@ def walk_real(viewer: Any, data: Path, work: Path, shot: Callable[[str], None] |
 
     # 4. forward: micrographs, particles, noise and diameter come from the steps before
     forward = dock("Forward")
-    defaults["forward"] = (forward._micrographs.value, forward._particles.value,
-                           forward._noise.value, forward.form["diameter"].value)
+    defaults["forward"] = (
+        forward._micrographs.value,
+        forward._particles.value,
+        forward._noise.value,
+        forward.form["diameter"].value,
+    )
     forward.form["bin"].value = 2.0
     forward._output.value = work / "forward"
     forward._preview_crop.value = 0
@@ -334,13 +356,14 @@ def walk_real(viewer: Any, data: Path, work: Path, shot: Callable[[str], None] |
     if name not in viewer.layers:
         raise RuntimeError(f"predict added no layer: {predict.status.value}")
     out["denoised_layer"] = viewer.layers[name]
-    out["grid"] = {"enabled": viewer.canvas.grid.enabled,
-                   "visible": [lay.name for lay in viewer.layers if lay.visible],
-                   "shape": viewer.canvas.grid.actual_shape(viewer.layers),
-                   "zoom": viewer.scene.camera.zoom,
-                   "viewbox": tuple(viewer.canvas.viewbox_size(viewer.layers)),
-                   "extent": [tuple(np.ptp(lay.extent.world[:, -2:], axis=0))
-                              for lay in (ucsf, out["denoised_layer"])]}
+    out["grid"] = {
+        "enabled": viewer.canvas.grid.enabled,
+        "visible": [lay.name for lay in viewer.layers if lay.visible],
+        "shape": viewer.canvas.grid.actual_shape(viewer.layers),
+        "zoom": viewer.scene.camera.zoom,
+        "viewbox": tuple(viewer.canvas.viewbox_size(viewer.layers)),
+        "extent": [tuple(np.ptp(lay.extent.world[:, -2:], axis=0)) for lay in (ucsf, out["denoised_layer"])],
+    }
     widths.check()
     _process(viewer)
     shot("real-07-predict")
@@ -371,13 +394,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "docs" / "images")
     p.add_argument("--work", type=Path, default=None, help="where the steps write (default: a temp dir)")
     p.add_argument("--size", default="1920x1080", help="window size WxH")
-    p.add_argument("--real", type=Path, default=None, nargs="?", const=REPO.parent / "shared" / "data" / "real",
-                   help="walk the real data in this folder (default ../shared/data/real) instead "
-                        "of the sample: pictures real-*.png")
+    p.add_argument(
+        "--real",
+        type=Path,
+        default=None,
+        nargs="?",
+        const=REPO.parent / "shared" / "data" / "real",
+        help="walk the real data in this folder (default ../shared/data/real) instead "
+        "of the sample: pictures real-*.png",
+    )
     args = p.parse_args(argv)
     if os.environ.get("QT_QPA_PLATFORM") == "offscreen":
-        print("unset QT_QPA_PLATFORM and run under Xvfb (xvfb-run -a …): offscreen has no OpenGL",
-              file=sys.stderr)
+        print("unset QT_QPA_PLATFORM and run under Xvfb (xvfb-run -a …): offscreen has no OpenGL", file=sys.stderr)
         return 2
     import napari
 
@@ -397,9 +425,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.real is not None:
             widths = DockWidths(viewer)
             walk_real(viewer, args.real, work, shot, widths)
-            print(f"dock widths (initial → widest): "
-                  f"{ {n: (widths.initial[n], widths.widest[n]) for n in widths.initial} }; "
-                  f"window ≤ {widths.window} px")
+            print(
+                f"dock widths (initial → widest): "
+                f"{ {n: (widths.initial[n], widths.widest[n]) for n in widths.initial} }; "
+                f"window ≤ {widths.window} px"
+            )
         else:
             walk(viewer, work, shot)
     finally:

@@ -34,9 +34,11 @@ import torch
 from napari_cryoddm.jobs import CancelToken, collect
 from napari_cryoddm.simulation import quality as q
 
-SAMPLE_NOTE = ("trained on synthetic `cryoddm sample` micrographs (3 Å/px, 135 Å particles, SNR 0.05, "
-               "white noise + smooth ice); real data want their own training, or fine-tuning from "
-               "this model with `cryoddm train … --init sample`")
+SAMPLE_NOTE = (
+    "trained on synthetic `cryoddm sample` micrographs (3 Å/px, 135 Å particles, SNR 0.05, "
+    "white noise + smooth ice); real data want their own training, or fine-tuning from "
+    "this model with `cryoddm train … --init sample`"
+)
 
 
 def build_data(root: Path, args: argparse.Namespace) -> Path:
@@ -51,18 +53,43 @@ def build_data(root: Path, args: argparse.Namespace) -> Path:
     fwd = root / "forward"
     if (fwd / "forward.json").is_file():
         return fwd
-    scfg = SampleConfig(n_micrographs=args.micrographs, particles=args.particles, snr=args.snr,
-                        seed=args.data_seed, pixel_size=args.pixel_size, width=args.size,
-                        height=args.size)
+    scfg = SampleConfig(
+        n_micrographs=args.micrographs,
+        particles=args.particles,
+        snr=args.snr,
+        seed=args.data_seed,
+        pixel_size=args.pixel_size,
+        width=args.size,
+        height=args.size,
+    )
     sample = collect(generate_sample(root / "sample", scfg, overwrite=True))
     d_px = float(scfg.diameter_px)
-    pick = collect(pick_noise(sample.micrographs, PickConfig(
-        diameter=d_px, max_per_micrograph=args.max_noise, overlap=args.overlap, seed=0),
-        particles=read_coordinates(sample.particles_star), particles_source=str(sample.particles_star)))
+    pick = collect(
+        pick_noise(
+            sample.micrographs,
+            PickConfig(diameter=d_px, max_per_micrograph=args.max_noise, overlap=args.overlap, seed=0),
+            particles=read_coordinates(sample.particles_star),
+            particles_source=str(sample.particles_star),
+        )
+    )
     noise = write_boxes(root / "noise_coordinates.txt", pick.boxes, overwrite=True)
-    res = collect(run_forward(sample.micrographs, sample.particles_star, noise, fwd, ForwardConfig(
-        diameter=d_px, preset="custom", beta=args.beta, steps=args.steps, start=args.start,
-        seed=0, overwrite=True)))
+    res = collect(
+        run_forward(
+            sample.micrographs,
+            sample.particles_star,
+            noise,
+            fwd,
+            ForwardConfig(
+                diameter=d_px,
+                preset="custom",
+                beta=args.beta,
+                steps=args.steps,
+                start=args.start,
+                seed=0,
+                overwrite=True,
+            ),
+        )
+    )
     return res.out
 
 
@@ -70,11 +97,23 @@ def train_model(fwd: Path, run: Path, args: argparse.Namespace) -> dict[str, Any
     """Train until --epochs or --minutes, whichever comes first; every batch's loss is kept."""
     from napari_cryoddm.train import TrainConfig, train
 
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch, device=args.device, precision=args.precision,
-                      fresh_noise=True, s1_weight=args.s1_weight, s3_weight=args.s3_weight,
-                      seed=args.seed, overwrite=True, lr=args.lr, warmup=args.warmup, clip=args.clip,
-                      init=Path(args.init) if args.init else None, s2_target=args.s2_target,
-                      workers=args.workers)
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch,
+        device=args.device,
+        precision=args.precision,
+        fresh_noise=True,
+        s1_weight=args.s1_weight,
+        s3_weight=args.s3_weight,
+        seed=args.seed,
+        overwrite=True,
+        lr=args.lr,
+        warmup=args.warmup,
+        clip=args.clip,
+        init=Path(args.init) if args.init else None,
+        s2_target=args.s2_target,
+        workers=args.workers,
+    )
     cancel = CancelToken()
     timer = threading.Timer(args.minutes * 60, cancel.cancel) if args.minutes else None
     losses: list[dict[str, Any]] = []
@@ -85,8 +124,16 @@ def train_model(fwd: Path, run: Path, args: argparse.Namespace) -> dict[str, Any
     def on(ev: Any) -> None:
         p = ev.payload or {}
         if "loss" in p:
-            losses.append({"epoch": p["epoch"], "batch": p["batch"], "phase": p["phase"],
-                           "loss": p["loss"], "lr": p["lr"], "t": time.perf_counter() - t0})
+            losses.append(
+                {
+                    "epoch": p["epoch"],
+                    "batch": p["batch"],
+                    "phase": p["phase"],
+                    "loss": p["loss"],
+                    "lr": p["lr"],
+                    "t": time.perf_counter() - t0,
+                }
+            )
         if p.get("epoch_end"):
             elapsed = time.perf_counter() - t0
             print(f"  {ev.message} ({elapsed:.0f} s)", flush=True)
@@ -102,9 +149,14 @@ def train_model(fwd: Path, run: Path, args: argparse.Namespace) -> dict[str, Any
             timer.cancel()
     seconds = time.perf_counter() - t0
     (run / "losses.json").write_text(json.dumps(losses))
-    return {"seconds": seconds, "epochs": res.epochs_done, "stopped": res.stopped,
-            "history": res.history, "batches": len(losses), "config": {
-                k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()}}
+    return {
+        "seconds": seconds,
+        "epochs": res.epochs_done,
+        "stopped": res.stopped,
+        "history": res.history,
+        "batches": len(losses),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
+    }
 
 
 def stability(losses: list[dict[str, Any]], skip: int = 50, factor: float = 3.0) -> dict[str, Any]:
@@ -140,8 +192,13 @@ def held_out(args: argparse.Namespace, setting: str) -> tuple[list[np.ndarray], 
     from napari_cryoddm.simulation.sample_config import SampleConfig
 
     h = HELD_OUT[setting]
-    test = SampleConfig(n_micrographs=args.test_micrographs, snr=args.snr, seed=args.test_seed,
-                        pixel_size=h["pixel_size"], particles=h["particles"])
+    test = SampleConfig(
+        n_micrographs=args.test_micrographs,
+        snr=args.snr,
+        seed=args.test_seed,
+        pixel_size=h["pixel_size"],
+        particles=h["particles"],
+    )
     clean, raw = [], []
     for sim in iter_micrographs(test, molecule_for(test)):
         c, r = sim.clean.astype(np.float32), sim.noisy.astype(np.float32)
@@ -152,8 +209,9 @@ def held_out(args: argparse.Namespace, setting: str) -> tuple[list[np.ndarray], 
     return clean, raw
 
 
-def evaluate(checkpoint: Path, args: argparse.Namespace, tta: bool = True,
-             setting: str = "binned") -> dict[str, dict[str, float]]:
+def evaluate(
+    checkpoint: Path, args: argparse.Namespace, tta: bool = True, setting: str = "binned"
+) -> dict[str, dict[str, float]]:
     """r, FRC and T per band on held-out micrographs: raw, peers, the model per estimator."""
     from napari_cryoddm.predict import PredictConfig, PredictModel, denoise_array
 
@@ -169,8 +227,10 @@ def evaluate(checkpoint: Path, args: argparse.Namespace, tta: bool = True,
         from napari_cryoddm.normalise import normalisation_stats, normalise
 
         est = resolve_estimator("chain", pm.metadata)
-        only = [apply(lin, est.scale * normalise(im, pm.normalisation, normalisation_stats(im, pm.normalisation)))
-                for im in raw]
+        only = [
+            apply(lin, est.scale * normalise(im, pm.normalisation, normalisation_stats(im, pm.normalisation)))
+            for im in raw
+        ]
         rows["linear start alone (H∗x)"] = q.score(only, clean).as_row()
     variants = [("direct", False), ("chain", False)] + ([("chain", True)] if tta else [])
     for est, aug in variants:
@@ -191,10 +251,15 @@ def export(checkpoint: Path, dest: Path, report: dict[str, Any]) -> Path:
     state = {k: v.detach().to(torch.float16) for k, v in loaded.model.state_dict().items()}
     meta = dict(loaded.metadata)
     meta.pop("forward", None)  # a local path; the data summary below replaces it
-    meta["reference"] = {"name": "sample", "trained_on": SAMPLE_NOTE, "data": report["data"],
-                         "train_seconds": report["train"]["seconds"],
-                         "held_out": report["scores"], "estimator": "chain",
-                         "made_by": "scripts/train_reference.py"}
+    meta["reference"] = {
+        "name": "sample",
+        "trained_on": SAMPLE_NOTE,
+        "data": report["data"],
+        "train_seconds": report["train"]["seconds"],
+        "held_out": report["scores"],
+        "estimator": "chain",
+        "made_by": "scripts/train_reference.py",
+    }
     save_checkpoint(dest, state, meta, overwrite=True)
     return dest
 
@@ -207,8 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-noise", type=int, default=40, help="noise boxes per micrograph")
     ap.add_argument("--overlap", type=float, default=0.5, help="noise boxes may overlap by this fraction")
     ap.add_argument("--snr", type=float, default=0.05)
-    ap.add_argument("--pixel-size", type=float, default=3.0,
-                    help="training micrographs' Å/px (3: 45-px particles, W 128; 1.5: 90 px, W 256)")
+    ap.add_argument(
+        "--pixel-size",
+        type=float,
+        default=3.0,
+        help="training micrographs' Å/px (3: 45-px particles, W 128; 1.5: 90 px, W 256)",
+    )
     ap.add_argument("--size", type=int, default=1024, help="training micrograph side (px)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--data-seed", type=int, default=1000)
@@ -217,20 +286,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--start", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=400)
     ap.add_argument("--minutes", type=float, default=50.0, help="stop training after this long (0: no cap)")
-    ap.add_argument("--snapshot-minutes", type=float, nargs="*", default=[],
-                    help="also keep the model as it was after these many minutes")
+    ap.add_argument(
+        "--snapshot-minutes",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also keep the model as it was after these many minutes",
+    )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--s2-target", default="step", choices=("step", "signal", "auto"))
     ap.add_argument("--workers", type=int, default=None, help="data-loader processes (default: train's)")
-    ap.add_argument("--forward", type=Path, default=None,
-                    help="train on this forward folder (another run's OUT/forward) instead of building one")
+    ap.add_argument(
+        "--forward",
+        type=Path,
+        default=None,
+        help="train on this forward folder (another run's OUT/forward) instead of building one",
+    )
     ap.add_argument("--s1-weight", type=float, default=0.0)
     ap.add_argument("--s3-weight", type=float, default=0.0)
-    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                    help="bf16 only where the CPU or GPU has it (emulated bf16 is far slower)")
+    ap.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16"),
+        help="bf16 only where the CPU or GPU has it (emulated bf16 is far slower)",
+    )
     ap.add_argument("--init", default=None, help="start from these weights (fine-tuning)")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--test-micrographs", type=int, default=4)
@@ -256,10 +338,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     fwd = args.forward or build_data(root, args)
     fm = json.loads((fwd / "forward.json").read_text())
-    report["data"] = {"micrographs": args.micrographs, "particles_per_micrograph": args.particles,
-                      "crops": fm.get("counts", {}).get("crops"), "noise_boxes": len(fm.get("noise") or []),
-                      "window": fm.get("window"), "schedule": fm.get("schedule"), "snr": args.snr,
-                      "data_seed": args.data_seed, "seconds": time.perf_counter() - t0}
+    report["data"] = {
+        "micrographs": args.micrographs,
+        "particles_per_micrograph": args.particles,
+        "crops": fm.get("counts", {}).get("crops"),
+        "noise_boxes": len(fm.get("noise") or []),
+        "window": fm.get("window"),
+        "schedule": fm.get("schedule"),
+        "snr": args.snr,
+        "data_seed": args.data_seed,
+        "seconds": time.perf_counter() - t0,
+    }
     print(f"{machine()}\ndata: {report['data']}", flush=True)
     if args.data_only:
         report_path.write_text(json.dumps(report, indent=1, default=str))
@@ -269,8 +358,11 @@ def main(argv: list[str] | None = None) -> int:
         report["train"] = train_model(fwd, run, args)
         losses = json.loads((run / "losses.json").read_text())
         report["stability"] = stability(losses)
-        print(f"trained {report['train']['epochs']} epochs in {report['train']['seconds']:.0f} s; "
-              f"stability {report['stability']}", flush=True)
+        print(
+            f"trained {report['train']['epochs']} epochs in {report['train']['seconds']:.0f} s; "
+            f"stability {report['stability']}",
+            flush=True,
+        )
     for snap in sorted(run.glob("snapshot_*min.pt")):
         report.setdefault("snapshots", {})[snap.stem] = evaluate(snap, args, tta=False)
         print(f"  {snap.stem}: chain r {report['snapshots'][snap.stem]['model, chain']['r']:.4f}", flush=True)
@@ -279,8 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         report["scores"][setting] = rows = evaluate(run / "last.pt", args, tta=args.tta, setting=setting)
         print(f"held-out '{setting}' ({HELD_OUT[setting]})", flush=True)
         for name, row in rows.items():
-            print(f"  {name:28s} r {row['r']:.4f}  FRC mid {row['frc_mid']:.3f} high {row['frc_high']:.3f} "
-                  f"T_high {row['T_high']:.2f}", flush=True)
+            print(
+                f"  {name:28s} r {row['r']:.4f}  FRC mid {row['frc_mid']:.3f} high {row['frc_high']:.3f} "
+                f"T_high {row['T_high']:.2f}",
+                flush=True,
+            )
     report_path.write_text(json.dumps(report, indent=1, default=str))
     if args.export:
         print(f"exported {export(run / 'last.pt', root / 'sample.pt', report)}")

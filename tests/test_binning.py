@@ -28,8 +28,15 @@ def _band_limited(n_y: int, n_x: int, max_cycles: int, seed: int = 0):
     """A sum of random cosines with at most `max_cycles` cycles per image along each axis, as a
     function of continuous (row, col) so we can sample it anywhere."""
     rng = np.random.default_rng(seed)
-    waves = [(rng.integers(-max_cycles, max_cycles + 1), rng.integers(-max_cycles, max_cycles + 1),
-              rng.uniform(0.2, 1.0), rng.uniform(0, 2 * np.pi)) for _ in range(25)]
+    waves = [
+        (
+            rng.integers(-max_cycles, max_cycles + 1),
+            rng.integers(-max_cycles, max_cycles + 1),
+            rng.uniform(0.2, 1.0),
+            rng.uniform(0, 2 * np.pi),
+        )
+        for _ in range(25)
+    ]
 
     def f(r, c):
         out = np.zeros(np.broadcast(r, c).shape)
@@ -40,8 +47,7 @@ def _band_limited(n_y: int, n_x: int, max_cycles: int, seed: int = 0):
     return f
 
 
-@pytest.mark.parametrize("shape, factor", [((128, 128), 2), ((96, 160), 2), ((96, 96), 1.5),
-                                           ((120, 90), 3)])
+@pytest.mark.parametrize("shape, factor", [((128, 128), 2), ((96, 160), 2), ((96, 96), 1.5), ((120, 90), 3)])
 def test_band_limited_image_binned_equals_analytic_downsample(shape, factor):
     ny, nx = shape
     my, mx = binned_shape(shape, factor)
@@ -72,9 +78,9 @@ def test_blob_lands_at_scaled_coordinates():
     n, f = 256, 4
     r, c = np.mgrid[0:n, 0:n]
     x0, y0 = 150.0, 70.0
-    image = np.exp(-((c - x0) ** 2 + (r - y0) ** 2) / (2 * 8.0 ** 2)).astype(np.float32)
+    image = np.exp(-((c - x0) ** 2 + (r - y0) ** 2) / (2 * 8.0**2)).astype(np.float32)
     b = fourier_bin(image, f)
-    rr, cc = np.mgrid[0:b.shape[0], 0:b.shape[1]]
+    rr, cc = np.mgrid[0 : b.shape[0], 0 : b.shape[1]]
     w = np.clip(b, 0, None)
     centre = np.array([(cc * w).sum() / w.sum(), (rr * w).sum() / w.sum()])
     np.testing.assert_allclose(centre, to_binned(np.array([x0, y0]), f), atol=0.02)

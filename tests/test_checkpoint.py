@@ -42,8 +42,14 @@ def _forget(module_name: str = "unet2d") -> None:
 def test_round_trip_in_a_fresh_process(tmp_path):
     torch.manual_seed(3)
     model = UDenoiseNet()
-    meta = {"window": 384, "diameter_px": 200.0, "bin_factor": 2.0, "normalisation": {"method": "robust"},
-            "losses": {"val": 0.25}, "path": tmp_path}
+    meta = {
+        "window": 384,
+        "diameter_px": 200.0,
+        "bin_factor": 2.0,
+        "normalisation": {"method": "robust"},
+        "losses": {"val": 0.25},
+        "path": tmp_path,
+    }
     path = save_checkpoint(tmp_path / "m.pt", model, meta, resume={"epoch": 3, "batch": 5})
     sums = {k: float(v.double().sum()) for k, v in model.state_dict().items()}
     code = (
@@ -53,9 +59,15 @@ def test_round_trip_in_a_fresh_process(tmp_path):
         "raw = torch.load(sys.argv[1], weights_only=True)\n"  # plain weights_only, no allowlist
         "print(json.dumps({'kind': lc.kind, 'meta': lc.metadata, 'resume': lc.resume,\n"
         "  'format': raw['format'], 'training': lc.model.training,\n"
-        "  'sums': {k: float(v.double().sum()) for k, v in lc.model.state_dict().items()}}))\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        "  'sums': {k: float(v.double().sum()) for k, v in lc.model.state_dict().items()}}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["kind"] == "cryoddm" and got["format"] == FORMAT and got["training"] is False
@@ -138,8 +150,10 @@ def test_original_pth_saved_on_a_gpu_loads_on_the_cpu(unet2d, tmp_path):
 def test_original_checkpoint_dict_and_bare_state_dict(unet2d, tmp_path):
     original = unet2d.UDenoiseNet()
     opt = torch.optim.SGD(original.parameters(), lr=1e-3)
-    torch.save({"epoch": 70, "model_state_dict": original.state_dict(),
-                "optimizer_state_dict": opt.state_dict()}, tmp_path / "checkpoint.pth")
+    torch.save(
+        {"epoch": 70, "model_state_dict": original.state_dict(), "optimizer_state_dict": opt.state_dict()},
+        tmp_path / "checkpoint.pth",
+    )
     torch.save(original.state_dict(), tmp_path / "bare.pth")
     ddp_style = {"module." + k: v for k, v in original.state_dict().items()}
     torch.save(ddp_style, tmp_path / "ddp.pth")
@@ -184,8 +198,11 @@ def test_other_architecture_is_refused_naming_keys_and_shapes(unet2d, tmp_path):
     torch.save({"model_state_dict": torch.nn.Conv2d(1, 4, 3).state_dict()}, tmp_path / "conv.pth")
     torch.save(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3)), tmp_path / "seq.pth")
     _forget()
-    with pytest.raises(InputError, match=r"enc1\.0\.weight has shape \[32, 1, 11, 11\], UDenoiseNet needs "
-                                         r"\[48, 1, 11, 11\]"):
+    with pytest.raises(
+        InputError,
+        match=r"enc1\.0\.weight has shape \[32, 1, 11, 11\], UDenoiseNet needs "
+        r"\[48, 1, 11, 11\]",
+    ):
         load_checkpoint(tmp_path / "narrow.pth")
     with pytest.raises(InputError, match=r"missing 34 keys \(enc1\.0\.weight.*unexpected 2 keys \(weight, bias\)"):
         load_checkpoint(tmp_path / "conv.pth")
@@ -204,7 +221,9 @@ def test_unreadable_inputs(tmp_path):
         load_checkpoint(tmp_path / "list.pt")
     with pytest.raises(InputError, match="is a folder"):
         load_checkpoint(tmp_path)
-    torch.save({"format": FORMAT, "version": 99, "state_dict": UDenoiseNet().state_dict(), "metadata": {}},
-               tmp_path / "future.pt")
+    torch.save(
+        {"format": FORMAT, "version": 99, "state_dict": UDenoiseNet().state_dict(), "metadata": {}},
+        tmp_path / "future.pt",
+    )
     with pytest.raises(InputError, match="version 99 is newer"):
         load_checkpoint(tmp_path / "future.pt")

@@ -38,8 +38,8 @@ def test_pick_noise_says_a_diameter_is_required():
 
 
 def test_demo_progress_keeps_one_total_of_seven_steps():
-    from napari_cryoddm.simulation.demo import STEPS, _stage
     from napari_cryoddm.jobs import Progress, collect
+    from napari_cryoddm.simulation.demo import STEPS, _stage
 
     def step():
         for k in range(4):

@@ -14,12 +14,20 @@ from napari_cryoddm.cli import main
 
 
 def test_info_real_files_text(real_data, capsys):
-    rc = main(["info", str(real_data / "full_size"), str(real_data / "particle_stacks/relion31.mrcs"),
-               str(real_data / "particle_stacks/empiar_10076_7.mrc")])
+    rc = main(
+        [
+            "info",
+            str(real_data / "full_size"),
+            str(real_data / "particle_stacks/relion31.mrcs"),
+            str(real_data / "particle_stacks/empiar_10076_7.mrc"),
+        ]
+    )
     out = capsys.readouterr().out.splitlines()
     assert rc == 0 and len(out) == 4
-    assert out[0].endswith("epu2.9_example.mrc: image 4096×4096 (rows×columns) (mode 6 uint16), voxel "
-                           "size 0.6666 Å/px, extended header FEI2 (909312 bytes)")
+    assert out[0].endswith(
+        "epu2.9_example.mrc: image 4096×4096 (rows×columns) (mode 6 uint16), voxel "
+        "size 0.6666 Å/px, extended header FEI2 (909312 bytes)"
+    )
     # the fei-extended micrograph is 3838 rows by 3710 columns: the order is named
     assert "image 3838×3710 (rows×columns)" in out[1] and "0.8538 Å/px" in out[1]
     assert "FEI1 (786432 bytes)" in out[1]
@@ -31,9 +39,16 @@ def test_info_real_files_text(real_data, capsys):
 def test_info_extended_fei_fields(real_data, capsys):
     assert main(["info", "--extended", str(real_data / "full_size/epu2.9_example.mrc")]) == 0
     out = capsys.readouterr().out
-    for piece in ("HT 300 kV", "dose 41.17 e/Å²", "pixel size 0.6666 Å", "defocus 1.815 µm underfocus",
-                  "applied defocus 2.2 µm underfocus", "magnification 120,000×", "camera BM-Falcon",
-                  "EPU 2.9.0.1519"):
+    for piece in (
+        "HT 300 kV",
+        "dose 41.17 e/Å²",
+        "pixel size 0.6666 Å",
+        "defocus 1.815 µm underfocus",
+        "applied defocus 2.2 µm underfocus",
+        "magnification 120,000×",
+        "camera BM-Falcon",
+        "EPU 2.9.0.1519",
+    ):
         assert piece in out
     # EPU 1.2 writes both defocus fields negative, EPU 2.9 the measured one positive: one sign here
     assert main(["info", "--extended", str(real_data / "full_size/fei-extended.mrc")]) == 0
@@ -61,8 +76,7 @@ def test_info_json_and_gzip(tmp_path, capsys):
 def test_info_bad_files_reported_others_shown(tmp_path, real_data, capsys):
     bad = tmp_path / "bad.mrc"
     bad.write_text("not an mrc\n" * 200)
-    rc = main(["info", str(bad), str(tmp_path / "absent.mrc"),
-               str(real_data / "micrographs/Ucsf_stack_1142_DW.mrc")])
+    rc = main(["info", str(bad), str(tmp_path / "absent.mrc"), str(real_data / "micrographs/Ucsf_stack_1142_DW.mrc")])
     captured = capsys.readouterr()
     assert rc == 2
     assert "Ucsf_stack_1142_DW.mrc: image 927×959" in captured.out
@@ -72,6 +86,7 @@ def test_info_bad_files_reported_others_shown(tmp_path, real_data, capsys):
 
 
 def test_module_entry_point_and_version():
-    out = subprocess.run([sys.executable, "-m", "napari_cryoddm", "--version"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "napari_cryoddm", "--version"], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == f"napari-cryoddm {__version__}"

@@ -47,18 +47,35 @@ from napari_cryoddm.train import TrainConfig, train
 
 torch.set_num_threads(1)
 
-TINY_SAMPLE = ["-n", "1", "--width", "256", "--height", "256", "--pixel-size", "6",
-               "--particles", "2", "--atoms", "50", "-q"]
+TINY_SAMPLE = [
+    "-n",
+    "1",
+    "--width",
+    "256",
+    "--height",
+    "256",
+    "--pixel-size",
+    "6",
+    "--particles",
+    "2",
+    "--atoms",
+    "50",
+    "-q",
+]
 FAST_PREDICT = ["--device", "cpu", "--tile", "128", "--overlap", "0"]
 SYS_KERNEL = Path("/sys/kernel")
 
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def digests(root: Path) -> dict[str, str]:
     """Every file under `root` (relative path → sha256): 'still there, byte for byte'."""
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
@@ -78,8 +95,13 @@ def one_error_line(err: str) -> bool:
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+    }
 
 
 @contextmanager
@@ -127,8 +149,9 @@ def mics(folder: Path, shapes=((64, 64),), names=None) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     names = names or [f"mic_{i:03d}.mrc" for i in range(len(shapes))]
-    return [write_mrc(folder / n, rng.normal(0, 1, s).astype(np.float32), voxel_size=2.0)
-            for n, s in zip(names, shapes)]
+    return [
+        write_mrc(folder / n, rng.normal(0, 1, s).astype(np.float32), voxel_size=2.0) for n, s in zip(names, shapes)
+    ]
 
 
 def noise_txt(path: Path, names=("mic_000.mrc", "mic_001.mrc")) -> Path:
@@ -138,8 +161,8 @@ def noise_txt(path: Path, names=("mic_000.mrc", "mic_001.mrc")) -> Path:
 
 # ----------------------------------------------------------------------------- 1–4: data loss
 
-def test_01_sample_overwrite_never_replaces_cwd_parents_or_foreign_folders(tmp_path, capsys,
-                                                                           monkeypatch):
+
+def test_01_sample_overwrite_never_replaces_cwd_parents_or_foreign_folders(tmp_path, capsys, monkeypatch):
     parent = tmp_path / "parent"
     (parent / "child").mkdir(parents=True)
     (parent / "notes.txt").write_text("my notes")
@@ -186,8 +209,7 @@ def test_02_cs2star_never_replaces_its_inputs_or_foreign_folders(sample, tmp_pat
     assert rc == 2 and "not written by napari-cryoddm cs2star" in err and "results.csv" in err
     rc, _, err = cli(capsys, "cs2star", job / "J6_005_particles.cs", "-o", existing_dir, "--overwrite")
     assert rc == 2 and "is a folder" in err and "IsADirectoryError" not in err
-    rc, _, err = cli(capsys, "cs2star", job / "J6_005_particles.cs", "-o", job / "J6_005_particles.cs",
-                     "--overwrite")
+    rc, _, err = cli(capsys, "cs2star", job / "J6_005_particles.cs", "-o", job / "J6_005_particles.cs", "--overwrite")
     assert rc == 2 and "is the input" in err
     assert digests(tmp_path) == before
     # its own folder output is replaced
@@ -221,8 +243,7 @@ def test_04_predict_suffix_cannot_leave_out(model, tmp_path, capsys):
     (victim / "mic_001.mrc").write_bytes(b"precious")
     before = digests(tmp_path)
     out = tmp_path / "a" / "b" / "OUT"
-    rc, _, err = cli(capsys, "predict", model, src, "-o", out, "--suffix", "/../../../victim/mic_001",
-                     *FAST_PREDICT)
+    rc, _, err = cli(capsys, "predict", model, src, "-o", out, "--suffix", "/../../../victim/mic_001", *FAST_PREDICT)
     assert rc == 2 and "--suffix" in err and "path separators" in err
     four = mics(tmp_path / "four", [(64, 64)] * 4)
     rc, _, err = cli(capsys, "predict", model, *four, "-o", out, "--suffix", "/../same", *FAST_PREDICT)
@@ -232,8 +253,11 @@ def test_04_predict_suffix_cannot_leave_out(model, tmp_path, capsys):
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(suffix=st.text(max_size=24), name=st.text(min_size=1, max_size=24),
-       rel=st.lists(st.sampled_from(["..", ".", "a", "b", "", "/", "mic.mrc"]), max_size=6))
+@given(
+    suffix=st.text(max_size=24),
+    name=st.text(min_size=1, max_size=24),
+    rel=st.lists(st.sampled_from(["..", ".", "a", "b", "", "/", "mic.mrc"]), max_size=6),
+)
 def test_no_output_name_or_suffix_resolves_outside_out(tmp_path, suffix, name, rel):
     out = tmp_path / "OUT"
     out.mkdir(exist_ok=True)
@@ -252,11 +276,15 @@ def test_no_output_name_or_suffix_resolves_outside_out(tmp_path, suffix, name, r
 
 # ----------------------------------------------------------------------------- 5–9: silent wrong results
 
-@pytest.mark.parametrize("field,value,what", [
-    ("location/center_x_frac", np.nan, "NaN or infinite"),
-    ("location/center_y_frac", 5.0, "outside 0…1"),
-    ("location/micrograph_shape", 0, "0 (or not a size)"),
-])
+
+@pytest.mark.parametrize(
+    "field,value,what",
+    [
+        ("location/center_x_frac", np.nan, "NaN or infinite"),
+        ("location/center_y_frac", 5.0, "outside 0…1"),
+        ("location/micrograph_shape", 0, "0 (or not a size)"),
+    ],
+)
 def test_05_cs2star_refuses_impossible_locations(sample, tmp_path, capsys, field, value, what):
     arr = np.load(sample.passthrough_cs)
     arr[field][1] = value
@@ -284,12 +312,32 @@ def test_07_particles_outside_every_micrograph_are_an_error(sample, tmp_path, ca
     blocks["particles"]["rlnCoordinateX"] += 10000
     shifted = tmp_path / "shifted.star"
     starfile.write(blocks, shifted)
-    rc, _, err = cli(capsys, "pick-noise", sample.micrographs[0].parent, "--particles", shifted,
-                     "--diameter", "22", "-o", tmp_path / "noise.txt")
+    rc, _, err = cli(
+        capsys,
+        "pick-noise",
+        sample.micrographs[0].parent,
+        "--particles",
+        shifted,
+        "--diameter",
+        "22",
+        "-o",
+        tmp_path / "noise.txt",
+    )
     assert rc == 2 and "lie outside their micrograph" in err and "shifted.star" in err
     assert not (tmp_path / "noise.txt").exists()
-    rc, _, err = cli(capsys, "forward", sample.micrographs[0].parent, "--particles", shifted,
-                     "--noise", noise_txt(tmp_path / "n.txt"), "--diameter", "22", "-o", tmp_path / "fw")
+    rc, _, err = cli(
+        capsys,
+        "forward",
+        sample.micrographs[0].parent,
+        "--particles",
+        shifted,
+        "--noise",
+        noise_txt(tmp_path / "n.txt"),
+        "--diameter",
+        "22",
+        "-o",
+        tmp_path / "fw",
+    )
     assert rc == 2 and "lie outside their micrograph" in err and "would not help" in err
     assert "use a smaller --window" not in err and not (tmp_path / "fw").exists()
 
@@ -299,12 +347,12 @@ def test_08_blank_and_nan_micrographs_and_zero_boxes(sample, tmp_path, capsys):
     folder = tmp_path / "mics"
     folder.mkdir()
     nan = write_mrc(folder / "mic_nan.mrc", np.full((256, 256), np.nan, np.float32))
-    rc, _, err = cli(capsys, "pick-noise", nan, "--no-particles", "--diameter", "22",
-                     "-o", tmp_path / "a.txt")
+    rc, _, err = cli(capsys, "pick-noise", nan, "--no-particles", "--diameter", "22", "-o", tmp_path / "a.txt")
     assert rc == 2 and "mic_nan.mrc" in err and "NaN" in err and not (tmp_path / "a.txt").exists()
     shutil.copy(good, folder / good.name)
-    rc, out, _ = cli(capsys, "pick-noise", folder, "--no-particles", "--diameter", "22",
-                     "-o", tmp_path / "b.txt", "--quiet")
+    rc, out, _ = cli(
+        capsys, "pick-noise", folder, "--no-particles", "--diameter", "22", "-o", tmp_path / "b.txt", "--quiet"
+    )
     assert rc == 0 and "skipped (no boxes proposed)" in out and "mic_nan.mrc" in out
     assert "mic_nan" not in (tmp_path / "b.txt").read_text()
     # forward: an all-zero micrograph never reaches training
@@ -312,13 +360,36 @@ def test_08_blank_and_nan_micrographs_and_zero_boxes(sample, tmp_path, capsys):
     zero.mkdir()
     write_mrc(zero / good.name, np.zeros((256, 256), np.float32), voxel_size=6.0)
     shutil.copy(other, zero / other.name)
-    rc, _, err = cli(capsys, "forward", zero, "--particles", sample.particles_star, "--noise",
-                     noise_txt(tmp_path / "n.txt"), "--diameter", "22", "--jitter", "0",
-                     "-o", tmp_path / "fw")
+    rc, _, err = cli(
+        capsys,
+        "forward",
+        zero,
+        "--particles",
+        sample.particles_star,
+        "--noise",
+        noise_txt(tmp_path / "n.txt"),
+        "--diameter",
+        "22",
+        "--jitter",
+        "0",
+        "-o",
+        tmp_path / "fw",
+    )
     assert rc == 2 and good.name in err and "all pixels are 0" in err
     assert not (tmp_path / "fw").exists()
-    rc, _, err = cli(capsys, "pick-noise", good, "--particles", sample.particles_star,
-                     "--diameter", "22", "--max-per-micrograph", "0", "-o", tmp_path / "c.txt")
+    rc, _, err = cli(
+        capsys,
+        "pick-noise",
+        good,
+        "--particles",
+        sample.particles_star,
+        "--diameter",
+        "22",
+        "--max-per-micrograph",
+        "0",
+        "-o",
+        tmp_path / "c.txt",
+    )
     assert rc == 2 and "--max-per-micrograph must be at least 1" in err
     assert not (tmp_path / "c.txt").exists()
 
@@ -334,9 +405,24 @@ def test_09_resume_keeps_the_stopped_runs_epochs_and_says_so(tmp_path):
     fw = make_forward(tmp_path / "data", n=2, window=64, m=2, steps=3, start=2)
     out = tmp_path / "run"
     _stopped_run(fw["folder"], out, epochs=2)
-    proc = subprocess.run([sys.executable, "-m", "napari_cryoddm", "train", str(fw["folder"]), "-o",
-                           str(out), "--resume", "--device", "cpu"], capture_output=True, text=True,
-                          env=env(), timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "napari_cryoddm",
+            "train",
+            str(fw["folder"]),
+            "-o",
+            str(out),
+            "--resume",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "with the stopped run's plan: 2 epochs" in proc.stderr
     assert "UserWarning" not in proc.stderr and "warnings.warn" not in proc.stderr
@@ -345,6 +431,7 @@ def test_09_resume_keeps_the_stopped_runs_epochs_and_says_so(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 10–14: clear messages
+
 
 def test_10_non_ascii_names_and_one_bad_file_never_stop_the_others(tmp_path, capsys):
     folder = tmp_path / "in"
@@ -397,8 +484,18 @@ def test_11_sample_and_forward_write_failures_leave_nothing(sample, tmp_path, ca
     if command == "sample":
         argv = ["sample", out, *TINY_SAMPLE]
     else:
-        argv = ["forward", sample.micrographs[0].parent, "--particles", sample.particles_star,
-                "--noise", noise_txt(tmp_path / "n.txt"), "--diameter", "22", "-o", out]
+        argv = [
+            "forward",
+            sample.micrographs[0].parent,
+            "--particles",
+            sample.particles_star,
+            "--noise",
+            noise_txt(tmp_path / "n.txt"),
+            "--diameter",
+            "22",
+            "-o",
+            out,
+        ]
     with file_size_limit(100_000):
         rc, _, err = cli(capsys, *argv)
     assert rc == 2 and "cannot write: File too large" in err and str(out) in err
@@ -421,8 +518,7 @@ def test_11_train_write_failure_keeps_the_last_good_checkpoint(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("command", ["train", "demo", "predict"])
-def test_11_and_14_unwritable_output_fails_first_with_one_line(model, tmp_path, capsys, monkeypatch,
-                                                               command):
+def test_11_and_14_unwritable_output_fails_first_with_one_line(model, tmp_path, capsys, monkeypatch, command):
     unwritable(SYS_KERNEL)
     import napari_cryoddm.predict as predict_mod
 
@@ -445,23 +541,49 @@ def test_11_and_14_unwritable_output_fails_first_with_one_line(model, tmp_path, 
     assert one_error_line(err)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["pick-noise", "MICS", "--particles", "STAR", "--diameter", "inf", "-o", "boxes.txt"],
-     "particle diameter must be a positive number, got inf"),
-    (["forward", "MICS", "--particles", "STAR", "--noise", "n.txt", "--diameter-A", "inf", "-o", "fw"],
-     "--diameter-A must be a positive number, got inf"),
-    (["pick-noise", "MICS", "--particles", "STAR", "--diameter-A", "inf", "-o", "boxes.txt"],
-     "particle diameter must be a positive number, got inf Å"),
-    (["train", "fw", "-o", "run", "--seed", "-1"], "--seed must be 0 or more, got -1"),
-    (["forward", "MICS", "--particles", "STAR", "--noise", "n.txt", "--diameter", "22", "--seed", "-1",
-      "-o", "fw"], "--seed must be 0 or more, got -1"),
-    (["sample", "s", "--pixel-size", "0"], "--pixel-size must be positive, got 0.0"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["pick-noise", "MICS", "--particles", "STAR", "--diameter", "inf", "-o", "boxes.txt"],
+            "particle diameter must be a positive number, got inf",
+        ),
+        (
+            ["forward", "MICS", "--particles", "STAR", "--noise", "n.txt", "--diameter-A", "inf", "-o", "fw"],
+            "--diameter-A must be a positive number, got inf",
+        ),
+        (
+            ["pick-noise", "MICS", "--particles", "STAR", "--diameter-A", "inf", "-o", "boxes.txt"],
+            "particle diameter must be a positive number, got inf Å",
+        ),
+        (["train", "fw", "-o", "run", "--seed", "-1"], "--seed must be 0 or more, got -1"),
+        (
+            [
+                "forward",
+                "MICS",
+                "--particles",
+                "STAR",
+                "--noise",
+                "n.txt",
+                "--diameter",
+                "22",
+                "--seed",
+                "-1",
+                "-o",
+                "fw",
+            ],
+            "--seed must be 0 or more, got -1",
+        ),
+        (["sample", "s", "--pixel-size", "0"], "--pixel-size must be positive, got 0.0"),
+    ],
+)
 def test_12_impossible_numbers_are_one_line_errors(sample, tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     noise_txt(tmp_path / "n.txt")
-    argv = [str(sample.micrographs[0].parent) if a == "MICS" else str(sample.particles_star)
-            if a == "STAR" else a for a in argv]
+    argv = [
+        str(sample.micrographs[0].parent) if a == "MICS" else str(sample.particles_star) if a == "STAR" else a
+        for a in argv
+    ]
     rc, _, err = cli(capsys, *argv)
     assert rc == 2 and message in err and one_error_line(err)
     assert "Error:" not in err and "Traceback" not in err
@@ -471,9 +593,26 @@ def test_12_impossible_numbers_are_one_line_errors(sample, tmp_path, capsys, mon
 def test_13_signals_stop_train_after_the_batch_with_a_resumable_checkpoint(tmp_path, capsys, sig, code):
     fw = make_forward(tmp_path / "data", n=4, window=64, m=4, steps=3, start=2)
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "napari_cryoddm", "train", str(fw["folder"]), "-o",
-                             str(out), "--epochs", "1000", "--batch-size", "2", "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "napari_cryoddm",
+            "train",
+            str(fw["folder"]),
+            "-o",
+            str(out),
+            "--epochs",
+            "1000",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env(),
+    )
     seen = bytearray()
     started = threading.Event()
 
@@ -494,17 +633,28 @@ def test_13_signals_stop_train_after_the_batch_with_a_resumable_checkpoint(tmp_p
     assert "stopped; resume with" in stdout and "Traceback" not in bytes(seen).decode(errors="replace")
     state = load_checkpoint(out / "last.pt").resume
     assert state is not None and (state["epoch"], state["batch"]) > (0, 0)
-    rc, text, _ = cli(capsys, "train", fw["folder"], "-o", out, "--resume", "--device", "cpu",
-                      "--epochs", str(state["epoch"] + 1))
+    rc, text, _ = cli(
+        capsys, "train", fw["folder"], "-o", out, "--resume", "--device", "cpu", "--epochs", str(state["epoch"] + 1)
+    )
     assert rc == 0 and f"epoch {state['epoch'] + 1}:" in text
 
 
 def test_14_existing_forward_output_message_reads_once(sample, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    rc, _, err = cli(capsys, "forward", sample.micrographs[0].parent, "--particles",
-                     sample.particles_star, "--noise", noise_txt(tmp_path / "n.txt"),
-                     "--diameter", "22", "-o", afile)
+    rc, _, err = cli(
+        capsys,
+        "forward",
+        sample.micrographs[0].parent,
+        "--particles",
+        sample.particles_star,
+        "--noise",
+        noise_txt(tmp_path / "n.txt"),
+        "--diameter",
+        "22",
+        "-o",
+        afile,
+    )
     assert rc == 2 and err.strip().endswith("afile already exists; pass --overwrite to replace it")
     assert "it exists" not in err and afile.read_text() == "x"
 
@@ -529,10 +679,21 @@ def test_14_unsafe_checkpoints_are_refused_without_torchs_advice(tmp_path, capsy
 
 def test_14_unquoted_space_in_a_star_name_names_the_line(sample, tmp_path, capsys):
     bad = tmp_path / "bad.star"
-    bad.write_text("data_particles\n\nloop_\n_rlnMicrographName #1\n_rlnCoordinateX #2\n"
-                   "_rlnCoordinateY #3\nmic_000.mrc 100 100\nmy mic.mrc 120 130\n")
-    rc, _, err = cli(capsys, "pick-noise", sample.micrographs[0].parent, "--particles", bad,
-                     "--diameter", "22", "-o", tmp_path / "n.txt")
+    bad.write_text(
+        "data_particles\n\nloop_\n_rlnMicrographName #1\n_rlnCoordinateX #2\n"
+        "_rlnCoordinateY #3\nmic_000.mrc 100 100\nmy mic.mrc 120 130\n"
+    )
+    rc, _, err = cli(
+        capsys,
+        "pick-noise",
+        sample.micrographs[0].parent,
+        "--particles",
+        bad,
+        "--diameter",
+        "22",
+        "-o",
+        tmp_path / "n.txt",
+    )
     assert rc == 2 and "bad.star: line 8: 4 values for 3 columns" in err and "quoted" in err
     assert "Length mismatch" not in err
 

@@ -45,11 +45,7 @@ def test_x_is_column_y_is_row_on_real_autopicks(real_data):
         return band[r, c]
 
     ours = at(y, x)
-    alternatives = {
-        "x↔y swapped": at(x, y),
-        "Y flipped": at(ny - 1 - y, x),
-        "X flipped": at(y, nx - 1 - x),
-    }
+    alternatives = {"x↔y swapped": at(x, y), "Y flipped": at(ny - 1 - y, x), "X flipped": at(y, nx - 1 - x)}
     assert ours.mean() < -0.5  # picks sit on clearly darker pixels
     for name, values in alternatives.items():
         d = values - ours

@@ -90,8 +90,7 @@ class _Cfg:
 def test_config_round_trips_through_argparse():
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, _Cfg)
-    cfg = config_from_args(_Cfg, parser.parse_args(["--beta", "0.2", "--no-flag", "--sizes", "3", "4",
-                                                    "--out", "x"]))
+    cfg = config_from_args(_Cfg, parser.parse_args(["--beta", "0.2", "--no-flag", "--sizes", "3", "4", "--out", "x"]))
     assert cfg == _Cfg(beta=0.2, steps=5, name="a", out=Path("x"), flag=False, sizes=(3, 4))
     assert config_from_args(_Cfg, parser.parse_args([])) == _Cfg()
     with pytest.raises(SystemExit):
@@ -99,8 +98,21 @@ def test_config_round_trips_through_argparse():
     assert to_jsonable(cfg)["out"] == "x"
 
 
-@pytest.mark.parametrize("d, w", [(101, 256), (170, 256), (171, 384), (200, 384), (255, 384),
-                                  (256, 512), (303, 512), (342, 640), (45, 128), (90, 256)])
+@pytest.mark.parametrize(
+    "d, w",
+    [
+        (101, 256),
+        (170, 256),
+        (171, 384),
+        (200, 384),
+        (255, 384),
+        (256, 512),
+        (303, 512),
+        (342, 640),
+        (45, 128),
+        (90, 256),
+    ],
+)
 def test_window_rule_matches_the_original_table(d, w):
     assert window_for_diameter(d) == w
 
@@ -140,23 +152,25 @@ def test_robust_normalisation_ignores_hot_pixels_where_minmax_does_not():
 
 
 def test_cli_version_and_module_entry_point():
-    out = subprocess.run([sys.executable, "-m", "napari_cryoddm", "--version"], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "napari_cryoddm", "--version"], capture_output=True, text=True, check=True
+    )
     assert out.stdout.startswith("napari-cryoddm ")
 
 
 def test_cli_reports_user_errors_without_traceback(tmp_path: Path):
     bad = tmp_path / "not.mrc"
     bad.write_text("hello, I am text")
-    out = subprocess.run([sys.executable, "-m", "napari_cryoddm", "info", str(bad)], capture_output=True,
-                         text=True)
+    out = subprocess.run([sys.executable, "-m", "napari_cryoddm", "info", str(bad)], capture_output=True, text=True)
     assert out.returncode == 2
     assert "not.mrc" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_cli_imports_only_the_chosen_subcommand():
-    code = ("import sys\nfrom napari_cryoddm.cli import main\n"
-            "try:\n    main(['info', '--help'])\nexcept SystemExit:\n    pass\n"
-            "print('torch' in sys.modules, 'napari' in sys.modules)")
+    code = (
+        "import sys\nfrom napari_cryoddm.cli import main\n"
+        "try:\n    main(['info', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules, 'napari' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False False"

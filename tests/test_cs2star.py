@@ -33,8 +33,15 @@ REFERENCES = [
     (("empiar_10076_7.cs",), "empiar_10076_7_csparc2star_default.star", {}),
 ]
 ANGLES = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
-INTEGER = {"rlnCoordinateX", "rlnCoordinateY", "rlnOpticsGroup", "rlnClassNumber", "rlnRandomSubset",
-           "rlnImageSize", "rlnImageDimensionality"}
+INTEGER = {
+    "rlnCoordinateX",
+    "rlnCoordinateY",
+    "rlnOpticsGroup",
+    "rlnClassNumber",
+    "rlnRandomSubset",
+    "rlnImageSize",
+    "rlnImageDimensionality",
+}
 
 
 def _blocks(path: Path) -> dict[str, pd.DataFrame]:
@@ -50,8 +57,9 @@ def _assert_same_values(ours: pd.DataFrame, theirs: pd.DataFrame, what: str) -> 
         if col in INTEGER:
             np.testing.assert_array_equal(a.astype(np.int64), b.astype(np.int64), err_msg=f"{what} {col}")
         elif b.dtype.kind in "fi":
-            np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), rtol=0,
-                                       atol=1.01e-6, err_msg=f"{what} {col}")
+            np.testing.assert_allclose(
+                a.astype(np.float64), b.astype(np.float64), rtol=0, atol=1.01e-6, err_msg=f"{what} {col}"
+            )
         else:
             assert list(map(str, a)) == list(map(str, b)), f"{what} {col}"
 
@@ -76,8 +84,9 @@ def test_output_equals_pyem(real_data, tmp_path, inputs, reference, options):
         assert op["rlnImageName"].is_unique
         op = op.set_index("rlnImageName", drop=False).loc[tp["rlnImageName"]]
     else:  # passthrough only: no image names; pyem keeps the file's order and so do we
-        assert sorted(zip(op.rlnMicrographName, op.rlnCoordinateX, op.rlnCoordinateY)) == \
-            sorted(zip(tp.rlnMicrographName, tp.rlnCoordinateX, tp.rlnCoordinateY))
+        assert sorted(zip(op.rlnMicrographName, op.rlnCoordinateX, op.rlnCoordinateY)) == sorted(
+            zip(tp.rlnMicrographName, tp.rlnCoordinateX, tp.rlnCoordinateY)
+        )
     _assert_same_values(op, tp, reference)
     if set(ANGLES) <= set(tp.columns):
         ra = relion_euler_to_matrix(*(op[c].to_numpy() for c in ANGLES))
@@ -100,8 +109,10 @@ def test_t20s_coordinates_pinned(real_data):
     assert (no_invert.particles.rlnCoordinateY == round(0.945 * 7676)).sum() == 1
 
 
-@pytest.mark.parametrize("name", ["cryosparc_P12_J24_001_particles.cs", "cryosparc_J2_particles_exported.cs",
-                                  "empiar_10076_7.cs", "4k_dataset.cs"])
+@pytest.mark.parametrize(
+    "name",
+    ["cryosparc_P12_J24_001_particles.cs", "cryosparc_J2_particles_exported.cs", "empiar_10076_7.cs", "4k_dataset.cs"],
+)
 def test_real_cs_files_convert(real_data, tmp_path, name):
     src = real_data / "cryosparc" / name
     n_rows = len(load_cs(src))
@@ -116,8 +127,11 @@ def test_real_cs_files_convert(real_data, tmp_path, name):
 
 
 def test_exported_paths_lose_the_export_prefix(real_data):
-    t = build_tables(load_cs(real_data / "cryosparc" / "cryosparc_J2_particles_exported.cs"), [],
-                     Cs2StarConfig(keep_image_names=True, strip_uid=True))
+    t = build_tables(
+        load_cs(real_data / "cryosparc" / "cryosparc_J2_particles_exported.cs"),
+        [],
+        Cs2StarConfig(keep_image_names=True, strip_uid=True),
+    )
     names = t.particles["rlnImageName"]
     assert names.str.match(r"^\d{6}@J1/imported/18jam15b_0345_ali_DW\.mrcs$").all()
 
@@ -179,8 +193,15 @@ def _save_cs(path: Path, arr: np.ndarray) -> Path:
     return path
 
 
-def synthetic(tmp_path: Path, n: int = 40, shape=(3838, 3710), bin_factor: float = 1.0, seed: int = 0,
-              mic_names=("mic_0001", "mic_0002", "mic_0003"), uid_prefix: bool = True):
+def synthetic(
+    tmp_path: Path,
+    n: int = 40,
+    shape=(3838, 3710),
+    bin_factor: float = 1.0,
+    seed: int = 0,
+    mic_names=("mic_0001", "mic_0002", "mic_0003"),
+    uid_prefix: bool = True,
+):
     """A refinement's particles.cs + passthrough.cs built from known pixel positions and poses.
 
     Truth is in the raw frame (x = column, y = row, origin at the first stored pixel); cryoSPARC
@@ -202,15 +223,31 @@ def synthetic(tmp_path: Path, n: int = 40, shape=(3838, 3710), bin_factor: float
     mic_paths = [f"J5/imported/{pre(k)}{mic_names[k]}.mrc" for k in mic]
     stack = [f"J9/extract/{pre(k)}{mic_names[k]}_particles.mrc" for k in mic]
     apix = 1.06 * bin_factor
-    particles = np.zeros(n, dtype=[("uid", "<u8"), ("blob/path", "S80"), ("blob/idx", "<u4"),
-                                   ("blob/shape", "<u4", (2,)), ("blob/psize_A", "<f4"),
-                                   ("ctf/exp_group_id", "<u4"), ("ctf/accel_kv", "<f4"),
-                                   ("ctf/cs_mm", "<f4"), ("ctf/amp_contrast", "<f4"),
-                                   ("ctf/df1_A", "<f4"), ("ctf/df2_A", "<f4"), ("ctf/df_angle_rad", "<f4"),
-                                   ("ctf/phase_shift_rad", "<f4"), ("ctf/bfactor", "<f4"),
-                                   ("alignments3D/split", "<u4"), ("alignments3D/shift", "<f4", (2,)),
-                                   ("alignments3D/pose", "<f4", (3,)), ("alignments3D/psize_A", "<f4"),
-                                   ("alignments3D/class_posterior", "<f4"), ("alignments3D/class", "<u4")])
+    particles = np.zeros(
+        n,
+        dtype=[
+            ("uid", "<u8"),
+            ("blob/path", "S80"),
+            ("blob/idx", "<u4"),
+            ("blob/shape", "<u4", (2,)),
+            ("blob/psize_A", "<f4"),
+            ("ctf/exp_group_id", "<u4"),
+            ("ctf/accel_kv", "<f4"),
+            ("ctf/cs_mm", "<f4"),
+            ("ctf/amp_contrast", "<f4"),
+            ("ctf/df1_A", "<f4"),
+            ("ctf/df2_A", "<f4"),
+            ("ctf/df_angle_rad", "<f4"),
+            ("ctf/phase_shift_rad", "<f4"),
+            ("ctf/bfactor", "<f4"),
+            ("alignments3D/split", "<u4"),
+            ("alignments3D/shift", "<f4", (2,)),
+            ("alignments3D/pose", "<f4", (3,)),
+            ("alignments3D/psize_A", "<f4"),
+            ("alignments3D/class_posterior", "<f4"),
+            ("alignments3D/class", "<u4"),
+        ],
+    )
     particles["uid"] = uid
     particles["blob/path"] = [s.encode() for s in stack]
     particles["blob/idx"] = np.arange(n)
@@ -230,10 +267,17 @@ def synthetic(tmp_path: Path, n: int = 40, shape=(3838, 3710), bin_factor: float
     particles["alignments3D/psize_A"] = apix
     particles["alignments3D/class_posterior"] = 1
     particles["alignments3D/class"] = mic % 3
-    passthrough = np.zeros(n, dtype=[("uid", "<u8"), ("location/micrograph_path", "S80"),
-                                     ("location/micrograph_shape", "<u4", (2,)),
-                                     ("location/micrograph_psize_A", "<f4"),
-                                     ("location/center_x_frac", "<f4"), ("location/center_y_frac", "<f4")])
+    passthrough = np.zeros(
+        n,
+        dtype=[
+            ("uid", "<u8"),
+            ("location/micrograph_path", "S80"),
+            ("location/micrograph_shape", "<u4", (2,)),
+            ("location/micrograph_psize_A", "<f4"),
+            ("location/center_x_frac", "<f4"),
+            ("location/center_y_frac", "<f4"),
+        ],
+    )
     passthrough["uid"] = uid[::-1]  # a different order: the join must use uid
     passthrough["location/micrograph_path"] = [s.encode() for s in mic_paths][::-1]
     passthrough["location/micrograph_shape"] = (bny, bnx)
@@ -242,9 +286,20 @@ def synthetic(tmp_path: Path, n: int = 40, shape=(3838, 3710), bin_factor: float
     passthrough["location/center_y_frac"] = (1 - y / bin_factor / bny)[::-1]  # bottom-left origin
     p = _save_cs(tmp_path / "J9_004_particles.cs", particles)
     t = _save_cs(tmp_path / "J9_passthrough_particles.cs", passthrough)
-    truth = pd.DataFrame({"mic": [mic_names[k] for k in mic], "x": x, "y": y, "rot": rot, "tilt": tilt,
-                          "psi": psi, "df1": particles["ctf/df1_A"], "class": mic % 3, "group": mic % 2,
-                          "name": [f"{i + 1:06d}@{s}" for i, s in enumerate(stack)]})
+    truth = pd.DataFrame(
+        {
+            "mic": [mic_names[k] for k in mic],
+            "x": x,
+            "y": y,
+            "rot": rot,
+            "tilt": tilt,
+            "psi": psi,
+            "df1": particles["ctf/df1_A"],
+            "class": mic % 3,
+            "group": mic % 2,
+            "name": [f"{i + 1:06d}@{s}" for i, s in enumerate(stack)],
+        }
+    )
     truth["shift_A"] = list(particles["alignments3D/shift"].astype(np.float64) * apix)
     return p, t, truth
 
@@ -275,8 +330,7 @@ def test_synthetic_round_trip(tmp_path):
     assert out.rlnMicrographName.str.match(r"^J5/imported/\d{21}_mic_000\d\.mrc$").all()
 
 
-@pytest.mark.parametrize("how", [{"scale": 2.0}, {"denoised_apix": 2.12, "raw_apix": 1.06},
-                                 {"raw_apix": 1.06}])
+@pytest.mark.parametrize("how", [{"scale": 2.0}, {"denoised_apix": 2.12, "raw_apix": 1.06}, {"raw_apix": 1.06}])
 def test_binned_by_two_back_to_raw(tmp_path, how):
     """cryoSPARC saw ×2-binned micrographs: coordinates come back to the raw frame within 1 px."""
     p, t, truth = synthetic(tmp_path, bin_factor=2.0)
@@ -301,22 +355,38 @@ def test_raw_apix_sets_the_optics_for_reextraction(tmp_path):
 
 def test_scale_options_are_checked(tmp_path):
     p, t, _ = synthetic(tmp_path)
-    for bad, msg in [({"scale": 2.0, "denoised_apix": 2.0, "raw_apix": 1.0}, "not both"),
-                     ({"denoised_apix": 2.0}, "needs --raw-apix"), ({"scale": -1.0}, "positive")]:
+    for bad, msg in [
+        ({"scale": 2.0, "denoised_apix": 2.0, "raw_apix": 1.0}, "not both"),
+        ({"denoised_apix": 2.0}, "needs --raw-apix"),
+        ({"scale": -1.0}, "positive"),
+    ]:
         with pytest.raises(CryoDDMError, match=msg):
             build_tables(load_cs(p), [load_cs(t)], Cs2StarConfig(**bad))
 
 
 def _raw_micrographs_star(path: Path, names, defocus) -> Path:
-    optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1", "opticsGroup2"], "rlnOpticsGroup": [1, 2],
-                           "rlnMicrographOriginalPixelSize": [0.53, 0.53], "rlnVoltage": [300.0, 300.0],
-                           "rlnSphericalAberration": [2.7, 2.7], "rlnAmplitudeContrast": [0.1, 0.1],
-                           "rlnMicrographPixelSize": [1.06, 1.06]})
-    mics = pd.DataFrame({"rlnMicrographName": [f"MotionCorr/job002/Movies/{n}.mrc" for n in names],
-                         "rlnOpticsGroup": [1 + (i % 2) for i in range(len(names))],
-                         "rlnCtfImage": [f"CtfFind/job004/Movies/{n}.ctf:mrc" for n in names],
-                         "rlnDefocusU": defocus, "rlnDefocusV": [d - 100 for d in defocus],
-                         "rlnDefocusAngle": [12.5] * len(names), "rlnCtfMaxResolution": [3.1] * len(names)})
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroupName": ["opticsGroup1", "opticsGroup2"],
+            "rlnOpticsGroup": [1, 2],
+            "rlnMicrographOriginalPixelSize": [0.53, 0.53],
+            "rlnVoltage": [300.0, 300.0],
+            "rlnSphericalAberration": [2.7, 2.7],
+            "rlnAmplitudeContrast": [0.1, 0.1],
+            "rlnMicrographPixelSize": [1.06, 1.06],
+        }
+    )
+    mics = pd.DataFrame(
+        {
+            "rlnMicrographName": [f"MotionCorr/job002/Movies/{n}.mrc" for n in names],
+            "rlnOpticsGroup": [1 + (i % 2) for i in range(len(names))],
+            "rlnCtfImage": [f"CtfFind/job004/Movies/{n}.ctf:mrc" for n in names],
+            "rlnDefocusU": defocus,
+            "rlnDefocusV": [d - 100 for d in defocus],
+            "rlnDefocusAngle": [12.5] * len(names),
+            "rlnCtfMaxResolution": [3.1] * len(names),
+        }
+    )
     starfile.write({"optics": optics, "micrographs": mics}, path)
     return path
 
@@ -324,8 +394,9 @@ def _raw_micrographs_star(path: Path, names, defocus) -> Path:
 def test_raw_micrographs_join_by_stem(tmp_path):
     p, t, truth = synthetic(tmp_path, bin_factor=2.0)
     raw = _raw_micrographs_star(tmp_path / "micrographs_ctf.star", ["mic_0001", "mic_0002"], [11000.0, 12000.0])
-    tables = build_tables(load_cs(p), [load_cs(t)], Cs2StarConfig(scale=2.0, raw_micrographs=raw,
-                                                                   keep_image_names=True))
+    tables = build_tables(
+        load_cs(p), [load_cs(t)], Cs2StarConfig(scale=2.0, raw_micrographs=raw, keep_image_names=True)
+    )
     out = tables.particles
     kept = truth[truth.mic != "mic_0003"]
     assert len(out) == len(kept) and any("mic_0003" in n and "left out" in n for n in tables.notes)
@@ -351,8 +422,9 @@ def test_raw_micrographs_that_match_nothing(tmp_path):
 
 def test_strip_uid_and_micrograph_folder(tmp_path):
     p, t, truth = synthetic(tmp_path)
-    tables = build_tables(load_cs(p), [load_cs(t)],
-                          Cs2StarConfig(strip_uid=True, micrograph_folder="/data/raw", keep_image_names=True))
+    tables = build_tables(
+        load_cs(p), [load_cs(t)], Cs2StarConfig(strip_uid=True, micrograph_folder="/data/raw", keep_image_names=True)
+    )
     out = _by_name_stripped(tables, truth)
     assert out.rlnMicrographName.tolist() == [f"/data/raw/{m}.mrc" for m in truth.mic]
     assert out.rlnImageName.str.match(r"^\d{6}@J9/extract/mic_000\d_particles\.mrc$").all()
@@ -390,16 +462,18 @@ def test_legacy_invert_writes_the_original_flip_with_a_warning(tmp_path):
 def test_rotation_conversions_round_trip():
     rng = np.random.default_rng(3)
     r = Rotation.random(500, random_state=4).as_matrix()
-    special = relion_euler_to_matrix(np.array([0.0, 30, 0, 10]), np.array([0.0, 0, 180, 180]),
-                                     np.array([40.0, -20, 15, 0]))
+    special = relion_euler_to_matrix(
+        np.array([0.0, 30, 0, 10]), np.array([0.0, 0, 180, 180]), np.array([40.0, -20, 15, 0])
+    )
     mats = np.concatenate([r, special])
     back = relion_euler_to_matrix(*matrix_to_relion_euler(mats))
     assert np.abs(back - mats).max() < 1e-9
     rot, tilt, psi = matrix_to_relion_euler(mats)
     assert (tilt >= 0).all() and (tilt <= 180).all()
     v = rng.normal(size=(50, 3))
-    np.testing.assert_allclose(rotvec_to_relion_matrix(v), Rotation.from_rotvec(v).as_matrix().transpose(0, 2, 1),
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        rotvec_to_relion_matrix(v), Rotation.from_rotvec(v).as_matrix().transpose(0, 2, 1), atol=1e-12
+    )
     np.testing.assert_allclose(rotvec_to_relion_matrix(np.zeros((1, 3)))[0], np.eye(3))
 
 
@@ -562,8 +636,7 @@ def test_sample_pair_back_to_truth(sample_set, tmp_path):
 
     _, truth = read_truth(sample_set.truth_json)
     out = tmp_path / "s.star"
-    res = collect(convert(sample_set.particles_cs, [sample_set.passthrough_cs], out,
-                          Cs2StarConfig(strip_uid=True)))
+    res = collect(convert(sample_set.particles_cs, [sample_set.passthrough_cs], out, Cs2StarConfig(strip_uid=True)))
     p = _blocks(out)["particles"]
     assert res.n_particles == len(truth) == 8 and res.n_micrographs == 2
     assert p.rlnMicrographName.str.match(r"^J1/imported/mic_00[01]\.mrc$").all()
@@ -617,8 +690,9 @@ def test_binning_read_from_the_raw_micrographs_star(tmp_path):
 def test_denoised_suffix_maps_back_to_raw_names(tmp_path):
     """Prediction run with --suffix _denoised: the suffix goes, the raw names come back."""
     p, t, truth = synthetic(tmp_path, mic_names=("a_denoised", "b_denoised", "c_denoised"))
-    tables = build_tables(load_cs(p), [load_cs(t)], Cs2StarConfig(denoised_suffix="_denoised", strip_uid=True,
-                                                                   micrograph_folder="Raw"))
+    tables = build_tables(
+        load_cs(p), [load_cs(t)], Cs2StarConfig(denoised_suffix="_denoised", strip_uid=True, micrograph_folder="Raw")
+    )
     assert set(tables.particles.rlnMicrographName) == {"Raw/a.mrc", "Raw/b.mrc", "Raw/c.mrc"}
     raw = _raw_micrographs_star(tmp_path / "m.star", ["a", "b", "c"], [1.0, 2.0, 3.0])
     joined = build_tables(load_cs(p), [load_cs(t)], Cs2StarConfig(raw_micrographs=raw))  # stems + suffix
@@ -633,9 +707,13 @@ def test_multi_class_alignments_take_the_most_probable_class(tmp_path):
     post = rng.uniform(0, 1, (2, n))
     dtype = [("uid", "<u8"), ("blob/path", "S20"), ("blob/idx", "<u4"), ("blob/psize_A", "<f4")]
     for k in range(2):
-        dtype += [(f"alignments_class_{k}/pose", "<f4", (3,)), (f"alignments_class_{k}/shift", "<f4", (2,)),
-                  (f"alignments_class_{k}/psize_A", "<f4"), (f"alignments_class_{k}/class_posterior", "<f4"),
-                  (f"alignments_class_{k}/class", "<u4")]
+        dtype += [
+            (f"alignments_class_{k}/pose", "<f4", (3,)),
+            (f"alignments_class_{k}/shift", "<f4", (2,)),
+            (f"alignments_class_{k}/psize_A", "<f4"),
+            (f"alignments_class_{k}/class_posterior", "<f4"),
+            (f"alignments_class_{k}/class", "<u4"),
+        ]
     arr = np.zeros(n, dtype=dtype)
     arr["uid"] = np.arange(1, n + 1)
     arr["blob/path"] = b"J3/stack.mrc"
@@ -670,10 +748,17 @@ def test_filament_tube_ids(tmp_path):
 def test_raw_micrographs_star_without_optics_block(tmp_path):
     """A RELION 3.0 micrographs STAR: optics values in the micrograph rows."""
     p, t, truth = synthetic(tmp_path)
-    mics = pd.DataFrame({"rlnMicrographName": [f"Raw/mic_000{k}.mrc" for k in (1, 2, 3)],
-                         "rlnDefocusU": [1e4, 2e4, 3e4], "rlnDefocusV": [1e4, 2e4, 3e4],
-                         "rlnDefocusAngle": [0.0, 0.0, 0.0], "rlnVoltage": [200.0] * 3,
-                         "rlnSphericalAberration": [2.0] * 3, "rlnAmplitudeContrast": [0.07] * 3})
+    mics = pd.DataFrame(
+        {
+            "rlnMicrographName": [f"Raw/mic_000{k}.mrc" for k in (1, 2, 3)],
+            "rlnDefocusU": [1e4, 2e4, 3e4],
+            "rlnDefocusV": [1e4, 2e4, 3e4],
+            "rlnDefocusAngle": [0.0, 0.0, 0.0],
+            "rlnVoltage": [200.0] * 3,
+            "rlnSphericalAberration": [2.0] * 3,
+            "rlnAmplitudeContrast": [0.07] * 3,
+        }
+    )
     starfile.write(mics, tmp_path / "r30.star")
     tables = build_tables(load_cs(p), [load_cs(t)], Cs2StarConfig(raw_micrographs=tmp_path / "r30.star"))
     assert tables.optics.rlnVoltage.tolist() == [200.0] and tables.optics.rlnOpticsGroup.tolist() == [1]

@@ -154,6 +154,7 @@ def test_stop_leaves_nothing(viewer_with_micrographs, sample_set, tmp_path, monk
         def job(cancel: CancelToken):
             cancel.cancel()
             return make_job(cancel)
+
         return real(job, *args, **kwargs)
 
     monkeypatch.setattr(mod, "start_job", cancelled_start)

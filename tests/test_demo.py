@@ -22,8 +22,24 @@ INIT = HERE / "data" / "demo_quick_w128.pt"
 # Required lead of r(model) over r(raw); to be set from seeds 0, 1, 2 when INIT is committed.
 MARGIN = 0.05
 
-TINY = ["--micrographs", "2", "--size", "384", "--particles", "3", "--epochs", "1",
-        "--max-noise", "6", "--batch-size", "8", "--report-micrographs", "2", "--device", "cpu"]
+TINY = [
+    "--micrographs",
+    "2",
+    "--size",
+    "384",
+    "--particles",
+    "3",
+    "--epochs",
+    "1",
+    "--max-noise",
+    "6",
+    "--batch-size",
+    "8",
+    "--report-micrographs",
+    "2",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +69,14 @@ def test_demo_writes_every_artefact(demo_run):
     assert set(names) <= {"mic_000.mrc", "mic_001.mrc"}
     assert (xs >= 64).all() and (xs <= 384 - 64).all() and (ys >= 64).all() and (ys <= 384 - 64).all()
     # forward: the original's layout, W = 128 for 45-px particles
-    for stack in ("s1/particles.mrcs", "s2/input.mrcs", "s2/label.mrcs", "val/input.mrcs",
-                  "val/label.mrcs", "s3/noise.mrcs"):
+    for stack in (
+        "s1/particles.mrcs",
+        "s2/input.mrcs",
+        "s2/label.mrcs",
+        "val/input.mrcs",
+        "val/label.mrcs",
+        "s3/noise.mrcs",
+    ):
         with mrcfile.open(out / "forward" / stack, permissive=True) as m:
             assert m.data.shape[1:] == (128, 128), stack
     assert json.loads((out / "forward" / "forward.json").read_text())["window"] == 128
@@ -71,10 +93,11 @@ def test_demo_writes_every_artefact(demo_run):
     summary = json.loads((out / "demo.json").read_text())
     assert summary["cs2star_max_error_px"] <= 1.0
     from napari_cryoddm.io.star import read_star_blocks
-    assert cs2star_error(out / "cs2star" / "particles.star", sample / "particles.star",
-                         read_star_blocks) <= 1.0
+
+    assert cs2star_error(out / "cs2star" / "particles.star", sample / "particles.star", read_star_blocks) <= 1.0
     # report: real, non-blank figures and the metrics of every method
     import matplotlib.image as mpimg
+
     for fig in ("montage.png", "power_spectra.png", "frc.png"):
         img = mpimg.imread(out / "report" / fig)
         assert img.ndim == 3 and min(img.shape[:2]) > 200 and img[..., :3].std() > 0.05, fig
@@ -87,8 +110,7 @@ def test_demo_writes_every_artefact(demo_run):
     table = (out / "report" / "metrics.md").read_text()
     assert "CryoDDM (this run)" in table and "| raw |" in table
     assert "![montage](montage.png)" in (out / "report" / "report.md").read_text()
-    assert set(summary["timings_s"]) == {"sample", "pick noise", "forward", "train", "predict",
-                                         "cs2star", "report"}
+    assert set(summary["timings_s"]) == {"sample", "pick noise", "forward", "train", "predict", "cs2star", "report"}
 
 
 @pytest.mark.slow

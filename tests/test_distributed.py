@@ -33,8 +33,7 @@ CFG = dict(device="cpu", tile=480, overlap=192, channels_last=False, threads=1)
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     torch.manual_seed(0)
-    ckpt = save_checkpoint(root / "m.pt", UDenoiseNet(),
-                           {"normalisation": Normalisation().to_dict(), "bin_factor": 1})
+    ckpt = save_checkpoint(root / "m.pt", UDenoiseNet(), {"normalisation": Normalisation().to_dict(), "bin_factor": 1})
     rng = np.random.default_rng(0)
     (root / "in").mkdir()
     for i, shape in enumerate([(64, 64), (48, 80), (70, 50), (64, 96)]):
@@ -49,10 +48,11 @@ def client():
 
     # one task per worker at a time (a dying worker takes only its own task with it), and a task
     # that killed two workers is given up (KilledWorker) rather than retried three times
-    with dask.config.set({"distributed.scheduler.allowed-failures": 1,
-                          "distributed.scheduler.worker-saturation": 1.0}), \
-            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
-            Client(cl) as c:
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 1, "distributed.scheduler.worker-saturation": 1.0}),
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl,
+        Client(cl) as c,
+    ):
         c.register_plugin(dist._device_plugin(["cpu"], 1))
         yield c
 
@@ -60,12 +60,14 @@ def client():
 def _kill_on(name: str, once_marker: str | None = None):
     """`predict_one_file` as it is, except that the worker process dies mid-task (as under the OOM
     killer) on the micrograph called `name` — only the first time when `once_marker` is given."""
+
     def killing(pm, rt, src: Path, *args, **kwargs):
         if Path(src).name == name and not (once_marker and os.path.exists(once_marker)):
             if once_marker:
                 Path(once_marker).touch()
             os._exit(1)
         return predict_one_file(pm, rt, src, *args, **kwargs)
+
     return killing
 
 
@@ -107,8 +109,7 @@ def test_local_cluster_of_two_workers_matches_single_process(setup, client, tmp_
     root, ckpt = setup
     torch.set_num_threads(1)
     single = collect(predict_files(ckpt, root / "in", tmp_path / "single", PredictConfig(**CFG)))
-    res = collect(dist.predict_distributed(ckpt, root / "in", tmp_path / "dask",
-                                           PredictConfig(**CFG), client=client))
+    res = collect(dist.predict_distributed(ckpt, root / "in", tmp_path / "dask", PredictConfig(**CFG), client=client))
     assert len(res.written) == 4 and not res.failed and len(single.written) == 4
     for p in sorted((root / "in").iterdir()):
         a = mrcfile.read(tmp_path / "single" / p.name)
@@ -116,8 +117,7 @@ def test_local_cluster_of_two_workers_matches_single_process(setup, client, tmp_
         np.testing.assert_array_equal(a, b)
         with mrcfile.open(tmp_path / "dask" / p.name) as m:
             assert m.voxel_size.x == pytest.approx(1.5)
-    again = collect(dist.predict_distributed(ckpt, root / "in", tmp_path / "dask",
-                                             PredictConfig(**CFG), client=client))
+    again = collect(dist.predict_distributed(ckpt, root / "in", tmp_path / "dask", PredictConfig(**CFG), client=client))
     assert len(again.skipped) == 4 and not again.written
 
 
@@ -133,8 +133,7 @@ def test_bad_micrograph_and_killed_worker_are_reported_others_finish(setup, clie
     write_mrc(folder / "m1.mrc", bad, voxel_size=1.5, overwrite=True)
     # A micrograph that kills every worker it lands on: rescheduled by dask, then reported.
     with _faulty(client, _FaultPlugin("m2.mrc")):
-        res = collect(dist.predict_distributed(ckpt, folder, tmp_path / "out", PredictConfig(**CFG),
-                                               client=client))
+        res = collect(dist.predict_distributed(ckpt, folder, tmp_path / "out", PredictConfig(**CFG), client=client))
     failed = {Path(p).name: why for p, why in res.failed}
     assert sorted(p.name for p in res.written) == ["m0.mrc", "m3.mrc"], res.failed
     assert "NaN" in failed["m1.mrc"] and "m1.mrc" in failed["m1.mrc"]
@@ -150,12 +149,15 @@ def test_killed_worker_once_is_retried(setup, client, tmp_path):
     before = client.run_on_scheduler(_set_allowed_failures, 0)
     try:
         with _faulty(client, _FaultPlugin("m3.mrc", str(tmp_path / "killed-once"))):
-            res = collect(dist.predict_distributed(ckpt, root / "in", tmp_path / "out",
-                                                   PredictConfig(**CFG), client=client))
+            res = collect(
+                dist.predict_distributed(ckpt, root / "in", tmp_path / "out", PredictConfig(**CFG), client=client)
+            )
     finally:
         client.run_on_scheduler(_set_allowed_failures, before)
     assert (tmp_path / "killed-once").exists()  # a worker did die on m3.mrc …
-    assert sorted(p.name for p in res.written) == ["m0.mrc", "m1.mrc", "m2.mrc", "m3.mrc"], res.failed  # … and it was retried
+    assert sorted(p.name for p in res.written) == ["m0.mrc", "m1.mrc", "m2.mrc", "m3.mrc"], (
+        res.failed
+    )  # … and it was retried
     assert not res.failed
 
 
@@ -182,8 +184,22 @@ def test_cli_workers_starts_a_local_cluster(setup, tmp_path, capsys):
     from napari_cryoddm.cli import main
 
     root, ckpt = setup
-    argv = ["predict", str(ckpt), str(root / "in"), "-o", str(tmp_path / "out"), "--workers", "2",
-            "--threads", "1", "--device", "cpu", "--tile", "480", "--no-channels-last"]
+    argv = [
+        "predict",
+        str(ckpt),
+        str(root / "in"),
+        "-o",
+        str(tmp_path / "out"),
+        "--workers",
+        "2",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--tile",
+        "480",
+        "--no-channels-last",
+    ]
     assert main(argv) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m0.mrc", "m1.mrc", "m2.mrc", "m3.mrc"]
     assert "4 denoised" in capsys.readouterr().err

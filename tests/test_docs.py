@@ -37,7 +37,7 @@ def _strip_code(text: str) -> str:
             out.append("")
             continue
         if fence is not None:
-            if stripped.startswith(fence) and not stripped[len(fence):].strip("`~ "):
+            if stripped.startswith(fence) and not stripped[len(fence) :].strip("`~ "):
                 fence = None
             out.append("")
             continue
@@ -68,16 +68,16 @@ def relative_targets(page: Path) -> list[tuple[str, Path]]:
 def test_the_link_finder_sees_links_and_skips_code(tmp_path):
     page = tmp_path / "p.md"
     page.write_text(
-        "See [a](a.md#part), ![img](images/x.png \"title\"), [web](https://example.org), [top](#top)\n"
+        'See [a](a.md#part), ![img](images/x.png "title"), [web](https://example.org), [top](#top)\n'
         "[ref]: other.md\n"
-        "<img src=\"pic.png\" width=\"10\">\n"
+        '<img src="pic.png" width="10">\n'
         "`[not](code.md)` and\n"
         "```\n[not](fenced.md)\n```\n"
-        "a table | [b](../b.md) |\n", encoding="utf-8")
-    assert links(page) == ["a.md#part", "images/x.png", "https://example.org", "#top",
-                           "../b.md", "other.md", "pic.png"]
-    assert [t for t, _ in relative_targets(page)] == ["a.md#part", "images/x.png", "../b.md",
-                                                      "other.md", "pic.png"]
+        "a table | [b](../b.md) |\n",
+        encoding="utf-8",
+    )
+    assert links(page) == ["a.md#part", "images/x.png", "https://example.org", "#top", "../b.md", "other.md", "pic.png"]
+    assert [t for t, _ in relative_targets(page)] == ["a.md#part", "images/x.png", "../b.md", "other.md", "pic.png"]
 
 
 def test_there_are_pages_to_check():
@@ -93,8 +93,7 @@ def test_every_relative_link_resolves(page):
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
 def test_links_stay_inside_the_repository(page):
-    outside = [target for target, path in relative_targets(page)
-               if not path.is_relative_to(REPO)]
+    outside = [target for target, path in relative_targets(page) if not path.is_relative_to(REPO)]
     assert not outside, f"{page.relative_to(REPO)}: links leave the repository: {outside}"
 
 
@@ -113,6 +112,8 @@ def test_every_docs_page_is_in_the_site_nav():
 
 def test_readme_keeps_the_two_commands():
     text = README.read_text(encoding="utf-8")
-    assert ("python3 -m venv .venv && .venv/bin/pip install -c constraints.txt -e . && "
-            ".venv/bin/cryoddm demo --quick --out demo-out") in text
+    assert (
+        "python3 -m venv .venv && .venv/bin/pip install -c constraints.txt -e . && "
+        ".venv/bin/cryoddm demo --quick --out demo-out"
+    ) in text
     assert "\nbash .ci/run\n" in text

@@ -47,13 +47,13 @@ def test_chain_estimator_recovers_the_posterior_mean(step):
     for k in range(step):
         xs.append(coef["x_coef"][k] * xs[-1] + coef["noise_coef"][k] * rng.normal(0, 1, n))
     xk, xprev = xs[step], xs[step - 1]
-    w = float(xk @ xprev / (xk @ xk))          # least-squares D(x_k) = w·x_k
+    w = float(xk @ xprev / (xk @ xk))  # least-squares D(x_k) = w·x_k
     est = chain_estimator(0.1288, 5, step)
     lam = est.weight
     keep = st["signal"][step] / (est.gain * est.scale)
-    got = (w - lam) / keep                      # Ŝ / x_k
+    got = (w - lam) / keep  # Ŝ / x_k
     c, v = st["signal"][step], st["variance"][step]
-    want = c * sigma2 / (c * c * sigma2 + v)    # E[s|x_k] / x_k
+    want = c * sigma2 / (c * c * sigma2 + v)  # E[s|x_k] / x_k
     assert got == pytest.approx(want, rel=0.05, abs=0.02)
     # and the variance bookkeeping matches the simulation
     assert np.var(xk - c * s) == pytest.approx(v, rel=0.02)

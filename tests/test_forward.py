@@ -83,6 +83,7 @@ def _stack(path):
 
 # ----------------------------------------------------------------------------- schedule
 
+
 def test_config1_coefficients_match_the_original_table():
     c = schedule_coefficients(0.1288, 5)
     table = {  # the original program's table: α_k, x-coef, noise coef, cumulative x-coef
@@ -107,15 +108,18 @@ def test_presets_and_custom_defaults():
     assert ForwardConfig(preset="custom", beta=0.1).schedule == (0.1, 5, 2)
 
 
-@pytest.mark.parametrize("beta, steps, start, words", [
-    (0.0, 5, 2, "β must be positive"),
-    (-0.1, 5, 2, "β must be positive"),
-    (0.2, 5, 2, "β·T"),
-    (0.25, 4, 2, "β·T"),
-    (0.1, 5, 0, "start must be at least 1"),
-    (0.1, 5, 5, "smaller than T"),
-    (0.1, 5, 7, "smaller than T"),
-])
+@pytest.mark.parametrize(
+    "beta, steps, start, words",
+    [
+        (0.0, 5, 2, "β must be positive"),
+        (-0.1, 5, 2, "β must be positive"),
+        (0.2, 5, 2, "β·T"),
+        (0.25, 4, 2, "β·T"),
+        (0.1, 5, 0, "start must be at least 1"),
+        (0.1, 5, 5, "smaller than T"),
+        (0.1, 5, 7, "smaller than T"),
+    ],
+)
 def test_invalid_schedules_are_refused(beta, steps, start, words):
     with pytest.raises(CryoDDMError, match=words):
         ForwardConfig(preset="custom", beta=beta, steps=steps, start=start)
@@ -156,6 +160,7 @@ def test_pairing_follows_the_original():
 
 # ----------------------------------------------------------------------------- a full run
 
+
 def test_run_layout_recurrence_and_manifest(synth, tmp_path):
     out = tmp_path / "fw"
     res = _run(synth, out, jitter=0.1, seed=5)
@@ -164,9 +169,25 @@ def test_run_layout_recurrence_and_manifest(synth, tmp_path):
     n, mm, w = m["counts"]["crops"], m["counts"]["noise"], m["window"]
     assert (n, mm, w) == (12, 6, 128) and res.counts["skipped_outside"] == 1
     assert m["counts"]["s2_pairs"] == 3 * n and m["counts"]["val_pairs"] == n
-    for key in ("format", "version", "window", "diameter_px", "bin_factor", "voxel_size", "schedule",
-                "normalisation", "jitter", "seed", "noisier_member", "counts", "micrographs", "crops",
-                "noise", "package_version", "complete"):
+    for key in (
+        "format",
+        "version",
+        "window",
+        "diameter_px",
+        "bin_factor",
+        "voxel_size",
+        "schedule",
+        "normalisation",
+        "jitter",
+        "seed",
+        "noisier_member",
+        "counts",
+        "micrographs",
+        "crops",
+        "noise",
+        "package_version",
+        "complete",
+    ):
         assert key in m, key
     assert m["format"] == "napari-cryoddm-forward" and m["noisier_member"] == "label"
     assert m["normalisation"] == Normalisation().to_dict()
@@ -185,8 +206,15 @@ def test_run_layout_recurrence_and_manifest(synth, tmp_path):
     assert all(a.dtype == np.float32 for a in (s1, s3, s2i, s2l, vi, vl))
     assert vs == pytest.approx(1.5) and int(h1.ispg) == 0
     import io
-    for f in ("s1/particles.mrcs", "s2/input.mrcs", "s2/label.mrcs", "val/input.mrcs",
-              "val/label.mrcs", "s3/noise.mrcs"):
+
+    for f in (
+        "s1/particles.mrcs",
+        "s2/input.mrcs",
+        "s2/label.mrcs",
+        "val/input.mrcs",
+        "val/label.mrcs",
+        "s3/noise.mrcs",
+    ):
         assert mrcfile.validate(out / f, print_file=io.StringIO()), f
     assert float(h1.dmax) == pytest.approx(float(s1.max()), rel=1e-6)
     assert float(h1.dmean) == pytest.approx(float(s1.astype(np.float64).mean()), rel=1e-4, abs=1e-4)
@@ -199,8 +227,10 @@ def test_run_layout_recurrence_and_manifest(synth, tmp_path):
         x = s1[crop]
         for step in range(1, k + 1):
             prev = x
-            x = (np.float32(coef["x_coef"][step - 1]) * prev
-                 + np.float32(coef["noise_coef"][step - 1]) * s3[noise[step - 1]])
+            x = (
+                np.float32(coef["x_coef"][step - 1]) * prev
+                + np.float32(coef["noise_coef"][step - 1]) * s3[noise[step - 1]]
+            )
         inp, lab = (s2i, s2l) if which == "s2" else (vi, vl)
         np.testing.assert_allclose(inp[idx], prev, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(lab[idx], x, rtol=1e-5, atol=1e-5)
@@ -211,13 +241,14 @@ def test_run_layout_recurrence_and_manifest(synth, tmp_path):
 
     # crops and noise patches are cut where the manifest says, from the normalised micrograph
     from napari_cryoddm.preprocess import read_prepared
+
     img = read_prepared(synth["mics"][1], 1.0, Normalisation()).image
     c = next(i for i, e in enumerate(m["crops"]) if e["micrograph"] == 1)
     e = m["crops"][c]
-    np.testing.assert_array_equal(s1[c], img[e["y"] - 64:e["y"] + 64, e["x"] - 64:e["x"] + 64])
+    np.testing.assert_array_equal(s1[c], img[e["y"] - 64 : e["y"] + 64, e["x"] - 64 : e["x"] + 64])
     j = next(i for i, e in enumerate(m["noise"]) if e["micrograph"] == 1)
     e = m["noise"][j]
-    np.testing.assert_array_equal(s3[j], img[e["y"] - 64:e["y"] + 64, e["x"] - 64:e["x"] + 64])
+    np.testing.assert_array_equal(s3[j], img[e["y"] - 64 : e["y"] + 64, e["x"] - 64 : e["x"] + 64])
 
 
 def _assert_centred(stack, atol=1, sigma=SIGMA, reach=16):
@@ -228,7 +259,7 @@ def _assert_centred(stack, atol=1, sigma=SIGMA, reach=16):
     c = w // 2
     for crop in stack:
         cc = ndi.gaussian_filter(crop.astype(np.float64), sigma)
-        near = cc[c - reach:c + reach + 1, c - reach:c + reach + 1]
+        near = cc[c - reach : c + reach + 1, c - reach : c + reach + 1]
         py, px = np.unravel_index(np.argmax(near), near.shape)
         assert abs(py - reach) <= atol and abs(px - reach) <= atol, (py - reach, px - reach)
         assert near.max() > np.median(cc) + 6 * cc.std() / 2, "no particle at the centre"
@@ -262,8 +293,9 @@ def test_binning_scales_coordinates_and_keeps_crops_centred(synth, tmp_path):
 
 
 def test_diameter_in_angstrom_and_target_apix(synth, tmp_path):
-    plan = plan_forward(synth["mics"], synth["star"], BINNED_NOISE,
-                        ForwardConfig(diameter_A=30.0, target_apix=3.0, jitter=0.0))
+    plan = plan_forward(
+        synth["mics"], synth["star"], BINNED_NOISE, ForwardConfig(diameter_A=30.0, target_apix=3.0, jitter=0.0)
+    )
     assert plan.factor == pytest.approx(2.0) and plan.diameter_px == pytest.approx(10.0)
     assert plan.window == 128 and plan.voxel_size == pytest.approx(3.0)
 
@@ -307,8 +339,9 @@ def test_memory_does_not_grow_with_the_number_of_crops(tmp_path):
     peaks = []
     for n_mics in (4, 16):
         tracemalloc.start()
-        collect(run_forward(mics[:n_mics], table, noise, tmp_path / f"out{n_mics}",
-                            ForwardConfig(diameter=20, jitter=0.0)))
+        collect(
+            run_forward(mics[:n_mics], table, noise, tmp_path / f"out{n_mics}", ForwardConfig(diameter=20, jitter=0.0))
+        )
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     assert read_manifest(tmp_path / "out16")["counts"]["crops"] == 128
@@ -318,8 +351,7 @@ def test_memory_does_not_grow_with_the_number_of_crops(tmp_path):
 
 def test_cancel_leaves_no_finished_folder(synth, tmp_path):
     cancel = CancelToken()
-    job = run_forward(synth["mics"], synth["star"], synth["noise"], tmp_path / "fw",
-                      ForwardConfig(diameter=20), cancel)
+    job = run_forward(synth["mics"], synth["star"], synth["noise"], tmp_path / "fw", ForwardConfig(diameter=20), cancel)
     with pytest.raises(Cancelled):
         for i, _ in enumerate(job):
             if i == 2:
@@ -329,8 +361,9 @@ def test_cancel_leaves_no_finished_folder(synth, tmp_path):
 
 
 def test_preview_chain_matches_the_run_geometry(synth):
-    xs, plan = preview_chain(synth["mics"], synth["star"], synth["noise"],
-                             ForwardConfig(diameter=20, jitter=0.0), crop=3)
+    xs, plan = preview_chain(
+        synth["mics"], synth["star"], synth["noise"], ForwardConfig(diameter=20, jitter=0.0), crop=3
+    )
     assert xs.shape == (6, 128, 128) and xs.dtype == np.float32
     _assert_centred(xs[:1])
     # x_T keeps 6 % of x_0 (cumulative coefficient 0.061) under noise of weight 0.644
@@ -339,14 +372,17 @@ def test_preview_chain_matches_the_run_geometry(synth):
 
 # ----------------------------------------------------------------------------- bad input
 
+
 def _nothing_written(tmp_path):
     assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())
 
 
 def test_no_particle_matches_any_micrograph(synth, tmp_path):
     star = tmp_path.parent / f"{tmp_path.name}_other.star"
-    write_coordinates_star(star, pd.DataFrame({"micrograph": ["grid3_0001.mrc", "grid3_0002.mrc"],
-                                               "x": [100.0, 120.0], "y": [100.0, 130.0]}))
+    write_coordinates_star(
+        star,
+        pd.DataFrame({"micrograph": ["grid3_0001.mrc", "grid3_0002.mrc"], "x": [100.0, 120.0], "y": [100.0, 130.0]}),
+    )
     with pytest.raises(CryoDDMError) as err:
         collect(run_forward(synth["mics"], star, synth["noise"], tmp_path / "fw", ForwardConfig(diameter=20)))
     msg = str(err.value)
@@ -367,8 +403,11 @@ def test_no_noise_boxes(synth, tmp_path):
 
 def test_window_larger_than_a_micrograph(synth, tmp_path):
     with pytest.raises(CryoDDMError, match=r"mic_000.mrc: the window W = 512 px is larger"):
-        collect(run_forward(synth["mics"], synth["star"], synth["noise"], tmp_path / "fw",
-                            ForwardConfig(diameter=20, window=512)))
+        collect(
+            run_forward(
+                synth["mics"], synth["star"], synth["noise"], tmp_path / "fw", ForwardConfig(diameter=20, window=512)
+            )
+        )
     with pytest.raises(CryoDDMError, match="multiple of 32"):
         ForwardConfig(diameter=20, window=200)
     _nothing_written(tmp_path)
@@ -396,6 +435,7 @@ def test_large_particle_at_default_jitter_warns(synth, tmp_path):
         _run(synth, tmp_path / "fw", diameter=80, window=128)  # 80 > 0.6·128
     assert read_manifest(tmp_path / "fw")["warnings"]
     import warnings
+
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         _run(synth, tmp_path / "fw2", diameter=76, window=128)  # 76 < 0.6·128 = 76.8
@@ -405,6 +445,7 @@ def test_large_particle_at_default_jitter_warns(synth, tmp_path):
 
 
 # ----------------------------------------------------------------------------- normalisation
+
 
 def test_robust_scale_ignores_hot_pixels_where_minmax_does_not(real_data):
     with mrcfile.open(real_data / "micrographs/fei-extended_crop1024_unbinned.mrc", permissive=True) as m:
@@ -422,8 +463,18 @@ def test_robust_scale_ignores_hot_pixels_where_minmax_does_not(real_data):
 
 # ----------------------------------------------------------------------------- real data
 
-UCSF_NOISE = [(144, 112), (112, 368), (432, 432), (800, 432), (240, 528), (720, 560),
-              (176, 688), (848, 688), (432, 720), (352, 816)]
+UCSF_NOISE = [
+    (144, 112),
+    (112, 368),
+    (432, 432),
+    (800, 432),
+    (240, 528),
+    (720, 560),
+    (176, 688),
+    (848, 688),
+    (432, 720),
+    (352, 816),
+]
 
 
 @pytest.mark.parametrize("boxes", ["picker", "hand-placed"])
@@ -434,6 +485,7 @@ def test_real_micrograph_with_autopicks_and_noise_boxes(real_data, tmp_path, box
     d, w = 24, 128
     if boxes == "picker":  # the team's automatic noise picker: boxes clear of every pick
         from napari_cryoddm.box_placement import auto_boxes_from_particles
+
         xy = auto_boxes_from_particles((927, 959), picks[["x", "y"]].to_numpy(), d, w, max_boxes=12)
         assert len(xy) >= 4
         boxes_xy = [tuple(map(int, b)) for b in xy]
@@ -444,30 +496,52 @@ def test_real_micrograph_with_autopicks_and_noise_boxes(real_data, tmp_path, box
         assert not ((abs(picks["x"] - x) < w / 2 + d / 2) & (abs(picks["y"] - y) < w / 2 + d / 2)).any()
     UCSF = boxes_xy
     noise = tmp_path / "noise.txt"
-    write_noise_txt(noise, pd.DataFrame([("Ucsf_stack_1142_DW.mrc", x, y) for x, y in UCSF],
-                                        columns=["micrograph", "x", "y"]))
+    write_noise_txt(
+        noise, pd.DataFrame([("Ucsf_stack_1142_DW.mrc", x, y) for x, y in UCSF], columns=["micrograph", "x", "y"])
+    )
     out = tmp_path / "fw"
-    rc = main(["forward", str(mic), "--particles", str(star), "--noise", str(noise),
-               "--diameter", str(d), "--jitter", "0", "--per-micrograph", "50", "-o", str(out)])
+    rc = main(
+        [
+            "forward",
+            str(mic),
+            "--particles",
+            str(star),
+            "--noise",
+            str(noise),
+            "--diameter",
+            str(d),
+            "--jitter",
+            "0",
+            "--per-micrograph",
+            "50",
+            "-o",
+            str(out),
+        ]
+    )
     assert rc == 0
     m = read_manifest(out)
-    inside = ((picks.x.round() >= 64) & (picks.x.round() + 64 <= 959)
-              & (picks.y.round() >= 64) & (picks.y.round() + 64 <= 927))
+    inside = (
+        (picks.x.round() >= 64)
+        & (picks.x.round() + 64 <= 959)
+        & (picks.y.round() >= 64)
+        & (picks.y.round() + 64 <= 927)
+    )
     assert m["counts"]["crops"] == int(inside.sum()) and m["counts"]["skipped_outside"] == int((~inside).sum())
     assert m["counts"]["noise"] == len(UCSF) and m["micrographs"][0]["shape"] == [927, 959]
     raw = mrcfile.read(mic)
     s1, _, _ = _stack(out / "s1/particles.mrcs")
     for crop, e in zip(s1, m["crops"]):
         # the crop is the raw array at rows y−64…, cols x−64… (x = column), normalised
-        ref = raw[e["y"] - 64:e["y"] + 64, e["x"] - 64:e["x"] + 64]
+        ref = raw[e["y"] - 64 : e["y"] + 64, e["x"] - 64 : e["x"] + 64]
         assert np.corrcoef(crop.ravel(), ref.ravel())[0, 1] > 0.99
     # robust normalisation brings this low-contrast, offset micrograph to unit scale
     s3, _, _ = _stack(out / "s3/noise.mrcs")
     # boxes on the contamination blob (the picker only knows the picks) are flagged, not hidden
     med = float(np.median(raw))
     blob = ndi.gaussian_filter(raw.astype(np.float64), 4) < med - 3 * 1.4826 * np.median(np.abs(raw - med))
-    on_blob = [i for i, e in enumerate(m["noise"])
-               if blob[e["y"] - 64:e["y"] + 64, e["x"] - 64:e["x"] + 64].mean() > 0.5]
+    on_blob = [
+        i for i, e in enumerate(m["noise"]) if blob[e["y"] - 64 : e["y"] + 64, e["x"] - 64 : e["x"] + 64].mean() > 0.5
+    ]
     assert m["noise_suspect"] == on_blob and m["counts"]["noise_suspect"] == len(on_blob)
     clean = np.delete(s3, on_blob, axis=0)
     assert abs(float(np.median(clean))) < 0.5 and 0.5 < float(clean.std()) < 2
@@ -479,9 +553,19 @@ def test_real_micrograph_with_autopicks_and_noise_boxes(real_data, tmp_path, box
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def test_cli_bad_input_exits_2_and_writes_nothing(synth, tmp_path, capsys):
-    args = [*map(str, synth["mics"]), "--particles", str(synth["star"]), "--noise", str(synth["noise"]),
-            "--diameter", "20", "-o", str(tmp_path / "fw")]
+    args = [
+        *map(str, synth["mics"]),
+        "--particles",
+        str(synth["star"]),
+        "--noise",
+        str(synth["noise"]),
+        "--diameter",
+        "20",
+        "-o",
+        str(tmp_path / "fw"),
+    ]
     assert main(["forward", *args, "--beta", "0.3", "--steps", "4"]) == 2
     assert "β·T" in capsys.readouterr().err
     assert main(["forward", *args, "--preset", "config2", "--beta", "0.1"]) == 2
@@ -505,7 +589,6 @@ def test_cli_bad_input_exits_2_and_writes_nothing(synth, tmp_path, capsys):
     assert m["counts"]["s2_pairs"] == 5 * m["counts"]["crops"]
 
 
-
 def test_sample_data_crops_are_centred_on_the_true_particles(tmp_path):
     """The team's simulated sample: with jitter 0 the cross-correlation of each noisy crop with the
     clean signal cut at the true particle position peaks at zero shift."""
@@ -523,8 +606,9 @@ def test_sample_data_crops_are_centred_on_the_true_particles(tmp_path):
         noise += [(p.name, int(x), int(y)) for x, y in xy]
     noise = pd.DataFrame(noise, columns=["micrograph", "x", "y"])
     out = tmp_path / "fw"
-    collect(run_forward(s.micrographs, s.particles_star, noise, out,
-                        ForwardConfig(diameter_A=cfg.diameter, jitter=0.0)))
+    collect(
+        run_forward(s.micrographs, s.particles_star, noise, out, ForwardConfig(diameter_A=cfg.diameter, jitter=0.0))
+    )
     m = read_manifest(out)
     w = m["window"]
     assert w == cfg.window and m["counts"]["crops"] > 0
@@ -536,7 +620,7 @@ def test_sample_data_crops_are_centred_on_the_true_particles(tmp_path):
         tx, ty = int(np.floor(mine["x"].iloc[j] + 0.5)), int(np.floor(mine["y"].iloc[j] + 0.5))
         assert (tx, ty) == (e["x"], e["y"])
         clean = mrcfile.read(s.clean[[p.name for p in s.micrographs].index(name)])
-        ref = clean[ty - w // 2:ty + w // 2, tx - w // 2:tx + w // 2].astype(np.float64)
+        ref = clean[ty - w // 2 : ty + w // 2, tx - w // 2 : tx + w // 2].astype(np.float64)
         a, b = crop - crop.mean(), ref - ref.mean()
         cc = np.fft.ifft2(np.fft.fft2(a) * np.conj(np.fft.fft2(b))).real
         shift = np.unravel_index(np.argmax(cc), cc.shape)
@@ -548,14 +632,12 @@ def test_micrographs_with_the_same_stem_are_refused(synth, tmp_path):
     other.mkdir()
     (other / "mic_000.mrc").write_bytes(synth["mics"][0].read_bytes())
     with pytest.raises(CryoDDMError, match="share a name stem"):
-        plan_forward([*synth["mics"], other / "mic_000.mrc"], synth["star"], synth["noise"],
-                     ForwardConfig(diameter=20))
+        plan_forward([*synth["mics"], other / "mic_000.mrc"], synth["star"], synth["noise"], ForwardConfig(diameter=20))
 
 
 def test_fractional_binning_keeps_crops_centred(synth, tmp_path):
     out = tmp_path / "fw"
-    _run(synth, out, BINNED_NOISE.assign(x=[180, 200], y=[170, 190]), jitter=0.0, bin=1.6,
-         window=128, diameter=32)
+    _run(synth, out, BINNED_NOISE.assign(x=[180, 200], y=[170, 190]), jitter=0.0, bin=1.6, window=128, diameter=32)
     m = read_manifest(out)
     assert m["bin_factor"] == 1.6 and m["micrographs"][0]["shape"] == [250, 280]
     for e in m["crops"]:
@@ -588,8 +670,9 @@ def test_a_folder_of_per_micrograph_star_files(synth, tmp_path):
     for name, grp in table.groupby(table["micrograph"].map(lambda n: Path(n).name)):
         stem = Path(name).stem
         folder.mkdir(exist_ok=True)
-        starfile.write({"": pd.DataFrame({"rlnCoordinateX": grp.x, "rlnCoordinateY": grp.y})},
-                       folder / f"{stem}_autopick.star")
+        starfile.write(
+            {"": pd.DataFrame({"rlnCoordinateX": grp.x, "rlnCoordinateY": grp.y})}, folder / f"{stem}_autopick.star"
+        )
     plan = plan_forward(synth["mics"], folder, synth["noise"], ForwardConfig(diameter=20))
     assert plan.counts["crops"] == 12 and plan.counts["unmatched_particles"] == 0
     with pytest.raises(CryoDDMError, match="holds no particle coordinate files"):

@@ -40,8 +40,11 @@ def _viewer_with_layers(make_napari_viewer, data):
 
     tmp, paths, stack = data
     viewer = make_napari_viewer()
-    meta = {"cryoddm": {"micrographs": [{"path": str(p), "name": p.name, "shape": list(SHAPE),
-                                         "voxel_size": 2.0} for p in paths]}}
+    meta = {
+        "cryoddm": {
+            "micrographs": [{"path": str(p), "name": p.name, "shape": list(SHAPE), "voxel_size": 2.0} for p in paths]
+        }
+    }
     image = viewer.add_image(stack, name="micrographs", metadata=meta)
     pts = [(i, y, x) for i, cs in enumerate(CENTRES) for x, y in cs]
     add_boxes_layer(viewer, np.array(pts), "particles", 64, image_layer=image)
@@ -77,7 +80,8 @@ def test_widget_picks_layers_and_schedule_presets(make_napari_viewer, data):
     mics, particles, noise = w.inputs()
     assert mics == [str(p) for p in data[1]]
     assert sorted(zip(particles.micrograph, particles.x, particles.y)) == sorted(
-        (f"mic_{i}.mrc", x, y) for i, cs in enumerate(CENTRES) for x, y in cs)
+        (f"mic_{i}.mrc", x, y) for i, cs in enumerate(CENTRES) for x, y in cs
+    )
 
 
 def test_preview_shows_one_chain_in_the_dock(make_napari_viewer, data):
@@ -97,7 +101,7 @@ def test_preview_shows_one_chain_in_the_dock(make_napari_viewer, data):
     assert w.preview_info == {**w.preview_info, "micrograph": "mic_0.mrc", "x": 200, "y": 150}
     chain = np.asarray(w.preview)
     # x_0 is the micrograph under the window, normalised (clipped, then a linear map)
-    raw = data[2][0, 150 - 64:150 + 64, 200 - 64:200 + 64]
+    raw = data[2][0, 150 - 64 : 150 + 64, 200 - 64 : 200 + 64]
     assert np.corrcoef(chain[0].ravel(), raw.ravel())[0, 1] > 0.99  # (the blob top is clipped)
     x0 = ndi.gaussian_filter(chain[0].astype(float), 3)
     near = x0[48:81, 48:81]
@@ -126,7 +130,8 @@ def test_run_writes_the_dataset_from_layers(make_napari_viewer, data, tmp_path):
     m = read_manifest(tmp_path / "fw")
     assert m["counts"]["crops"] == 5 and m["counts"]["noise"] == 2 and m["window"] == 128
     assert [(e["micrograph"], e["x"], e["y"]) for e in m["crops"]] == [
-        (i, int(x), int(y)) for i, cs in enumerate(CENTRES) for x, y in cs]
+        (i, int(x), int(y)) for i, cs in enumerate(CENTRES) for x, y in cs
+    ]
     with mrcfile.open(tmp_path / "fw/s2/label.mrcs") as f:
         assert f.data.shape == (15, 128, 128)
     assert "5 crops" in w._status.value and w._run_button.enabled and not w._stop_button.enabled
@@ -148,9 +153,12 @@ def test_files_instead_of_layers_and_bad_input(make_napari_viewer, data, tmp_pat
     assert "choose a micrograph layer" in w._status.value
     w._micrograph_files.value = paths
     star = tmp / "particles.star"
-    write_coordinates_star(star, pd.DataFrame(
-        [(f"mic_{i}.mrc", x, y) for i, cs in enumerate(CENTRES) for x, y in cs],
-        columns=["micrograph", "x", "y"]))
+    write_coordinates_star(
+        star,
+        pd.DataFrame(
+            [(f"mic_{i}.mrc", x, y) for i, cs in enumerate(CENTRES) for x, y in cs], columns=["micrograph", "x", "y"]
+        ),
+    )
     w._particles_file.value = star
     noise = tmp / "noise.txt"
     noise.write_text("mic_0.mrc 80 250\nmic_1.mrc 280 250\n")

@@ -16,8 +16,12 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 @pytest.mark.slow
 def test_smoke_runs_every_part(tmp_path):
     out = tmp_path / "gpu-smoke"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--cap", "120"],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--cap", "120"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "gpu_check.json").read_text())
     assert set(res["parts"]) == {"train", "predict", "reference", "ddp", "cpu"}
@@ -30,7 +34,12 @@ def test_smoke_runs_every_part(tmp_path):
     assert res["parts"]["ddp"]["ok"], res["parts"]["ddp"]
     assert res["parts"]["reference"]["scores"]["sample"]["input"]["r"] > 0
     md = (out / "gpu_check.md").read_text()
-    for heading in ("Training speed", "Prediction of one micrograph", "Reference training",
-                    "torchrun", "CPU prediction"):
+    for heading in (
+        "Training speed",
+        "Prediction of one micrograph",
+        "Reference training",
+        "torchrun",
+        "CPU prediction",
+    ):
         assert heading in md
     assert "failed" not in md

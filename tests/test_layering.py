@@ -88,8 +88,11 @@ def test_functions_are_short() -> None:
 
 
 def test_core_never_imports_napari_or_qt() -> None:
-    bad = {name: sorted(m[1:] for m in deps if m.startswith("!") and m[1:] in GUI)
-           for name, deps in GRAPH.items() if not name.startswith("_napari")}
+    bad = {
+        name: sorted(m[1:] for m in deps if m.startswith("!") and m[1:] in GUI)
+        for name, deps in GRAPH.items()
+        if not name.startswith("_napari")
+    }
     assert not {k: v for k, v in bad.items() if v}
 
 
@@ -99,12 +102,16 @@ def test_inference_never_imports_training() -> None:
 
 
 def test_no_import_cycles() -> None:
-    graph = {name: {d for d in deps if not d.startswith("!") and d in GRAPH and d != name}
-             for name, deps in GRAPH.items()}
+    graph = {
+        name: {d for d in deps if not d.startswith("!") and d in GRAPH and d != name} for name, deps in GRAPH.items()
+    }
     # a package's __init__ re-exporting its children is not a cycle with them
     for name in graph:
-        graph[name] = {d for d in graph[name] if not (d.startswith(name + ".") or name.startswith(d + ".") and
-                                                      modules()[d].name == "__init__.py")}
+        graph[name] = {
+            d
+            for d in graph[name]
+            if not (d.startswith(name + ".") or name.startswith(d + ".") and modules()[d].name == "__init__.py")
+        }
     seen: dict[str, int] = {}
     stack: list[str] = []
     cycles: list[list[str]] = []
@@ -114,7 +121,7 @@ def test_no_import_cycles() -> None:
         stack.append(node)
         for dep in sorted(graph[node]):
             if seen.get(dep) == 1:
-                cycles.append(stack[stack.index(dep):] + [dep])
+                cycles.append(stack[stack.index(dep) :] + [dep])
             elif dep not in seen:
                 visit(dep)
         stack.pop()

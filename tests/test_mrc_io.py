@@ -39,8 +39,10 @@ def _write(path: Path, data: np.ndarray, voxel: float | None = 1.5, stack: bool 
 
 # ---- modes and files -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype, mode", [(np.int8, 0), (np.int16, 1), (np.float32, 2),
-                                         (np.uint16, 6), (np.float16, 12), (np.uint8, 6)])
+
+@pytest.mark.parametrize(
+    "dtype, mode", [(np.int8, 0), (np.int16, 1), (np.float32, 2), (np.uint16, 6), (np.float16, 12), (np.uint8, 6)]
+)
 def test_every_mode_reads_back_exact_values(tmp_path, dtype, mode):
     rng = np.random.default_rng(0)
     info_ = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else None
@@ -161,6 +163,7 @@ def test_truncated_gzip_is_an_input_error(tmp_path):
 
 # ---- bad input --------------------------------------------------------------------------------
 
+
 def test_truncated_mrc_names_file_and_sizes(tmp_path):
     path = _write(tmp_path / "cut.mrc", np.zeros((100, 100), np.float32))
     path.write_bytes(path.read_bytes()[:20000])
@@ -198,11 +201,15 @@ def test_list_micrographs_file_folder_glob_list(tmp_path):
     got = [p.name for p in list_micrographs(tmp_path)]
     assert got == ["a.mrcs", "b.mrc", "c.mrc.gz", "d.st", "e.map", "f.rec"]
     assert [p.name for p in list_micrographs(str(tmp_path / "*.mrc*"))] == ["a.mrcs", "b.mrc", "c.mrc.gz"]
-    assert [p.name for p in list_micrographs([tmp_path / "d.st", tmp_path / "b.mrc", tmp_path / "b.mrc"])] == ["d.st", "b.mrc"]
+    assert [p.name for p in list_micrographs([tmp_path / "d.st", tmp_path / "b.mrc", tmp_path / "b.mrc"])] == [
+        "d.st",
+        "b.mrc",
+    ]
     assert len(MRC_PATTERNS) == 7
 
 
 # ---- writing ----------------------------------------------------------------------------------
+
 
 def test_write_mrc_atomic_voxel_size_and_no_overwrite(tmp_path):
     data = np.random.default_rng(2).normal(size=(20, 30)).astype(np.float64)
@@ -237,6 +244,7 @@ def test_write_mrc_slices_streams_a_stack_and_fails_cleanly(tmp_path):
 
 
 # ---- lazy stacks ------------------------------------------------------------------------------
+
 
 def test_stack_one_chunk_per_image_and_padding(tmp_path):
     rng = np.random.default_rng(4)
@@ -284,8 +292,7 @@ def test_pyramid_levels_are_block_means(tmp_path):
     data = np.random.default_rng(5).normal(size=(2, 2048, 2050)).astype(np.float32)
     _write(tmp_path / "big.mrcs", data, stack=True)
     stack = open_stack(tmp_path / "big.mrcs")
-    assert stack.multiscale and [lv.shape for lv in stack.levels] == [
-        (2, 2048, 2050), (2, 1024, 1025), (2, 512, 512)]
+    assert stack.multiscale and [lv.shape for lv in stack.levels] == [(2, 2048, 2050), (2, 1024, 1025), (2, 512, 512)]
     lvl2 = stack.levels[2][1].compute()
     expected = data[1, :2048, :2048].reshape(512, 4, 512, 4).mean(axis=(1, 3))
     np.testing.assert_allclose(lvl2, expected, rtol=1e-5, atol=1e-5)
@@ -367,8 +374,11 @@ REAL_FILES = {
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_every_real_file_opens_right(real_data):
-    found = sorted(str(p.relative_to(real_data)) for sub in ("micrographs", "full_size", "particle_stacks")
-                   for p in (real_data / sub).iterdir())
+    found = sorted(
+        str(p.relative_to(real_data))
+        for sub in ("micrographs", "full_size", "particle_stacks")
+        for p in (real_data / sub).iterdir()
+    )
     assert found == sorted(REAL_FILES), "a real file is not covered by this test"
     for rel, (shape, dtype, voxel, ext) in REAL_FILES.items():
         path = real_data / rel
@@ -390,7 +400,8 @@ def test_every_real_file_opens_right(real_data):
     # fei-extended (3838×3710) at level 3: its binned pixels, then its median as padding
     coarse = big.levels[3][1].compute()
     true = big.slices[1].read()
-    np.testing.assert_allclose(coarse[:479, :463],
-                               true[:3832, :3704].reshape(479, 8, 463, 8).mean(axis=(1, 3)), rtol=1e-5)
+    np.testing.assert_allclose(
+        coarse[:479, :463], true[:3832, :3704].reshape(479, 8, 463, 8).mean(axis=(1, 3)), rtol=1e-5
+    )
     pad = coarse[480:]
     assert np.ptp(pad) == 0 and pad[0, 0] == pytest.approx(np.median(coarse[:479, :463]), rel=1e-3)

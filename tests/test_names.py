@@ -7,27 +7,35 @@ import pytest
 from napari_cryoddm.names import match_names, micrograph_stem
 
 
-@pytest.mark.parametrize("name, stem", [
-    ("a/b/stack_0001.mrcs.gz", "stack_0001"),
-    ("stack_0001.mrc", "stack_0001"),
-    ("MotionCorr/job002/Micrographs/0003.mrc", "0003"),
-    (">J1/imported/0042_patch_aligned.mrc", "0042_patch_aligned"),
-    ("C:\\data\\x.MRC", "x"),
-    ("TcdA1-0018_frames_sum.cbox", "TcdA1-0018_frames_sum"),
-    ("Ucsf_stack_1142_DW_autopick.star", "Ucsf_stack_1142_DW_autopick"),
-    ("noise.mrc.txt", "noise"),
-    (".mrc", ".mrc"),
-])
+@pytest.mark.parametrize(
+    "name, stem",
+    [
+        ("a/b/stack_0001.mrcs.gz", "stack_0001"),
+        ("stack_0001.mrc", "stack_0001"),
+        ("MotionCorr/job002/Micrographs/0003.mrc", "0003"),
+        (">J1/imported/0042_patch_aligned.mrc", "0042_patch_aligned"),
+        ("C:\\data\\x.MRC", "x"),
+        ("TcdA1-0018_frames_sum.cbox", "TcdA1-0018_frames_sum"),
+        ("Ucsf_stack_1142_DW_autopick.star", "Ucsf_stack_1142_DW_autopick"),
+        ("noise.mrc.txt", "noise"),
+        (".mrc", ".mrc"),
+    ],
+)
 def test_stems(name, stem):
     assert micrograph_stem(name) == stem
 
 
 def test_match_exact_stem_then_relion_suffix():
     mics = ["Ucsf_stack_1142_DW.mrc", "mic_1.mrc", "mic_10.mrc"]
-    m = match_names(["Micrographs/mic_10.mrc", "Ucsf_stack_1142_DW_autopick", "mic_1_manualpick",
-                     "other.mrc", "mic_1.mrc"], mics)
-    assert m.mapping == {"Micrographs/mic_10.mrc": 2, "Ucsf_stack_1142_DW_autopick": 0,
-                         "mic_1_manualpick": 1, "mic_1.mrc": 1}
+    m = match_names(
+        ["Micrographs/mic_10.mrc", "Ucsf_stack_1142_DW_autopick", "mic_1_manualpick", "other.mrc", "mic_1.mrc"], mics
+    )
+    assert m.mapping == {
+        "Micrographs/mic_10.mrc": 2,
+        "Ucsf_stack_1142_DW_autopick": 0,
+        "mic_1_manualpick": 1,
+        "mic_1.mrc": 1,
+    }
     assert m.unmatched == ["other.mrc"]
     assert "other.mrc" in m.describe_mismatch() and "Ucsf_stack_1142_DW.mrc" in m.describe_mismatch()
 

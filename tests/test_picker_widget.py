@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from napari_cryoddm.box_placement import overlap_fraction, particle_box_distance
 from napari_cryoddm.io.mrc import write_mrc
 from napari_cryoddm.io.noise import read_noise_txt
-from napari_cryoddm.box_placement import overlap_fraction, particle_box_distance
 
 pytestmark = pytest.mark.viewer
 
@@ -51,9 +51,16 @@ def _setup(make_napari_viewer, paths, diameter=60.0):
 
 
 def _event(layer, i, y, x, kind="mouse_press", modifiers=()):
-    return SimpleNamespace(type=kind, modifiers=modifiers, position=tuple(layer.data_to_world([i, y, x])),
-                           pos=np.array([10.0, 10.0]), view_direction=None, dims_displayed=[1, 2],
-                           handled=False, is_dragging=False)
+    return SimpleNamespace(
+        type=kind,
+        modifiers=modifiers,
+        position=tuple(layer.data_to_world([i, y, x])),
+        pos=np.array([10.0, 10.0]),
+        view_direction=None,
+        dims_displayed=[1, 2],
+        handled=False,
+        is_dragging=False,
+    )
 
 
 def test_layer_style_and_window_default(make_napari_viewer, mics):
@@ -162,15 +169,18 @@ def test_save_reload_identical_and_keeps_micrographs_not_open(make_napari_viewer
     widget2.load(out)
     after = widget2.all_boxes().sort_values(["micrograph", "x", "y"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(before, after)
-    assert np.array_equal(np.asarray(layer2.data)[np.lexsort(np.asarray(layer2.data).T[::-1])],
-                          np.asarray(layer.data)[np.lexsort(np.asarray(layer.data).T[::-1])])
+    assert np.array_equal(
+        np.asarray(layer2.data)[np.lexsort(np.asarray(layer2.data).T[::-1])],
+        np.asarray(layer.data)[np.lexsort(np.asarray(layer.data).T[::-1])],
+    )
     # STAR too
     star = tmp_path / "saved.star"
     widget2.save(star)
     viewer3, widget3, _, _ = _setup(make_napari_viewer, mics)
     widget3.load(star)
     pd.testing.assert_frame_equal(
-        widget3.all_boxes().sort_values(["micrograph", "x", "y"]).reset_index(drop=True), before)
+        widget3.all_boxes().sort_values(["micrograph", "x", "y"]).reset_index(drop=True), before
+    )
     # saving over a file written elsewhere keeps its boxes of micrographs that are not open
     other = tmp_path / "shared.txt"
     other.write_text("far_away.mrc 500 500\nmic_1.mrc 100 100\n")
@@ -194,8 +204,10 @@ def test_bad_files_give_messages_and_write_nothing(make_napari_viewer, mics, tmp
     assert widget.save(bad) is None and bad.read_text() == "mic_0.mrc 10 20\nmic_0.mrc ten 20\n"
     # a particle STAR naming micrographs that are not open: clear message, no boxes added
     star = tmp_path / "particles.star"
-    star.write_text("data_particles\nloop_\n_rlnMicrographName #1\n_rlnCoordinateX #2\n_rlnCoordinateY #3\n"
-                    "mic_0.mrc 100 100\nFoilHole_123_Data_456.mrc 50 50\n")
+    star.write_text(
+        "data_particles\nloop_\n_rlnMicrographName #1\n_rlnCoordinateX #2\n_rlnCoordinateY #3\n"
+        "mic_0.mrc 100 100\nFoilHole_123_Data_456.mrc 50 50\n"
+    )
     widget.particles_file.value = star
     widget.pick_from_particles()
     assert "FoilHole_123_Data_456.mrc" in widget.message.value and "mic_0.mrc" in widget.message.value
@@ -224,8 +236,10 @@ def test_automatic_from_particles_layer_keeps_manual_boxes(make_napari_viewer, m
     counts = widget.count_per_micrograph()
     new = widget.last_result.new
     assert len(new) >= 3 and new.groupby("micrograph").size().max() <= 5
-    assert counts == {"mic_0.mrc": 1 + int((new.micrograph == "mic_0.mrc").sum()),
-                      "mic_1.mrc": int((new.micrograph == "mic_1.mrc").sum())}
+    assert counts == {
+        "mic_0.mrc": 1 + int((new.micrograph == "mic_0.mrc").sum()),
+        "mic_1.mrc": int((new.micrograph == "mic_1.mrc").sum()),
+    }
     for m, centres in enumerate(CENTRES):
         t = new[new.micrograph == f"mic_{m}.mrc"]
         c = np.array(centres)
@@ -300,8 +314,10 @@ def test_threaded_job_delivers_boxes(make_napari_viewer, mics, qtbot, monkeypatc
     monkeypatch.setenv("CRYODDM_NAPARI_NOTHREADS", "0")
     viewer, widget, image, layer = _setup(make_napari_viewer, mics, diameter=40.0)
     star = mics[0].parent / "particles.star"
-    star.write_text("data_\nloop_\n_rlnMicrographName #1\n_rlnCoordinateX #2\n_rlnCoordinateY #3\n"
-                    + "".join(f"mic_{m}.mrc {x} {y}\n" for m, cs in enumerate(CENTRES) for x, y in cs))
+    star.write_text(
+        "data_\nloop_\n_rlnMicrographName #1\n_rlnCoordinateX #2\n_rlnCoordinateY #3\n"
+        + "".join(f"mic_{m}.mrc {x} {y}\n" for m, cs in enumerate(CENTRES) for x, y in cs)
+    )
     widget.particles_file.value = star
     handle = widget.pick_from_particles()
     assert handle.worker is not None

@@ -101,10 +101,16 @@ def _check_rule(xy, shape, particles, diameter, box, overlap, existing=None):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    ny=st.integers(64, 420), nx=st.integers(64, 420),
-    n=st.integers(0, 25), diameter=st.floats(4, 60), box=st.integers(16, 96),
-    overlap=st.sampled_from([0.0, 0.1, 0.3, 0.6]), max_boxes=st.integers(0, 40),
-    seed=st.integers(0, 2**31), n_existing=st.integers(0, 3), data=st.data(),
+    ny=st.integers(64, 420),
+    nx=st.integers(64, 420),
+    n=st.integers(0, 25),
+    diameter=st.floats(4, 60),
+    box=st.integers(16, 96),
+    overlap=st.sampled_from([0.0, 0.1, 0.3, 0.6]),
+    max_boxes=st.integers(0, 40),
+    seed=st.integers(0, 2**31),
+    n_existing=st.integers(0, 3),
+    data=st.data(),
 )
 def test_property_random_layouts(ny, nx, n, diameter, box, overlap, max_boxes, seed, n_existing, data):
     if box > min(ny, nx):
@@ -113,21 +119,32 @@ def test_property_random_layouts(ny, nx, n, diameter, box, overlap, max_boxes, s
         return
     rng = np.random.default_rng(seed)
     particles = np.column_stack([rng.uniform(-20, nx + 20, n), rng.uniform(-20, ny + 20, n)])
-    existing = np.column_stack([rng.integers(box // 2, nx - box + box // 2 + 1, n_existing),
-                                rng.integers(box // 2, ny - box + box // 2 + 1, n_existing)])
-    xy = auto_boxes_from_particles((ny, nx), particles, diameter, box, max_boxes, overlap,
-                                   seed=data.draw(st.integers(0, 99)), existing_xy=existing)
+    existing = np.column_stack(
+        [
+            rng.integers(box // 2, nx - box + box // 2 + 1, n_existing),
+            rng.integers(box // 2, ny - box + box // 2 + 1, n_existing),
+        ]
+    )
+    xy = auto_boxes_from_particles(
+        (ny, nx), particles, diameter, box, max_boxes, overlap, seed=data.draw(st.integers(0, 99)), existing_xy=existing
+    )
     assert len(xy) <= max_boxes
     assert xy.dtype.kind == "i"
     _check_rule(xy, (ny, nx), particles, diameter, box, overlap, existing.astype(float))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ny=st.integers(64, 256), nx=st.integers(64, 256), diameter=st.floats(6, 40),
-       box=st.integers(16, 64), overlap=st.sampled_from([0.0, 0.25, 0.5]),
-       max_boxes=st.integers(0, 30), threshold=st.floats(0.5, 3.0), seed=st.integers(0, 1000))
-def test_property_coordinate_free_keeps_the_rule(ny, nx, diameter, box, overlap, max_boxes,
-                                                  threshold, seed):
+@given(
+    ny=st.integers(64, 256),
+    nx=st.integers(64, 256),
+    diameter=st.floats(6, 40),
+    box=st.integers(16, 64),
+    overlap=st.sampled_from([0.0, 0.25, 0.5]),
+    max_boxes=st.integers(0, 30),
+    threshold=st.floats(0.5, 3.0),
+    seed=st.integers(0, 1000),
+)
+def test_property_coordinate_free_keeps_the_rule(ny, nx, diameter, box, overlap, max_boxes, threshold, seed):
     if box > min(ny, nx):
         return
     rng = np.random.default_rng(seed)
@@ -170,8 +187,7 @@ def test_box_tested_is_the_forward_window_not_a_smaller_box():
     assert PickConfig(diameter_A=200, target_apix=2.0).resolve(1.0) == (200.0, 512)
     assert PickConfig(diameter=200, bin=2, box=300).resolve(None) == (200.0, 300)
     mic = Micrograph("m.mrc", (2048, 2048))
-    particles = pd.DataFrame({"micrograph": ["m.mrc"] * 3, "x": [500.0, 1500, 1000],
-                              "y": [500.0, 1500, 1000]})
+    particles = pd.DataFrame({"micrograph": ["m.mrc"] * 3, "x": [500.0, 1500, 1000], "y": [500.0, 1500, 1000]})
     res = collect(pick_noise([mic], cfg, particles))
     xy = res.new[["x", "y"]].to_numpy()
     assert res.box_size == 384 and len(xy) > 0
@@ -188,19 +204,21 @@ def _mics(n=3, shape=(1024, 1024)):
 
 def test_pick_noise_matches_names_by_stem_and_merges_manual_picks():
     mics = _mics(3)
-    particles = pd.DataFrame({
-        "micrograph": ["MotionCorr/job003/stack_0000_2x_dfpt.mrcs", "stack_0001_2x_dfpt",
-                       "stack_0002_2x_dfpt.mrc"],
-        "x": [512.0, 300, 700], "y": [512.0, 300, 700]})
-    manual = pd.DataFrame({"micrograph": ["stack_0000_2x_dfpt.mrc", "other_micrograph.mrc"],
-                           "x": [200, 55], "y": [200, 66]})
-    res = collect(pick_noise(mics, PickConfig(diameter=80, max_per_micrograph=7, seed=1),
-                             particles, existing=manual))
+    particles = pd.DataFrame(
+        {
+            "micrograph": ["MotionCorr/job003/stack_0000_2x_dfpt.mrcs", "stack_0001_2x_dfpt", "stack_0002_2x_dfpt.mrc"],
+            "x": [512.0, 300, 700],
+            "y": [512.0, 300, 700],
+        }
+    )
+    manual = pd.DataFrame(
+        {"micrograph": ["stack_0000_2x_dfpt.mrc", "other_micrograph.mrc"], "x": [200, 55], "y": [200, 66]}
+    )
+    res = collect(pick_noise(mics, PickConfig(diameter=80, max_per_micrograph=7, seed=1), particles, existing=manual))
     # manual boxes kept (also those of micrographs not given), first and untouched
     assert res.boxes.iloc[:2].to_dict("list") == manual.to_dict("list")
     assert len(res.boxes) == 2 + 3 * 7 and len(res.new) == 21
-    assert res.counts == {"stack_0000_2x_dfpt.mrc": 8, "stack_0001_2x_dfpt.mrc": 7,
-                          "stack_0002_2x_dfpt.mrc": 7}
+    assert res.counts == {"stack_0000_2x_dfpt.mrc": 8, "stack_0001_2x_dfpt.mrc": 7, "stack_0002_2x_dfpt.mrc": 7}
     m0 = res.new[res.new.micrograph == "stack_0000_2x_dfpt.mrc"][["x", "y"]].to_numpy()
     assert overlap_fraction(m0[:, 0] - 200, m0[:, 1] - 200, 256).max() == 0  # new avoid manual
     assert set(res.new.micrograph) == {m.name for m in mics}
@@ -208,8 +226,9 @@ def test_pick_noise_matches_names_by_stem_and_merges_manual_picks():
 
 def test_unmatched_particle_names_report_examples_from_both_sides():
     mics = _mics(2)
-    particles = pd.DataFrame({"micrograph": ["stack_0000_2x_dfpt.mrc", "Falcon_0042.mrc"],
-                              "x": [1.0, 2.0], "y": [1.0, 2.0]})
+    particles = pd.DataFrame(
+        {"micrograph": ["stack_0000_2x_dfpt.mrc", "Falcon_0042.mrc"], "x": [1.0, 2.0], "y": [1.0, 2.0]}
+    )
     with pytest.raises(InputError) as err:
         collect(pick_noise(mics, PickConfig(diameter=80), particles, particles_source="p.star"))
     msg = str(err.value)
@@ -226,22 +245,38 @@ def test_unmatched_particle_names_report_examples_from_both_sides():
 
 
 def test_yield_warning_says_what_to_change():
-    res = collect(pick_noise(_mics(2), PickConfig(diameter=80, max_per_micrograph=5),
-                             pd.DataFrame({"micrograph": ["stack_0000_2x_dfpt", "stack_0001_2x_dfpt"],
-                                           "x": [10.0, 10], "y": [10.0, 10]})))
+    res = collect(
+        pick_noise(
+            _mics(2),
+            PickConfig(diameter=80, max_per_micrograph=5),
+            pd.DataFrame(
+                {"micrograph": ["stack_0000_2x_dfpt", "stack_0001_2x_dfpt"], "x": [10.0, 10], "y": [10.0, 10]}
+            ),
+        )
+    )
     assert res.total == 10
     text = res.report()
     assert "only 10 noise boxes" in text and "--overlap" in text and "bin" in text
     assert "more micrographs" in text and "smaller window" in text
-    big = collect(pick_noise(_mics(1, (4096, 4096)), PickConfig(diameter=80, max_per_micrograph=400),
-                             pd.DataFrame({"micrograph": ["stack_0000_2x_dfpt"], "x": [10.0], "y": [10.0]})))
+    big = collect(
+        pick_noise(
+            _mics(1, (4096, 4096)),
+            PickConfig(diameter=80, max_per_micrograph=400),
+            pd.DataFrame({"micrograph": ["stack_0000_2x_dfpt"], "x": [10.0], "y": [10.0]}),
+        )
+    )
     assert big.total >= 300 and not big.warnings
 
 
 def test_box_larger_than_micrograph_is_refused():
     with pytest.raises(InputError, match="does not fit"):
-        collect(pick_noise(_mics(1, (300, 300)), PickConfig(diameter=200), pd.DataFrame(
-            {"micrograph": ["stack_0000_2x_dfpt"], "x": [1.0], "y": [1.0]})))
+        collect(
+            pick_noise(
+                _mics(1, (300, 300)),
+                PickConfig(diameter=200),
+                pd.DataFrame({"micrograph": ["stack_0000_2x_dfpt"], "x": [1.0], "y": [1.0]}),
+            )
+        )
     with pytest.raises(CryoDDMError, match="overlap"):
         collect(pick_noise(_mics(1), PickConfig(diameter=20, overlap=1.5), None))
 
@@ -250,7 +285,7 @@ def test_box_larger_than_micrograph_is_refused():
 
 
 def _blobs(shape, centres, diameter, noise, rng):
-    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
     img = np.zeros(shape, np.float32)
     for x, y in centres:
         r2 = (xx - x) ** 2 + (yy - y) ** 2
@@ -278,16 +313,33 @@ def test_cli_no_screen_reads_only_headers_and_round_trips(tmp_path, monkeypatch)
     star = tmp_path / "particles.star"
     rng = np.random.default_rng(0)
     rows = [f"mic_{i:03d}.mrc {x:.2f} {y:.2f}" for i in range(5) for x, y in rng.uniform(0, 4096, (50, 2))]
-    star.write_text("data_particles\n\nloop_\n_rlnMicrographName #1\n_rlnCoordinateX #2\n"
-                    "_rlnCoordinateY #3\n" + "\n".join(rows) + "\n")
+    star.write_text(
+        "data_particles\n\nloop_\n_rlnMicrographName #1\n_rlnCoordinateX #2\n"
+        "_rlnCoordinateY #3\n" + "\n".join(rows) + "\n"
+    )
 
     def no_pixels(*a, **k):
         raise AssertionError("pixels were read")
 
     monkeypatch.setattr(picking, "read_micrograph", no_pixels)
     out = tmp_path / "noise_coordinates.txt"
-    assert main(["pick-noise", *map(str, paths), "--particles", str(star), "--diameter-A", "200",
-                 "--no-screen", "--quiet", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "pick-noise",
+                *map(str, paths),
+                "--particles",
+                str(star),
+                "--diameter-A",
+                "200",
+                "--no-screen",
+                "--quiet",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     boxes = read_noise_txt(out)
     assert set(boxes.micrograph) == {p.name for p in paths}
     assert boxes.groupby("micrograph").size().max() <= 100
@@ -297,17 +349,68 @@ def test_cli_no_screen_reads_only_headers_and_round_trips(tmp_path, monkeypatch)
         d = particle_box_distance(grp.x, grp.y, 384, p.x, p.y)
         assert d.min() >= 100
     # refuses to replace, merges on request (keeping every old box), writes STAR too
-    assert main(["pick-noise", str(paths[0]), "--particles", str(star), "--diameter", "200",
-                 "--allow-unmatched", "--no-screen", "--quiet", "-o", str(out)]) == 2
+    assert (
+        main(
+            [
+                "pick-noise",
+                str(paths[0]),
+                "--particles",
+                str(star),
+                "--diameter",
+                "200",
+                "--allow-unmatched",
+                "--no-screen",
+                "--quiet",
+                "-o",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert read_noise_txt(out).equals(boxes)
-    assert main(["pick-noise", str(paths[0]), "--particles", str(star), "--diameter", "200",
-                 "--allow-unmatched", "--overlap", "0.5", "--no-screen", "--quiet", "--merge", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "pick-noise",
+                str(paths[0]),
+                "--particles",
+                str(star),
+                "--diameter",
+                "200",
+                "--allow-unmatched",
+                "--overlap",
+                "0.5",
+                "--no-screen",
+                "--quiet",
+                "--merge",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     merged = read_noise_txt(out)
-    assert merged.iloc[:len(boxes)].equals(boxes) and len(merged) > len(boxes)
+    assert merged.iloc[: len(boxes)].equals(boxes) and len(merged) > len(boxes)
     star_out = tmp_path / "noise.star"
-    assert main(["pick-noise", *map(str, paths), "--particles", str(star), "--diameter", "200",
-                 "--no-screen", "--quiet", "-o", str(star_out)]) == 0
+    assert (
+        main(
+            [
+                "pick-noise",
+                *map(str, paths),
+                "--particles",
+                str(star),
+                "--diameter",
+                "200",
+                "--no-screen",
+                "--quiet",
+                "-o",
+                str(star_out),
+            ]
+        )
+        == 0
+    )
     from napari_cryoddm.io.star import read_coordinates
+
     back = read_coordinates(star_out)
     assert back[["micrograph", "x", "y"]].astype({"x": int, "y": int}).equals(boxes)
 
@@ -321,23 +424,38 @@ def test_original_line_round_trips(tmp_path):
     # a per-micrograph STAR named after the micrograph (RELION autopick style) matches it too
     autopick = tmp_path / "stack_0009_2x_dfpt_autopick.star"
     autopick.write_text(star.read_text())
-    assert main(["pick-noise", str(mic), "--particles", str(autopick), "--diameter", "150",
-                 "--quiet", "--merge", "-o", str(src)]) == 0
+    assert (
+        main(
+            [
+                "pick-noise",
+                str(mic),
+                "--particles",
+                str(autopick),
+                "--diameter",
+                "150",
+                "--quiet",
+                "--merge",
+                "-o",
+                str(src),
+            ]
+        )
+        == 0
+    )
     lines = src.read_text().splitlines()
     assert lines[:2] == ["stack_0009_2x_dfpt.mrc 3274 2914", "stack_0009_2x_dfpt.mrc 100 200"]
     assert len(lines) > 2
 
 
-@pytest.mark.parametrize("content,problem", [("", None), ("stack.mrc 12\n", "line 1"),
-                                             ("stack.mrc a b\n", "numbers")])
+@pytest.mark.parametrize("content,problem", [("", None), ("stack.mrc 12\n", "line 1"), ("stack.mrc a b\n", "numbers")])
 def test_cli_bad_noise_file_writes_nothing(tmp_path, capsys, content, problem):
     mic = _sparse_mrc(tmp_path / "stack.mrc", 512, 512)
     star = tmp_path / "stack_autopick.star"
     star.write_text("data_\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n 100 100\n")
     out = tmp_path / "noise.txt"
     out.write_text(content)
-    rc = main(["pick-noise", str(mic), "--particles", str(star), "--diameter", "50", "--merge",
-               "--quiet", "-o", str(out)])
+    rc = main(
+        ["pick-noise", str(mic), "--particles", str(star), "--diameter", "50", "--merge", "--quiet", "-o", str(out)]
+    )
     if problem is None:  # an empty file (the original's Browse button makes one) is a fresh start
         assert rc == 0 and len(read_noise_txt(out)) > 0
         return
@@ -350,19 +468,24 @@ def test_cli_bad_noise_file_writes_nothing(tmp_path, capsys, content, problem):
 def test_cli_bad_inputs_write_nothing(tmp_path, capsys):
     mic = _sparse_mrc(tmp_path / "stack.mrc", 512, 512)
     star = tmp_path / "p.star"
-    star.write_text("data_\nloop_\n_rlnMicrographName #1\n_rlnCoordinateX #2\n_rlnCoordinateY #3\n"
-                    "other.mrc 100 100\nstack.mrc 200 200\n")
+    star.write_text(
+        "data_\nloop_\n_rlnMicrographName #1\n_rlnCoordinateX #2\n_rlnCoordinateY #3\n"
+        "other.mrc 100 100\nstack.mrc 200 200\n"
+    )
     out = tmp_path / "noise.txt"
     assert main(["pick-noise", str(mic), "--particles", str(star), "--diameter", "50", "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert "other.mrc" in err and "stack.mrc" in err
-    assert main(["pick-noise", str(mic), "--particles", str(star), "--diameter", "400", "-o", str(out),
-                 "--allow-unmatched"]) == 2
+    assert (
+        main(
+            ["pick-noise", str(mic), "--particles", str(star), "--diameter", "400", "-o", str(out), "--allow-unmatched"]
+        )
+        == 2
+    )
     assert "does not fit" in capsys.readouterr().err
     empty_star = tmp_path / "empty.star"
     empty_star.write_text("data_\nloop_\n_rlnMicrographName #1\n_rlnCoordinateX #2\n_rlnCoordinateY #3\n")
-    assert main(["pick-noise", str(mic), "--particles", str(empty_star), "--diameter", "50",
-                 "-o", str(out)]) == 2
+    assert main(["pick-noise", str(mic), "--particles", str(empty_star), "--diameter", "50", "-o", str(out)]) == 2
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".noise")]
 
@@ -372,8 +495,10 @@ def test_cli_no_particles_mode(tmp_path):
     centres = rng.uniform(40, 472, (6, 2))
     mic = _write_mrc(tmp_path / "m.mrc", _blobs((512, 512), centres, 30, 0.3, rng))
     out = tmp_path / "n.txt"
-    assert main(["pick-noise", str(mic), "--no-particles", "--diameter", "30", "--box", "64",
-                 "--quiet", "-o", str(out)]) == 0
+    assert (
+        main(["pick-noise", str(mic), "--no-particles", "--diameter", "30", "--box", "64", "--quiet", "-o", str(out)])
+        == 0
+    )
     boxes = read_noise_txt(out)
     assert len(boxes) >= 3 and box_inside(boxes.x, boxes.y, 64, (512, 512)).all()
 
@@ -385,10 +510,27 @@ def test_real_autopick_boxes_avoid_every_pick(real_data, tmp_path):
     mic = real_data / "micrographs" / "Ucsf_stack_1142_DW.mrc"
     star = real_data / "coordinates" / "Ucsf_stack_1142_DW_autopick.star"
     out = tmp_path / "noise_coordinates.txt"
-    assert main(["pick-noise", str(mic), "--particles", str(star), "--diameter", "40",
-                 "--overlap", "0.25", "--quiet", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "pick-noise",
+                str(mic),
+                "--particles",
+                str(star),
+                "--diameter",
+                "40",
+                "--overlap",
+                "0.25",
+                "--quiet",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     boxes = read_noise_txt(out)
     from napari_cryoddm.io.star import read_coordinates
+
     picks = read_coordinates(star)
     assert len(picks) == 45 and len(boxes) >= 10
     assert set(boxes.micrograph) == {"Ucsf_stack_1142_DW.mrc"}
@@ -423,8 +565,16 @@ def test_sample_defaults_leave_room_for_30_boxes(sample_sets):
     for seed in range(4):
         for i in range(cfg.n_micrographs):
             name = s.table[s.table["index"] == i]["micrograph"].iloc[0]  # as the CLI names it
-            xy = auto_boxes_from_particles(cfg.shape, _truth(s, i), cfg.diameter_px, cfg.window,
-                                           max_boxes=10_000, overlap=0.0, seed=seed, name=name)
+            xy = auto_boxes_from_particles(
+                cfg.shape,
+                _truth(s, i),
+                cfg.diameter_px,
+                cfg.window,
+                max_boxes=10_000,
+                overlap=0.0,
+                seed=seed,
+                name=name,
+            )
             _check_rule(xy, cfg.shape, _truth(s, i), cfg.diameter_px, cfg.window, 0.0)
             counts[seed, i] = len(xy)
     at_defaults = [counts[0, i] for i in range(cfg.n_micrographs)]
@@ -474,12 +624,29 @@ def test_real_screening_keeps_boxes_off_the_contamination(real_data, tmp_path):
 
     def on_blob(path):
         b = read_noise_txt(path)
-        return sum(blob[y - 64:y + 64, x - 64:x + 64].any() for x, y in zip(b.x, b.y)), len(b)
+        return sum(blob[y - 64 : y + 64, x - 64 : x + 64].any() for x, y in zip(b.x, b.y)), len(b)
 
     plain, screened = tmp_path / "plain.txt", tmp_path / "screened.txt"
     for out, extra in ((plain, ["--no-screen"]), (screened, [])):
-        assert main(["pick-noise", str(mic), "--particles", str(star), "--diameter", "40",
-                     "--overlap", "0.25", "--quiet", "-o", str(out), *extra]) == 0
+        assert (
+            main(
+                [
+                    "pick-noise",
+                    str(mic),
+                    "--particles",
+                    str(star),
+                    "--diameter",
+                    "40",
+                    "--overlap",
+                    "0.25",
+                    "--quiet",
+                    "-o",
+                    str(out),
+                    *extra,
+                ]
+            )
+            == 0
+        )
     hits, n = on_blob(plain)
     assert hits >= 3
     hits, n = on_blob(screened)
@@ -489,5 +656,6 @@ def test_real_screening_keeps_boxes_off_the_contamination(real_data, tmp_path):
 def test_micrographs_sharing_a_stem_are_refused():
     mics = [Micrograph("a/stack_1.mrc", (512, 512)), Micrograph("b/stack_1.mrcs", (512, 512))]
     with pytest.raises(CryoDDMError, match="stack_1"):
-        collect(pick_noise(mics, PickConfig(diameter=20), pd.DataFrame(
-            {"micrograph": ["stack_1"], "x": [1.0], "y": [1.0]})))
+        collect(
+            pick_noise(mics, PickConfig(diameter=20), pd.DataFrame({"micrograph": ["stack_1"], "x": [1.0], "y": [1.0]}))
+        )

@@ -77,6 +77,7 @@ def trained() -> UDenoiseNet:
 
 # ----------------------------------------------------------------------------- geometry
 
+
 @pytest.mark.parametrize("shape", [(4096, 4096), (3838, 3710), (927, 959), (100, 70), (1, 1), (33, 4000)])
 @pytest.mark.parametrize("tile,overlap", [(1536, 192), (1024, 176), (384, 64), (512, 0)])
 def test_tile_grid_covers_image_on_the_pooling_grid(shape, tile, overlap):
@@ -88,7 +89,7 @@ def test_tile_grid_covers_image_on_the_pooling_grid(shape, tile, overlap):
     for oy, ox in g.origins():
         assert oy % STRIDE == 0 and ox % STRIDE == 0
         assert oy + ty <= g.padded_shape[0] and ox + tx <= g.padded_shape[1]
-        cover[oy:oy + g.core[0], ox:ox + g.core[1]] += 1  # core in image coordinates
+        cover[oy : oy + g.core[0], ox : ox + g.core[1]] += 1  # core in image coordinates
     assert (cover == 1).all()  # every pixel from exactly one tile core
     padded = pad_image(np.ones(shape, np.float32), g)
     assert padded.shape == g.padded_shape
@@ -109,6 +110,7 @@ def test_default_overlap_covers_the_measured_receptive_field():
 
 # ----------------------------------------------------------------------------- seams
 
+
 @pytest.mark.slow
 def test_tiled_equals_untiled_and_64px_overlap_fails(trained):
     """1024² image, 2×2 tiles: our margins reproduce one pass over the padded image; the
@@ -121,8 +123,7 @@ def test_tiled_equals_untiled_and_64px_overlap_fails(trained):
     rt = make_runtime(trained, PredictConfig(**CPU, tile=896, overlap=192, batch_size=2))
     ours = predict_image(rt, img)
     assert plan_tiles(img.shape, 896, 192).n_tiles == 4  # there are seams to get wrong
-    control = predict_image(make_runtime(trained, PredictConfig(**CPU, tile=640, overlap=64,
-                                                                batch_size=2)), img)
+    control = predict_image(make_runtime(trained, PredictConfig(**CPU, tile=640, overlap=64, batch_size=2)), img)
     assert plan_tiles(img.shape, 640, 64).n_tiles == 4
     scale = float(ref.std())
     assert scale > 0.05  # a real output, not a constant
@@ -153,6 +154,7 @@ def test_small_and_odd_sizes_are_padded_not_refused():
 
 
 # ----------------------------------------------------------------------------- files
+
 
 def cheap_model() -> PredictModel:
     """A tiny convolution standing in for the U-Net where only the file handling is tested."""
@@ -234,8 +236,9 @@ def test_resume_skips_finished_files_and_overwrite_replaces(tmp_path):
 def test_cancel_keeps_finished_outputs_and_leaves_no_partial(tmp_path):
     write_micrographs(tmp_path / "in", [(100, 100)] * 4)
     cancel = CancelToken()
-    job = predict_files(cheap_model(), tmp_path / "in", tmp_path / "out",
-                        PredictConfig(**CPU, tile=128, overlap=0), cancel=cancel)
+    job = predict_files(
+        cheap_model(), tmp_path / "in", tmp_path / "out", PredictConfig(**CPU, tile=128, overlap=0), cancel=cancel
+    )
     next(job)
     next(job)  # first micrograph done
     cancel.cancel()
@@ -249,8 +252,9 @@ def test_peak_rss_flat_over_50_micrographs(tmp_path):
     write_micrographs(tmp_path / "in", [(512, 512)] * 50)  # 1 MB each: a kept copy would show
     proc = psutil.Process()
     rss = []
-    for ev in predict_files(cheap_model(), tmp_path / "in", tmp_path / "out",
-                            PredictConfig(**CPU, tile=512, overlap=0)):
+    for ev in predict_files(
+        cheap_model(), tmp_path / "in", tmp_path / "out", PredictConfig(**CPU, tile=512, overlap=0)
+    ):
         if ev.done:
             rss.append(proc.memory_info().rss)
     assert len(rss) == 50 and len(list((tmp_path / "out").glob("*.mrc"))) == 50
@@ -260,13 +264,15 @@ def test_peak_rss_flat_over_50_micrographs(tmp_path):
 
 # ----------------------------------------------------------------------------- bad input
 
+
 def test_nan_pixels_are_reported_by_name_and_others_finish(tmp_path):
     paths = write_micrographs(tmp_path / "in", [(80, 80)] * 3)
     data = mrcfile.read(paths[1]).copy()
     data[5, 7] = np.nan
     write_mrc(paths[1], data, voxel_size=1.25, overwrite=True)
-    res = collect(predict_files(cheap_model(), tmp_path / "in", tmp_path / "out",
-                                PredictConfig(**CPU, tile=128, overlap=0)))
+    res = collect(
+        predict_files(cheap_model(), tmp_path / "in", tmp_path / "out", PredictConfig(**CPU, tile=128, overlap=0))
+    )
     assert len(res.written) == 2 and len(res.failed) == 1
     assert "mic_001.mrc" in res.failed[0][1] and "NaN" in res.failed[0][1]
     assert not (tmp_path / "out" / "mic_001.mrc").exists()
@@ -292,12 +298,12 @@ def test_not_a_checkpoint_and_unwritable_output_give_clear_messages(tmp_path, ca
 def test_output_would_replace_input_is_refused(tmp_path):
     (p,) = write_micrographs(tmp_path / "in", [(64, 64)])
     with pytest.raises(CryoDDMError, match="replace the input"):
-        collect(predict_files(cheap_model(), p, tmp_path / "in",
-                              PredictConfig(**CPU, overwrite=True)))
+        collect(predict_files(cheap_model(), p, tmp_path / "in", PredictConfig(**CPU, overwrite=True)))
     assert mrcfile.read(p).shape == (64, 64)
 
 
 # ----------------------------------------------------------------------------- speed and safety
+
 
 class OomAbove(nn.Module):
     """Raises CUDA's out-of-memory error for batches or tiles above a size (an injected OOM)."""
@@ -319,15 +325,17 @@ def test_out_of_memory_halves_batch_then_tile_and_carries_on():
     img = np.random.default_rng(3).normal(size=(300, 300)).astype(np.float32)
     expect = predict_image(conv, img, config=PredictConfig(**CPU, tile=512, overlap=32, batch_size=1))
     # too many tiles at once: the batch halves until it fits, the tile stays
-    rt = make_runtime(OomAbove(conv, max_batch=2, max_tile=10_000),
-                      PredictConfig(**CPU, tile=256, overlap=32, batch_size=8))
+    rt = make_runtime(
+        OomAbove(conv, max_batch=2, max_tile=10_000), PredictConfig(**CPU, tile=256, overlap=32, batch_size=8)
+    )
     out = predict_image(rt, img)
     assert (rt.batch_size, rt.tile) == (2, 256)
     assert rt.oom_events == ["batch size → 4", "batch size → 2"]
     np.testing.assert_allclose(out, expect, atol=1e-5)
     # a tile too big even alone: batch down to 1, then the tile halves; the run carries on
-    rt = make_runtime(OomAbove(conv, max_batch=8, max_tile=300),
-                      PredictConfig(**CPU, tile=512, overlap=32, batch_size=2))
+    rt = make_runtime(
+        OomAbove(conv, max_batch=8, max_tile=300), PredictConfig(**CPU, tile=512, overlap=32, batch_size=2)
+    )
     out = predict_image(rt, img)
     assert (rt.batch_size, rt.tile) == (1, 256)
     assert rt.oom_events == ["batch size → 1", "tile → 256 px"]
@@ -341,8 +349,7 @@ def test_bf16_on_cpu_is_close_to_fp32(trained):
     rng = np.random.default_rng(4)
     img = normalise(blobs(rng, 192, 8) + rng.normal(0, 0.5, (192, 192)).astype(np.float32))
     fp32 = predict_image(trained, img, config=PredictConfig(**CPU, tile=576, overlap=192))
-    bf16 = predict_image(trained, img, config=PredictConfig(**CPU, tile=576, overlap=192,
-                                                            precision="bf16"))
+    bf16 = predict_image(trained, img, config=PredictConfig(**CPU, tile=576, overlap=192, precision="bf16"))
     rel = np.abs(bf16 - fp32).max() / fp32.std()
     assert 0 < rel < 0.1  # bf16 changes results (hence opt-in on CPUs), but only a little
 
@@ -356,11 +363,22 @@ def test_channels_last_matches_contiguous(trained):
 
 def test_cli_predicts_from_a_checkpoint_and_resumes(tmp_path, capsys):
     torch.manual_seed(0)
-    ckpt = save_checkpoint(tmp_path / "m.pt", UDenoiseNet(),
-                           {"normalisation": Normalisation().to_dict(), "bin_factor": 1, "window": 64})
+    ckpt = save_checkpoint(
+        tmp_path / "m.pt", UDenoiseNet(), {"normalisation": Normalisation().to_dict(), "bin_factor": 1, "window": 64}
+    )
     paths = write_micrographs(tmp_path / "in", [(64, 64), (40, 90)])
-    argv = ["predict", str(ckpt), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--device", "cpu",
-            "--tile", "448", "--no-channels-last"]
+    argv = [
+        "predict",
+        str(ckpt),
+        str(tmp_path / "in"),
+        "-o",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        "--tile",
+        "448",
+        "--no-channels-last",
+    ]
     assert main(argv) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [p.name for p in paths]
     assert "2 denoised" in capsys.readouterr().err
@@ -370,11 +388,7 @@ def test_cli_predicts_from_a_checkpoint_and_resumes(tmp_path, capsys):
 
 
 def test_cpu_tile_is_chosen_to_fit_the_memory_budget():
-    from napari_cryoddm.tiling import (
-        CPU_BYTES_PER_TILE_PX,
-        CPU_MEMORY_BUDGET,
-        auto_cpu_tile,
-    )
+    from napari_cryoddm.tiling import CPU_BYTES_PER_TILE_PX, CPU_MEMORY_BUDGET, auto_cpu_tile
 
     assert auto_cpu_tile((4096, 4096), 192) == 1792  # 9 tiles of 1760²: 1.66× redundancy
     assert auto_cpu_tile((8192, 8192), 192) == 1536  # 1760² tiles would pass 2 GB on an 8k

@@ -90,12 +90,13 @@ def test_denoise_all_writes_files_and_layer_reads_them(make_napari_viewer, tmp_p
             arr = m.data.copy()
         assert arr.shape == tuple(s // 2 for s in mrcfile.read(p).shape)
         np.testing.assert_array_equal(arr, denoise_array(pm, mrcfile.read(p), w.config()))
-        shown = np.asarray(den.data[i])[:arr.shape[0], :arr.shape[1]]
+        shown = np.asarray(den.data[i])[: arr.shape[0], : arr.shape[1]]
         np.testing.assert_array_equal(shown, arr)
     assert den.metadata["cryoddm"]["micrographs"][0]["voxel_size"] == pytest.approx(4.0)
     # contrast from the first result (median ± 3 robust σ), not the placeholder set before any
     # result; the slider's range reaches well beyond it
     from napari_cryoddm._napari.reader import robust_limits
+
     first = mrcfile.read(tmp_path / "out" / paths[0].name)
     assert tuple(den.contrast_limits) == pytest.approx(robust_limits(first)[0], rel=1e-5)
     lo, hi = den.contrast_limits

@@ -48,7 +48,7 @@ def test_clean_signal_scores_perfectly():
 def test_scale_offset_and_ice_do_not_matter_for_r_but_do_for_the_plain_fit():
     c = _clean()
     ice = _ice(5)
-    d = -2.5 * c + 7.0 + 6 * c.std() * ice   # inverted contrast, offset, strong ice
+    d = -2.5 * c + 7.0 + 6 * c.std() * ice  # inverted contrast, offset, strong ice
     f, a = q.ice_fit(d, c)
     assert a == pytest.approx(-0.4, rel=1e-6)
     assert q.correlation(d, c) == pytest.approx(1.0, abs=1e-9)
@@ -65,10 +65,10 @@ def test_ice_projection_is_exactly_the_low_modes():
     spec = np.fft.fft2(low)
     ky = np.fft.fftfreq(64, 1 / 64)[:, None]
     kx = np.fft.fftfreq(80, 1 / 80)[None, :]
-    outside = ky ** 2 + kx ** 2 > 9
+    outside = ky**2 + kx**2 > 9
     assert np.abs(spec[outside]).max() < 1e-9
     np.testing.assert_allclose(q.ice_component(low), low, atol=1e-12)  # a projection
-    assert abs(q.remove_ice(img).mean()) < 1e-12                       # DC is in the band
+    assert abs(q.remove_ice(img).mean()) < 1e-12  # DC is in the band
 
 
 def test_raw_scores_below_the_denoisers_that_work():
@@ -86,7 +86,7 @@ def test_over_smoothing_shows_in_signal_transfer_not_in_frc():
     blurred = q.gaussian_lowpass(c, 3.0)
     s = q.score(blurred, c)
     assert s.transfer["high"] < 0.5
-    assert s.transfer["high"] < 0.05          # σ = 3 px kills 0.15–0.25 cycles/px
+    assert s.transfer["high"] < 0.05  # σ = 3 px kills 0.15–0.25 cycles/px
     # FRC is blind to a linear blur: without noise it stays ≈ 1 in every band
     assert s.frc["mid"] > 0.99 and s.frc["low"] > 0.99
     s15 = q.score(q.gaussian_lowpass(c, 1.5), c)
@@ -147,11 +147,11 @@ def _two_templates(box: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(11)
     base = ndimage.gaussian_filter(rng.normal(size=(box, box)), 1.5)
     yy, xx = np.mgrid[:box, :box] - box // 2
-    disk = (yy ** 2 + xx ** 2 < (box / 3) ** 2).astype(float)
+    disk = (yy**2 + xx**2 < (box / 3) ** 2).astype(float)
     a = base * disk
     moved = ndimage.rotate(base, 6, reshape=False, order=1) * disk
     b = a.copy()
-    b[box // 2:, :] = moved[box // 2:, :] * disk[box // 2:, :]
+    b[box // 2 :, :] = moved[box // 2 :, :] * disk[box // 2 :, :]
     return a, b
 
 
@@ -166,17 +166,17 @@ def test_conformation_calls_and_paired_accuracy():
         for j in range(n_side):
             y, x = box // 2 + box // 2 + i * box, box // 2 + box // 2 + j * box
             conf = int(rng.integers(0, 2))
-            img[y - box // 2:y + box // 2, x - box // 2:x + box // 2] += (ref_b if conf else ref_a)
+            img[y - box // 2 : y + box // 2, x - box // 2 : x + box // 2] += ref_b if conf else ref_a
             centres.append((y, x))
             truth.append(conf)
     truth = np.array(truth)
     refs = [(ref_a, ref_b)] * len(centres)
     calls = q.conformation_calls(img, centres, refs, box)
-    np.testing.assert_array_equal(calls, truth)           # clean: every call right
+    np.testing.assert_array_equal(calls, truth)  # clean: every call right
     noisy = img + rng.normal(size=img.shape) * 6 * img.std()
     calls_noisy = q.conformation_calls(noisy, centres, refs, box)
     acc_noisy = float((calls_noisy == truth).mean())
-    assert 0.3 < acc_noisy < 1.0                          # near chance once drowned
+    assert 0.3 < acc_noisy < 1.0  # near chance once drowned
     # a box leaving the image is not scored
     assert q.conformation_calls(img, [(2, 2)], refs[:1], box)[0] == -1
     res = q.paired_accuracy(calls == truth, calls_noisy == truth)
@@ -207,8 +207,9 @@ def test_box_and_table_helpers():
 def test_conformation_evidence_on_sample_particles():
     """The clean signal calls every sample particle right; the raw data at SNR 0.01 / 6° less so."""
     sample = pytest.importorskip("napari_cryoddm.simulation.sample")
-    cfg = sample.SampleConfig(n_micrographs=2, width=512, height=512, pixel_size=3.0, particles=6,
-                              snr=0.01, hinge_angle=6.0, seed=3)
+    cfg = sample.SampleConfig(
+        n_micrographs=2, width=512, height=512, pixel_size=3.0, particles=6, snr=0.01, hinge_angle=6.0, seed=3
+    )
     arr = sample.sample_arrays(cfg)
     box = q.box_size_for(cfg.diameter_px)
     refs = q.sample_references(arr.table, arr.molecule, cfg, box)

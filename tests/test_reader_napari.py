@@ -76,8 +76,9 @@ def test_open_folder_and_star_attach_save(make_napari_viewer, folder, real_data,
 
     renders: list = []
     real_render = stackio._render
-    monkeypatch.setattr(stackio, "_render", lambda sl, shape, f: (renders.append(sl.name),
-                                                                 real_render(sl, shape, f))[1])
+    monkeypatch.setattr(
+        stackio, "_render", lambda sl, shape, f: (renders.append(sl.name), real_render(sl, shape, f))[1]
+    )
     (image,) = viewer.open(folder, plugin=PLUGIN)
     assert image.data.shape == (3, 927, 1200) and image.data.chunksize == (1, 927, 1200)
     assert not image.multiscale
@@ -178,8 +179,7 @@ def test_large_micrographs_open_as_a_pyramid(make_napari_viewer, real_data):
     viewer = make_napari_viewer()
     (layer,) = viewer.open(real_data / "full_size", plugin=PLUGIN)
     assert layer.multiscale
-    assert [lv.shape for lv in layer.data] == [(2, 4096, 4096), (2, 2048, 2048), (2, 1024, 1024),
-                                               (2, 512, 512)]
+    assert [lv.shape for lv in layer.data] == [(2, 4096, 4096), (2, 2048, 2048), (2, 1024, 1024), (2, 512, 512)]
     np.testing.assert_allclose(layer.scale, (1, 0.66655, 0.66655), rtol=1e-4)
     assert layer.metadata["cryoddm"]["micrographs"][1]["shape"] == [3838, 3710]
     assert layer.metadata["cryoddm"]["micrographs"][0]["exttyp"] == "FEI2"
@@ -256,8 +256,9 @@ def test_writers_without_a_viewer(tmp_path):
     with pytest.raises(CryoDDMError, match="no micrograph name"):
         write_points(str(tmp_path / "p.txt"), np.array([[0, 1.0, 2.0]]), {"features": pd.DataFrame()})
     with pytest.raises(CryoDDMError, match=r"saved as \.txt .* or \.star"):
-        write_points(str(tmp_path / "p.csv"), np.array([[0, 1.0, 2.0]]),
-                     {"features": pd.DataFrame({"micrograph": ["a.mrc"]})})
+        write_points(
+            str(tmp_path / "p.csv"), np.array([[0, 1.0, 2.0]]), {"features": pd.DataFrame({"micrograph": ["a.mrc"]})}
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.mrc"]
 
 
@@ -269,8 +270,7 @@ def test_manifest_commands_of_this_part_import():
     pm = npe2.PluginManager.instance()
     pm.discover()
     manifest = pm.get_manifest(PLUGIN)
-    ours = {"get_micrograph_reader", "get_coordinate_reader", "write_image", "write_points",
-            "attach_widget"}
+    ours = {"get_micrograph_reader", "get_coordinate_reader", "write_image", "write_points", "attach_widget"}
     checked = 0
     for cmd in manifest.contributions.commands:
         if cmd.id.split(".")[-1] in ours:
@@ -286,9 +286,13 @@ def test_add_boxes_layer_helper(make_napari_viewer, folder):
     (image,) = viewer.open(folder, plugin=PLUGIN)
     layer = add_boxes_layer(viewer, np.array([[2, 10, 20]]), "noise", 128, image_layer=image)
     assert layer.features["micrograph"].tolist() == ["mic_b.mrc.gz"]
-    assert layer.metadata["cryoddm"] == {"kind": "noise", "source": None, "box_size": 128,
-                                         "attached_to": image.name,
-                                         "micrograph_names": micrograph_names(image)}
+    assert layer.metadata["cryoddm"] == {
+        "kind": "noise",
+        "source": None,
+        "box_size": 128,
+        "attached_to": image.name,
+        "micrograph_names": micrograph_names(image),
+    }
     np.testing.assert_allclose(layer.scale, image.scale)
     assert micrograph_names(image)[2] == "mic_b.mrc.gz"
     with pytest.raises(CryoDDMError, match="kind must be one of"):
@@ -321,9 +325,14 @@ def test_files_opened_as_stack_and_dock_widget_from_manifest(make_napari_viewer,
 def test_attach_core_outside_unmatched_and_round_trip():
     from napari_cryoddm.attach import attach_coordinates, detach_points
 
-    table = pd.DataFrame({"micrograph": ["Micrographs/a.mrc", "a_autopick", "b.mrc", "zz.mrc", "b.mrc"],
-                          "x": [10.0, 2000.0, 5.5, 1.0, -3.0], "y": [20.0, 30.0, 6.5, 1.0, 4.0],
-                          "rlnAutopickFigureOfMerit": [0.1, 0.2, 0.3, 0.4, 0.5]})
+    table = pd.DataFrame(
+        {
+            "micrograph": ["Micrographs/a.mrc", "a_autopick", "b.mrc", "zz.mrc", "b.mrc"],
+            "x": [10.0, 2000.0, 5.5, 1.0, -3.0],
+            "y": [20.0, 30.0, 6.5, 1.0, 4.0],
+            "rlnAutopickFigureOfMerit": [0.1, 0.2, 0.3, 0.4, 0.5],
+        }
+    )
     r = attach_coordinates(table, ["a.mrcs.gz", "b.mrc"], shapes=[[100, 1000], [50, 60]])
     assert r.unmatched == ["zz.mrc"] and r.n_unmatched_points == 1
     np.testing.assert_allclose(r.points, [[0, 20, 10], [0, 30, 2000], [1, 6.5, 5.5], [1, 4, -3]])
@@ -343,8 +352,7 @@ def test_attach_core_outside_unmatched_and_round_trip():
 @pytest.mark.viewer
 def test_an_empty_boxes_layer_accepts_hand_drawn_points(make_napari_viewer):
     viewer = make_napari_viewer()
-    entries = [{"path": f"{n}.mrc", "name": f"{n}.mrc", "shape": [64, 64], "voxel_size": 1.0}
-               for n in ("a", "b")]
+    entries = [{"path": f"{n}.mrc", "name": f"{n}.mrc", "shape": [64, 64], "voxel_size": 1.0} for n in ("a", "b")]
     image = viewer.add_image(np.zeros((2, 64, 64), np.float32), metadata={"cryoddm": {"micrographs": entries}})
     layer = add_boxes_layer(viewer, None, "noise", 32, image_layer=image)
     assert layer.features["micrograph"].dtype == object

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 def recipe() -> list[list[str]]:
     """The `cryoddm …` lines of the README's first bash block under "Your own data"."""
     text = README.read_text(encoding="utf-8")
-    section = text[text.index("## Your own data"):]
+    section = text[text.index("## Your own data") :]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     block = block.replace("\\\n", " ")
     commands = []
@@ -46,8 +46,9 @@ def test_the_recipe_is_found():
 
 
 def test_the_readme_recipe_runs_on_sample_data(tmp_path, monkeypatch, capsys):
-    sample = collect(generate_sample(tmp_path / "sample", SampleConfig(
-        n_micrographs=3, width=768, height=768, particles=8, seed=3)))
+    sample = collect(
+        generate_sample(tmp_path / "sample", SampleConfig(n_micrographs=3, width=768, height=768, particles=8, seed=3))
+    )
     monkeypatch.chdir(tmp_path)
     shutil.copytree(sample.micrographs[0].parent, "Micrographs")
     shutil.copyfile(sample.particles_star, "autopick.star")
@@ -56,8 +57,10 @@ def test_the_readme_recipe_runs_on_sample_data(tmp_path, monkeypatch, capsys):
     shutil.copyfile(sample.passthrough_cs, "J102/J102_passthrough_particles.cs")
     Path("CtfFind/job004").mkdir(parents=True)
     names = sorted(p.name for p in Path("Micrographs").glob("*.mrc"))
-    starfile.write({"micrographs": pd.DataFrame({"rlnMicrographName": [f"Micrographs/{n}" for n in names]})},
-                   "CtfFind/job004/micrographs_ctf.star")
+    starfile.write(
+        {"micrographs": pd.DataFrame({"rlnMicrographName": [f"Micrographs/{n}" for n in names]})},
+        "CtfFind/job004/micrographs_ctf.star",
+    )
 
     for argv in recipe():
         if argv[0] == "train":

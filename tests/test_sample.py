@@ -63,7 +63,7 @@ def _remove_ice_band(image: np.ndarray, k_max: float = 3.0) -> np.ndarray:
     spec = np.fft.rfft2(image)
     ky = np.fft.fftfreq(ny, 1.0 / ny)[:, None]
     kx = np.fft.rfftfreq(nx, 1.0 / nx)[None, :]
-    spec[ky ** 2 + kx ** 2 <= k_max ** 2 + 1e-9] = 0
+    spec[ky**2 + kx**2 <= k_max**2 + 1e-9] = 0
     return np.fft.irfft2(spec, s=image.shape)
 
 
@@ -72,8 +72,14 @@ def _ctf_free_from_truth(table: pd.DataFrame, config: SampleConfig, name: str) -
     molecule = molecule_for(config)
     out = np.zeros(config.shape)
     for row in table[table.micrograph == name].itertuples():
-        out += project(molecule, rotation_from_relion(row.rot, row.tilt, row.psi), config.pixel_size,
-                       config.shape, row.conformation, center=(row.x, row.y))
+        out += project(
+            molecule,
+            rotation_from_relion(row.rot, row.tilt, row.psi),
+            config.pixel_size,
+            config.shape,
+            row.conformation,
+            center=(row.x, row.y),
+        )
     return out
 
 
@@ -82,9 +88,13 @@ def _relion_matrix(rot: float, tilt: float, psi: float) -> np.ndarray:
     a, b, g = np.deg2rad([rot, tilt, psi])
     ca, cb, cg, sa, sb, sg = np.cos(a), np.cos(b), np.cos(g), np.sin(a), np.sin(b), np.sin(g)
     cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa
-    return np.array([[cg * cc - sg * sa, cg * cs + sg * ca, -cg * sb],
-                     [-sg * cc - cg * sa, -sg * cs + cg * ca, sg * sb],
-                     [sc, ss, cb]])
+    return np.array(
+        [
+            [cg * cc - sg * sa, cg * cs + sg * ca, -cg * sb],
+            [-sg * cc - cg * sa, -sg * cs + cg * ca, sg * sb],
+            [sc, ss, cb],
+        ]
+    )
 
 
 def _pyem_expmap(e: np.ndarray) -> np.ndarray:
@@ -125,15 +135,14 @@ def test_snr_over_envelopes_within_ten_percent_from_the_files(small_set):
 @pytest.mark.parametrize("snr, pixel_size", [(0.01, 1.5), (0.5, 3.0)])
 def test_snr_in_memory_other_regimes(snr, pixel_size):
     """The benchmark's regime (1.5 Å/px, 90 px particles, W = 256, SNR 0.01) and an easy one."""
-    cfg = SampleConfig(n_micrographs=1, width=512, height=512, particles=3, snr=snr,
-                       pixel_size=pixel_size, seed=11)
+    cfg = SampleConfig(n_micrographs=1, width=512, height=512, particles=3, snr=snr, pixel_size=pixel_size, seed=11)
     arr = sample_arrays(cfg)
     assert cfg.window == (256 if pixel_size == 1.5 else 128)
     env = envelope(arr.ctf_free[0])
     noise = arr.noisy[0].astype(np.float64) - arr.clean[0] - arr.ice[0]
     assert np.var(arr.clean[0][env], dtype=np.float64) / np.var(noise) == pytest.approx(snr, rel=0.10)
     assert arr.micrographs[0]["snr_envelope"] == pytest.approx(snr, rel=0.05)
-    noisy, clean, table = arr                      # unpacks as (noisy, clean, table)
+    noisy, clean, table = arr  # unpacks as (noisy, clean, table)
     assert noisy.dtype == clean.dtype == np.float32 and len(table) == 3
 
 
@@ -164,16 +173,26 @@ def test_star_coordinates_sit_on_their_clean_particles(small_set):
         for row in mine.itertuples():
             assert row.rlnDefocusU == row.rlnDefocusV and row.rlnDefocusAngle == 0
             assert row.rlnClassNumber in (1, 2)
-            ref = particle_reference(molecule, rotation_from_relion(row.rlnAngleRot, row.rlnAngleTilt,
-                                                                    row.rlnAnglePsi),
-                                     row.rlnDefocusU, SMALL, box, int(row.rlnClassNumber))
+            ref = particle_reference(
+                molecule,
+                rotation_from_relion(row.rlnAngleRot, row.rlnAngleTilt, row.rlnAnglePsi),
+                row.rlnDefocusU,
+                SMALL,
+                box,
+                int(row.rlnClassNumber),
+            )
             kernel = np.zeros((ny, nx))
             kernel[:box, :box] = ref
-            kernel = np.roll(kernel, (-(box // 2), -(box // 2)), axis=(0, 1))   # centre at [0, 0]
+            kernel = np.roll(kernel, (-(box // 2), -(box // 2)), axis=(0, 1))  # centre at [0, 0]
             cc = np.fft.irfft2(spec * np.conj(np.fft.rfft2(kernel)), s=(ny, nx))
             py, px = np.unravel_index(np.argmax(cc), cc.shape)
             assert abs(px - row.rlnCoordinateX) <= 1 and abs(py - row.rlnCoordinateY) <= 1, (
-                path.name, row.rlnCoordinateX, row.rlnCoordinateY, px, py)
+                path.name,
+                row.rlnCoordinateX,
+                row.rlnCoordinateY,
+                px,
+                py,
+            )
             checked += 1
     assert checked == len(particles)
 
@@ -186,7 +205,7 @@ def test_the_right_conformation_matches_better(small_set):
     for path in small_set.clean:
         clean = mrcfile.read(path).astype(np.float64)
         for row in table[table.micrograph == path.name].itertuples():
-            cut = clean[row.y - box // 2:row.y + box // 2, row.x - box // 2:row.x + box // 2]
+            cut = clean[row.y - box // 2 : row.y + box // 2, row.x - box // 2 : row.x + box // 2]
             rot = rotation_from_relion(row.rot, row.tilt, row.psi)
             scores = []
             for k in (1, 2):
@@ -198,9 +217,10 @@ def test_the_right_conformation_matches_better(small_set):
     single = SampleConfig(n_micrographs=1, width=448, height=320, particles=1, seed=5)
     arr = sample_arrays(single)
     row = arr.table.iloc[0]
-    cut = arr.clean[0][row.y - box // 2:row.y + box // 2, row.x - box // 2:row.x + box // 2].astype(float)
-    ref = particle_reference(arr.molecule, rotation_from_relion(row.rot, row.tilt, row.psi), row.defocus,
-                             single, box, int(row.conformation))
+    cut = arr.clean[0][row.y - box // 2 : row.y + box // 2, row.x - box // 2 : row.x + box // 2].astype(float)
+    ref = particle_reference(
+        arr.molecule, rotation_from_relion(row.rot, row.tilt, row.psi), row.defocus, single, box, int(row.conformation)
+    )
     assert np.corrcoef(cut.ravel(), ref.ravel())[0, 1] > 0.9999
 
 
@@ -216,7 +236,8 @@ def test_cs_pair_gives_back_the_star_coordinates_and_poses(small_set):
     assert np.array_equal(parts["uid"], passthrough["uid"])
     assert len(np.unique(parts["uid"])) == len(parts)
     assert {f for f in passthrough.fields() if f != "uid"} == {
-        f for f in parts.fields() if f.startswith(("location/", "ctf/"))}
+        f for f in parts.fields() if f.startswith(("location/", "ctf/"))
+    }
     star = read_star_blocks(small_set.particles_star)["particles"]
     assert len(parts) == len(star)
     shape = passthrough["location/micrograph_shape"]
@@ -225,11 +246,11 @@ def test_cs_pair_gives_back_the_star_coordinates_and_poses(small_set):
     y = np.round((1 - passthrough["location/center_y_frac"]) * shape[:, 0])
     names = [re.sub(r"^\d{21}_", "", Path(str(p)).name) for p in passthrough["location/micrograph_path"]]
     converted = pd.DataFrame({"name": names, "x": x, "y": y})
-    truth = pd.DataFrame({"name": star.rlnMicrographName, "x": star.rlnCoordinateX,
-                          "y": star.rlnCoordinateY})
+    truth = pd.DataFrame({"name": star.rlnMicrographName, "x": star.rlnCoordinateX, "y": star.rlnCoordinateY})
     # match each converted particle to the STAR particles of its micrograph
-    for (name, cx, cy), pose, cls, df1 in zip(converted.itertuples(index=False), parts["alignments3D/pose"],
-                                              parts["alignments3D/class"], parts["ctf/df1_A"]):
+    for (name, cx, cy), pose, cls, df1 in zip(
+        converted.itertuples(index=False), parts["alignments3D/pose"], parts["alignments3D/class"], parts["ctf/df1_A"]
+    ):
         mine = star[star.rlnMicrographName == name]
         d = np.hypot(mine.rlnCoordinateX - cx, mine.rlnCoordinateY - cy)
         assert d.min() <= 1.0
@@ -241,15 +262,28 @@ def test_cs_pair_gives_back_the_star_coordinates_and_poses(small_set):
         assert df1 == pytest.approx(row.rlnDefocusU, rel=1e-6)
     assert len(converted.merge(truth, on=["name", "x", "y"])) == len(truth)  # exact here
     # cryoSPARC-style names: 21-digit uid prefixes, Extract-job blob paths, one uid per micrograph
-    for mic, blob, muid in zip(passthrough["location/micrograph_path"], parts["blob/path"],
-                               passthrough["location/micrograph_uid"]):
+    for mic, blob, muid in zip(
+        passthrough["location/micrograph_path"], parts["blob/path"], passthrough["location/micrograph_uid"]
+    ):
         m = re.fullmatch(r"J1/imported/(\d{21})_(mic_\d{3})\.mrc", str(mic))
         assert m and int(m.group(1)) == int(muid)
         assert str(blob) == f"J2/extract/{m.group(1)}_{m.group(2)}_particles.mrc"
     # pyem assigns 3-D poses only when alignments3D/class_posterior exists
-    for f in ("alignments3D/class_posterior", "alignments3D/split", "alignments3D/shift", "blob/idx",
-              "blob/shape", "blob/psize_A", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast",
-              "ctf/df_angle_rad", "ctf/phase_shift_rad", "ctf/exp_group_id", "ctf/bfactor"):
+    for f in (
+        "alignments3D/class_posterior",
+        "alignments3D/split",
+        "alignments3D/shift",
+        "blob/idx",
+        "blob/shape",
+        "blob/psize_A",
+        "ctf/accel_kv",
+        "ctf/cs_mm",
+        "ctf/amp_contrast",
+        "ctf/df_angle_rad",
+        "ctf/phase_shift_rad",
+        "ctf/exp_group_id",
+        "ctf/bfactor",
+    ):
         assert f in parts.fields(), f
     assert (parts["blob/shape"] == SMALL.window).all()
     assert (parts["ctf/accel_kv"] == 300).all() and (parts["ctf/exp_group_id"] == 0).all()
@@ -262,10 +296,20 @@ def test_cs_fractions_round_trip_on_any_micrograph_shape(ny, nx, data):
     n = 12
     xs = data.draw(st.lists(st.integers(0, nx - 1), min_size=n, max_size=n))
     ys = data.draw(st.lists(st.integers(0, ny - 1), min_size=n, max_size=n))
-    table = pd.DataFrame({"micrograph": ["mic_000.mrc"] * n, "index": [0] * n, "x": xs, "y": ys,
-                          "rot": np.linspace(-170, 170, n), "tilt": np.linspace(1, 179, n),
-                          "psi": np.linspace(-90, 90, n), "defocus": [15000.0] * n,
-                          "conformation": [1, 2] * (n // 2), "subset": [1, 2] * (n // 2)})
+    table = pd.DataFrame(
+        {
+            "micrograph": ["mic_000.mrc"] * n,
+            "index": [0] * n,
+            "x": xs,
+            "y": ys,
+            "rot": np.linspace(-170, 170, n),
+            "tilt": np.linspace(1, 179, n),
+            "psi": np.linspace(-90, 90, n),
+            "defocus": [15000.0] * n,
+            "conformation": [1, 2] * (n // 2),
+            "subset": [1, 2] * (n // 2),
+        }
+    )
     config = SampleConfig(n_micrographs=1, width=nx, height=ny)
     parts, passthrough = cs_datasets(table, config)
     shape = passthrough["location/micrograph_shape"]
@@ -279,12 +323,14 @@ def test_cs_fields_have_the_types_of_real_cryosparc_files(small_set, real_data):
     """Every field we share with real Extract outputs has the same numpy type and shape."""
     ref = real_data / "cs2star_reference"
     real = {}
-    for name in ("T20S_J30_extract_particles_from_cryosparc-tools_conftest.cs",
-                 "T20S_J30_extract_passthrough_from_cryosparc-tools_conftest.cs",
-                 "cryosparc_P12_J24_001_particles.cs"):
+    for name in (
+        "T20S_J30_extract_particles_from_cryosparc-tools_conftest.cs",
+        "T20S_J30_extract_passthrough_from_cryosparc-tools_conftest.cs",
+        "cryosparc_P12_J24_001_particles.cs",
+    ):
         arr = np.load(ref / name)
         real.update({n: arr.dtype[n] for n in arr.dtype.names})
-    ours = np.load(small_set.particles_cs)   # the numpy .cs format pyem reads with np.load
+    ours = np.load(small_set.particles_cs)  # the numpy .cs format pyem reads with np.load
     shared = [n for n in ours.dtype.names if n in real]
     assert len(shared) >= 25
     for n in shared:
@@ -299,8 +345,11 @@ def test_cs_fields_have_the_types_of_real_cryosparc_files(small_set, real_data):
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_seed_reproduces_byte_identical_files(small_set, tmp_path):
@@ -356,11 +405,10 @@ def _picker_rule_count(xy: np.ndarray, shape: tuple[int, int], diameter: float, 
     and the box overlaps no kept box."""
     ny, nx = shape
     step, half = box // 8, box // 2
-    ys, xs = np.meshgrid(np.arange(half, ny - half + 1, step), np.arange(half, nx - half + 1, step),
-                         indexing="ij")
+    ys, xs = np.meshgrid(np.arange(half, ny - half + 1, step), np.arange(half, nx - half + 1, step), indexing="ij")
     cand = np.column_stack([xs.ravel(), ys.ravel()]).astype(float)
     clear = np.ones(len(cand), dtype=bool)
-    for px, py in xy:   # distance from the particle centre to the box's square
+    for px, py in xy:  # distance from the particle centre to the box's square
         gx = np.maximum(np.abs(cand[:, 0] - px) - half, 0)
         gy = np.maximum(np.abs(cand[:, 1] - py) - half, 0)
         clear &= np.hypot(gx, gy) >= diameter / 2
@@ -389,8 +437,7 @@ def test_defaults_leave_room_for_noise_boxes_and_generate_in_seconds(tmp_path):
         xy = mine[["x", "y"]].to_numpy(float)
         assert _picker_rule_count(xy, config.shape, config.diameter_px, config.window, seed=i) >= 30
         if auto_boxes_from_particles is not None:
-            boxes = auto_boxes_from_particles(config.shape, xy, config.diameter_px, config.window,
-                                              name=name, seed=0)
+            boxes = auto_boxes_from_particles(config.shape, xy, config.diameter_px, config.window, name=name, seed=0)
             assert len(boxes) >= 30, name
 
 
@@ -424,28 +471,38 @@ def test_molecule_size_asymmetry_and_hinge():
 
 def _atoms(*xyz: tuple[float, float, float]) -> Molecule:
     coords = np.array(xyz, dtype=float)
-    return Molecule(coords=np.stack([coords, coords]), weights=np.ones(len(coords)), sigma=1.0,
-                    domain=np.zeros(len(coords), bool), hinge_point=np.zeros(3),
-                    hinge_axis=np.array([0.0, 0.0, 1.0]), hinge_angle=0.0, diameter=100.0)
+    return Molecule(
+        coords=np.stack([coords, coords]),
+        weights=np.ones(len(coords)),
+        sigma=1.0,
+        domain=np.zeros(len(coords), bool),
+        hinge_point=np.zeros(3),
+        hinge_axis=np.array([0.0, 0.0, 1.0]),
+        hinge_angle=0.0,
+        diameter=100.0,
+    )
 
 
 def _spot(image: np.ndarray) -> tuple[float, float]:
     """(x, y) centroid of the brightest pixel's neighbourhood."""
     y, x = np.unravel_index(np.argmax(image), image.shape)
-    win = image[y - 3:y + 4, x - 3:x + 4]
-    yy, xx = np.mgrid[y - 3:y + 4, x - 3:x + 4]
+    win = image[y - 3 : y + 4, x - 3 : x + 4]
+    yy, xx = np.mgrid[y - 3 : y + 4, x - 3 : x + 4]
     return float((win * xx).sum() / win.sum()), float((win * yy).sum() / win.sum())
 
 
-@pytest.mark.parametrize("angles, atom, expect", [
-    ((0, 0, 0), (10, 0, 0), (10, 0)),          # identity: x → column, y → row
-    ((0, 0, 0), (0, 20, 0), (0, 20)),
-    ((90, 0, 0), (10, 0, 0), (0, -10)),        # A = Rz(90)ᵀ: x_img = y, y_img = −x
-    ((90, 0, 0), (0, 20, 0), (20, 0)),
-    ((0, 90, 0), (0, 0, 30), (-30, 0)),        # A = Ry(90)ᵀ: x_img = −z
-    ((0, 0, 90), (10, 0, 0), (0, -10)),        # psi turns in the image plane like rot at tilt 0
-    ((30, 40, 50), (12, -7, 21), None),        # general: A·p with RELION's matrix
-])
+@pytest.mark.parametrize(
+    "angles, atom, expect",
+    [
+        ((0, 0, 0), (10, 0, 0), (10, 0)),  # identity: x → column, y → row
+        ((0, 0, 0), (0, 20, 0), (0, 20)),
+        ((90, 0, 0), (10, 0, 0), (0, -10)),  # A = Rz(90)ᵀ: x_img = y, y_img = −x
+        ((90, 0, 0), (0, 20, 0), (20, 0)),
+        ((0, 90, 0), (0, 0, 30), (-30, 0)),  # A = Ry(90)ᵀ: x_img = −z
+        ((0, 0, 90), (10, 0, 0), (0, -10)),  # psi turns in the image plane like rot at tilt 0
+        ((30, 40, 50), (12, -7, 21), None),  # general: A·p with RELION's matrix
+    ],
+)
 def test_projection_follows_relions_euler_convention(angles, atom, expect):
     """x_image = A·x_molecule with RELION's A(rot, tilt, psi); centre at (box//2, box//2); Å → px."""
     apix, box = 2.0, 64
@@ -455,15 +512,15 @@ def test_projection_follows_relions_euler_convention(angles, atom, expect):
     x, y = _spot(image)
     assert x == pytest.approx(box // 2 + expect[0] / apix, abs=0.02)
     assert y == pytest.approx(box // 2 + expect[1] / apix, abs=0.02)
-    assert image.sum() == pytest.approx(1.0, abs=1e-5)    # pixel-integrated Gaussian: mass kept
+    assert image.sum() == pytest.approx(1.0, abs=1e-5)  # pixel-integrated Gaussian: mass kept
 
 
 def test_ctf_formula_and_thon_rings():
     lam = electron_wavelength(300)
     assert lam == pytest.approx(0.019687, rel=1e-4)
     grid = ctf((256, 256), 2.0, 20000.0, amplitude_contrast=0.07)
-    assert grid[0, 0] == pytest.approx(-0.07, abs=1e-12)          # dark particles at low frequency
-    k1 = 1 / np.sqrt(lam * 20000.0)                               # first zero with Q = 0, Cs = 0
+    assert grid[0, 0] == pytest.approx(-0.07, abs=1e-12)  # dark particles at low frequency
+    k1 = 1 / np.sqrt(lam * 20000.0)  # first zero with Q = 0, Cs = 0
     line = ctf((1, 4096), 0.5, 20000.0, cs=0.0, amplitude_contrast=0.0)[0]
     k = np.fft.rfftfreq(4096, 0.5)
     assert abs(np.interp(k1, k, line)) < 1e-3 and line[1] < 0
@@ -478,7 +535,7 @@ def test_ctf_formula_and_thon_rings():
     r = np.hypot(yy - 256, xx - 256).astype(int)
     radial = np.bincount(r.ravel(), ps.ravel()) / np.bincount(r.ravel())
     kr = np.arange(len(radial)) / (512 * cfg.pixel_size)
-    chi = np.pi * lam * sim.defocus * kr ** 2 - 0.5 * np.pi * cfg.cs * 1e7 * lam ** 3 * kr ** 4 + np.arcsin(0.07)
+    chi = np.pi * lam * sim.defocus * kr**2 - 0.5 * np.pi * cfg.cs * 1e7 * lam**3 * kr**4 + np.arcsin(0.07)
     zeros = [int(np.argmin(np.abs(chi - n * np.pi))) for n in (1, 2, 3)]
     for n, z in enumerate(zeros, start=1):
         peak = int(np.argmin(np.abs(chi - (n + 0.5) * np.pi)))
@@ -490,9 +547,13 @@ def test_ctf_formula_and_thon_rings():
 
 
 def test_bad_settings_are_named():
-    for bad, word in ((dict(snr=0), "--snr must be positive"), (dict(conformations=3), "--conformations must be 1 or 2"),
-                      (dict(defocus_min=3.0), "--defocus-min needs"), (dict(pixel_size=40.0), "px across"),
-                      (dict(n_micrographs=0), "--n-micrographs must be at least 1")):
+    for bad, word in (
+        (dict(snr=0), "--snr must be positive"),
+        (dict(conformations=3), "--conformations must be 1 or 2"),
+        (dict(defocus_min=3.0), "--defocus-min needs"),
+        (dict(pixel_size=40.0), "px across"),
+        (dict(n_micrographs=0), "--n-micrographs must be at least 1"),
+    ):
         with pytest.raises(ConfigError, match=word) as info:
             SampleConfig(**bad)
         assert info.value.field in bad
@@ -525,8 +586,25 @@ def test_read_truth_refuses_other_files(tmp_path):
 
 def test_cli_writes_and_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "cli"
-    args = ["sample", str(out), "-n", "1", "--width", "256", "--height", "192", "--particles", "2",
-            "--diameter-A", "120", "--snr", "0.1", "--seed", "3", "-q"]
+    args = [
+        "sample",
+        str(out),
+        "-n",
+        "1",
+        "--width",
+        "256",
+        "--height",
+        "192",
+        "--particles",
+        "2",
+        "--diameter-A",
+        "120",
+        "--snr",
+        "0.1",
+        "--seed",
+        "3",
+        "-q",
+    ]
     assert main(args) == 0
     said = capsys.readouterr().out
     assert "wrote 1 micrograph (256×192 px" in said and "2 particles" in said
@@ -553,11 +631,7 @@ def test_figure_script_writes_a_png(tmp_path):
 
 def test_napari_sample_layers(tmp_path, monkeypatch):
     monkeypatch.setenv("CRYODDM_CACHE_DIR", str(tmp_path / "cache"))
-    from napari_cryoddm._napari.sample_data import (
-        STACK_CONFIG,
-        sample_micrograph,
-        sample_stack,
-    )
+    from napari_cryoddm._napari.sample_data import STACK_CONFIG, sample_micrograph, sample_stack
 
     t0 = time.perf_counter()
     layers = sample_micrograph()
@@ -592,7 +666,7 @@ def test_napari_sample_falls_back_when_the_cache_cannot_be_written(tmp_path, mon
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder should be")
     monkeypatch.setenv("CRYODDM_CACHE_DIR", str(blocker))
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))     # the fallback lands in tmp_path
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the fallback lands in tmp_path
     from napari_cryoddm._napari.sample_data import sample_micrograph
 
     layers = sample_micrograph()
@@ -616,5 +690,7 @@ def test_open_sample_in_viewer(make_napari_viewer, tmp_path, monkeypatch):
     viewer.open_sample("napari-cryoddm", "stack")
     assert time.perf_counter() - t0 < 5
     assert viewer.layers["CryoDDM sample stack"].data.shape[0] == 4
-    assert os.environ["CRYODDM_CACHE_DIR"] in viewer.layers["CryoDDM sample stack"].metadata[
-        "cryoddm"]["micrographs"][0]["path"]
+    assert (
+        os.environ["CRYODDM_CACHE_DIR"]
+        in viewer.layers["CryoDDM sample stack"].metadata["cryoddm"]["micrographs"][0]["path"]
+    )

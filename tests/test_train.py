@@ -66,6 +66,7 @@ def _cfg(**kw) -> TrainConfig:
 
 # ----------------------------------------------------------------------------- directions
 
+
 def test_s2_loader_yields_noisier_then_cleaner(fw):
     """Every S2 sample the real loader yields is (x_k, x_{k−1}) of the known chain; val likewise."""
     data = open_forward(fw["folder"])
@@ -114,7 +115,6 @@ def test_epoch_plan_phases_partners_and_augmentation(fw):
         i = int(key[1])
         k, crop = fw["start"] + i // 4, i % 4
         for code in range(8):
-
             if np.array_equal(x[0].numpy(), d4(fw["chains"][crop, k], code)):
                 np.testing.assert_array_equal(y[0].numpy(), d4(fw["chains"][crop, k - 1], code))
                 codes.add(code)
@@ -154,7 +154,7 @@ def test_fresh_noise_chain_uses_recut_noise(tmp_path):
         assert f["start"] <= k < f["steps"]
         added = (xk - cx[k - 1] * xprev) / cn[k - 1]  # the noise patch of step k: flat
         assert min(abs(float(added.mean()) - v) for v in flats) < 1e-3 and added.std() < 1e-4
-        rest = xprev - np.prod(cx[:k - 1]) * f["x0"][seed % 4]  # x_{k−1} = x_0 k−1 steps down
+        rest = xprev - np.prod(cx[: k - 1]) * f["x0"][seed % 4]  # x_{k−1} = x_0 k−1 steps down
         assert rest.std() < 1e-4
     assert len(ks) > 1
     rng = np.random.default_rng(0)
@@ -164,6 +164,7 @@ def test_fresh_noise_chain_uses_recut_noise(tmp_path):
 
 
 # ----------------------------------------------------------------------------- training
+
 
 def test_loss_falls_and_checkpoints_carry_metadata(fw, tmp_path):
     out = tmp_path / "run"
@@ -191,9 +192,14 @@ def test_loss_falls_and_checkpoints_carry_metadata(fw, tmp_path):
 
 def _run_with_stop(folder, out, cfg, stop_epoch, stop_batch):
     cancel = CancelToken()
-    return stop_when(train(folder, out, cfg, cancel), cancel,
-                     lambda ev: (ev.payload.get("epoch"), ev.payload.get("batch")) == (stop_epoch, stop_batch)
-                     and not ev.payload.get("epoch_end"))
+    return stop_when(
+        train(folder, out, cfg, cancel),
+        cancel,
+        lambda ev: (
+            (ev.payload.get("epoch"), ev.payload.get("batch")) == (stop_epoch, stop_batch)
+            and not ev.payload.get("epoch_end")
+        ),
+    )
 
 
 @pytest.mark.parametrize("recipe,stop", [("default", (2, 2)), ("original", (1, 1))])
@@ -205,8 +211,7 @@ def test_stop_mid_epoch_and_resume_matches_uninterrupted(small, tmp_path, recipe
     assert res.stopped and res.epochs_done == stop[0] - 1
     state = load_checkpoint(tmp_path / "cut" / "last.pt").resume
     assert (state["epoch"], state["batch"]) == (stop[0] - 1, stop[1])
-    resumed = collect(train(fw["folder"], tmp_path / "cut", _cfg(epochs=2, recipe=recipe, batch_size=2,
-                                                                resume=True)))
+    resumed = collect(train(fw["folder"], tmp_path / "cut", _cfg(epochs=2, recipe=recipe, batch_size=2, resume=True)))
     assert not resumed.stopped and len(resumed.history) == 2
     for a, b in zip(full.history, resumed.history):
         for key in ("s1", "s2", "s3", "val", "lr"):
@@ -243,8 +248,11 @@ def test_fresh_noise_training_runs_the_same_with_loader_workers(tmp_path):
     f = make_forward(tmp_path, n=2, window=64, m=3, steps=3, start=2)
     runs = []
     for workers in (0, 1):
-        res = collect(train(f["folder"], tmp_path / f"run{workers}",
-                            _cfg(epochs=1, batch_size=2, fresh_noise=True, workers=workers)))
+        res = collect(
+            train(
+                f["folder"], tmp_path / f"run{workers}", _cfg(epochs=1, batch_size=2, fresh_noise=True, workers=workers)
+            )
+        )
         assert load_checkpoint(res.last).metadata["fresh_noise"] is True
         assert not (tmp_path / f"run{workers}" / ".cache").exists()  # the re-cut noise pool is removed
         runs.append(res.history[0])
@@ -253,6 +261,7 @@ def test_fresh_noise_training_runs_the_same_with_loader_workers(tmp_path):
 
 
 # ----------------------------------------------------------------------------- DDP
+
 
 @pytest.mark.slow
 def test_two_rank_ddp_matches_single_process(fw, tmp_path):
@@ -268,8 +277,9 @@ def test_two_rank_ddp_matches_single_process(fw, tmp_path):
     cfg = _cfg(epochs=1, batch_size=4, recipe="original", lr=0.05)
     single = collect(train(fw["folder"], tmp_path / "single", cfg))
     assert sum(1 for _ in epoch_plan(open_forward(fw["folder"]).counts, 4, 42, 0)) == 5
-    mp.spawn(ddp_worker, args=(2, str(tmp_path / "store"), str(fw["folder"]), str(tmp_path / "ddp")),
-             nprocs=2, join=True)
+    mp.spawn(
+        ddp_worker, args=(2, str(tmp_path / "store"), str(fw["folder"]), str(tmp_path / "ddp")), nprocs=2, join=True
+    )
     wa = load_checkpoint(tmp_path / "single" / "last.pt").model.state_dict()
     ddp = load_checkpoint(tmp_path / "ddp" / "last.pt")
     wb = ddp.model.state_dict()
@@ -283,6 +293,7 @@ def test_two_rank_ddp_matches_single_process(fw, tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input
+
 
 def test_folder_without_phases_is_refused(tmp_path):
     (tmp_path / "empty" / "s1").mkdir(parents=True)
@@ -340,8 +351,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(fw, tmp_path):
     before = hashlib.sha256((out / "last.pt").read_bytes()).hexdigest()
     with mrcfile.open(fw["folder"] / "s3/noise.mrcs", mode="r+") as mrc:
         mrc.data[1, 10, 10] = np.nan
-    with pytest.raises(CryoDDMError, match=r"NaN/infinite at epoch 2, phase S3.*last.pt still holds "
-                                           r"the last good state \(epoch 1\)"):
+    with pytest.raises(
+        CryoDDMError,
+        match=r"NaN/infinite at epoch 2, phase S3.*last.pt still holds "
+        r"the last good state \(epoch 1\)",
+    ):
         collect(train(fw["folder"], out, _cfg(epochs=2, resume=True)))
     assert hashlib.sha256((out / "last.pt").read_bytes()).hexdigest() == before
 
@@ -368,12 +382,28 @@ def test_config_validation():
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def test_cli_trains_and_reports_errors(fw, tmp_path, capsys):
     from napari_cryoddm.cli import main
 
     out = tmp_path / "cli"
-    rc = main(["train", str(fw["folder"]), "-o", str(out), "--epochs", "1", "--batch-size", "4",
-               "--device", "cpu", "--no-augment", "--seed", "7"])
+    rc = main(
+        [
+            "train",
+            str(fw["folder"]),
+            "-o",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--no-augment",
+            "--seed",
+            "7",
+        ]
+    )
     assert rc == 0 and (out / "last.pt").is_file() and (out / "best.pt").is_file()
     text = capsys.readouterr().out
     assert "epoch 1: S1" in text and "best:" in text
@@ -397,8 +427,13 @@ def test_init_from_an_original_pth_fine_tunes_from_its_weights(small, tmp_path, 
     torch.save(original, tmp_path / "71.pth")
     sys.modules.pop("unet2d", None)
     with pytest.warns(UserWarning, match="trained on minmax normalised data"):
-        res = collect(train(small["folder"], tmp_path / "ft",
-                            _cfg(epochs=1, batch_size=2, recipe="original", lr=1e-12, init=tmp_path / "71.pth")))
+        res = collect(
+            train(
+                small["folder"],
+                tmp_path / "ft",
+                _cfg(epochs=1, batch_size=2, recipe="original", lr=1e-12, init=tmp_path / "71.pth"),
+            )
+        )
     lc = load_checkpoint(res.last)
     assert lc.metadata["init"]["kind"] == "original-module"
     for k, v in original.state_dict().items():
@@ -418,8 +453,12 @@ def test_ddp_stop_seen_by_one_rank_stops_all_at_the_same_batch(fw, tmp_path):
 
     from helpers.training import ddp_stop_worker
 
-    ctx = mp.spawn(ddp_stop_worker, args=(2, str(tmp_path / "store"), str(fw["folder"]), str(tmp_path / "ddp")),
-                   nprocs=2, join=False)
+    ctx = mp.spawn(
+        ddp_stop_worker,
+        args=(2, str(tmp_path / "store"), str(fw["folder"]), str(tmp_path / "ddp")),
+        nprocs=2,
+        join=False,
+    )
     import time
 
     deadline = time.monotonic() + 300
@@ -433,6 +472,7 @@ def test_ddp_stop_seen_by_one_rank_stops_all_at_the_same_batch(fw, tmp_path):
 
 
 # ----------------------------------------------------------------------------- phase weights
+
 
 def test_phase_weight_zero_leaves_the_phase_out_and_keeps_the_others(fw):
     data = open_forward(fw["folder"])
@@ -453,8 +493,9 @@ def test_phase_weights_scale_the_gradient(small, tmp_path):
     moved = {}
     for w in (1.0, 0.5, 0.0):  # weight 0: S2 only, the state S3 starts from in the other runs
         out = tmp_path / f"s3_{w}"
-        collect(train(small["folder"], out, _cfg(epochs=1, batch_size=2, recipe="original",
-                                                  s1_weight=0.0, s3_weight=w)))
+        collect(
+            train(small["folder"], out, _cfg(epochs=1, batch_size=2, recipe="original", s1_weight=0.0, s3_weight=w))
+        )
         moved[w] = load_checkpoint(out / "last.pt").model.state_dict()
     step1 = torch.cat([(moved[1.0][k] - moved[0.0][k]).flatten() for k in moved[0.0]])
     step5 = torch.cat([(moved[0.5][k] - moved[0.0][k]).flatten() for k in moved[0.0]])

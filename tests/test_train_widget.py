@@ -104,8 +104,7 @@ def test_widget_from_the_manifest(make_napari_viewer):
     assert isinstance(widget, TrainWidget)
 
 
-def test_training_in_a_thread_keeps_the_viewer_responsive(make_napari_viewer, data, tmp_path, qtbot,
-                                                          monkeypatch):
+def test_training_in_a_thread_keeps_the_viewer_responsive(make_napari_viewer, data, tmp_path, qtbot, monkeypatch):
     """With real threads the Qt event loop keeps running (a 20 ms timer keeps firing) while the
     worker trains, and the plot receives the worker's progress."""
     from qtpy.QtCore import QTimer

@@ -31,8 +31,7 @@ def test_real_data_walk(make_napari_viewer, real_data, tmp_path, monkeypatch):
 
     # docks and window: no status message widened anything
     widths = out["widths"]
-    assert set(widths.initial) == {"Attach coordinates", "Noise picker", "Forward", "Train",
-                                   "Predict", "cs2star"}
+    assert set(widths.initial) == {"Attach coordinates", "Noise picker", "Forward", "Train", "Predict", "cs2star"}
     assert widths.grown() == {}
     assert widths.window <= 1920
     assert "not shown" in out["cs2star_status"]  # the long message that used to widen the window
@@ -60,9 +59,10 @@ def test_real_data_walk(make_napari_viewer, real_data, tmp_path, monkeypatch):
     # pixel screening kept every box off the contamination blob (top right, dark): no box's mean
     # is below the micrograph's 5th percentile of box means
     from napari_cryoddm.io.mrc import read_image
+
     img = read_image(ucsf.metadata["cryoddm"]["micrographs"][0]["path"])
     boxes = np.asarray(out["noise_layer"].data)
-    means = [img[int(y) - 64:int(y) + 64, int(x) - 64:int(x) + 64].mean() for _, y, x in boxes]
+    means = [img[int(y) - 64 : int(y) + 64, int(x) - 64 : int(x) + 64].mean() for _, y, x in boxes]
     blob = img[:300, -300:].mean()
     assert min(means) > blob + 0.5 * (np.median(img) - blob)
 

@@ -86,9 +86,14 @@ def atomic_write(final: str | os.PathLike[str], overwrite: bool = False) -> Iter
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False, kind: str = "output",
-               inputs: Iterable[Any] = (), layout: Sequence[str] = (),
-               manifest: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+def atomic_dir(
+    final: str | os.PathLike[str],
+    overwrite: bool = False,
+    kind: str = "output",
+    inputs: Iterable[Any] = (),
+    layout: Sequence[str] = (),
+    manifest: Callable[[Path], bool] | None = None,
+) -> Iterator[Path]:
     """Yield `FINAL.partial/`; rename it to `FINAL/` only when the block succeeds.
 
     A cancelled or failed run leaves `FINAL.partial/` (never `FINAL/`), so it cannot look finished;

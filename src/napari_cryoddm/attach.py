@@ -37,17 +37,22 @@ class AttachResult:
     def summary(self) -> str:
         msg = f"attached {self.n_points} points to {len(set(self.points[:, 0].astype(int)))} micrographs"
         if self.unmatched:
-            msg += (f"; {self.n_unmatched_points} points on {len(self.unmatched)} unmatched "
-                    f"micrograph names left out: {', '.join(self.unmatched[:5])}"
-                    + (" …" if len(self.unmatched) > 5 else ""))
+            msg += (
+                f"; {self.n_unmatched_points} points on {len(self.unmatched)} unmatched "
+                f"micrograph names left out: {', '.join(self.unmatched[:5])}"
+                + (" …" if len(self.unmatched) > 5 else "")
+            )
         if self.n_outside:
             msg += f"; {self.n_outside} points lie outside their micrograph"
         return msg
 
 
-def attach_coordinates(table: pd.DataFrame, micrograph_names: Sequence[str],
-                       shapes: Sequence[Sequence[int]] | None = None,
-                       require_match: bool = True) -> AttachResult:
+def attach_coordinates(
+    table: pd.DataFrame,
+    micrograph_names: Sequence[str],
+    shapes: Sequence[Sequence[int]] | None = None,
+    require_match: bool = True,
+) -> AttachResult:
     """Map `table` (`micrograph`, `x`, `y`, …) onto stack slices named `micrograph_names`.
 
     `shapes` (true [y, x] per slice) lets it count points outside their micrograph. With
@@ -85,7 +90,8 @@ def detach_points(points: np.ndarray, features: pd.DataFrame) -> pd.DataFrame:
     points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     if "micrograph" not in features.columns or len(features) != len(points):
         raise CryoDDMError("points need a 'micrograph' feature per point to be written")
-    table = pd.DataFrame({"micrograph": features["micrograph"].astype(str).to_numpy(),
-                          "x": points[:, 2], "y": points[:, 1]})
+    table = pd.DataFrame(
+        {"micrograph": features["micrograph"].astype(str).to_numpy(), "x": points[:, 2], "y": points[:, 1]}
+    )
     rest = features.drop(columns=["micrograph", "source_micrograph", "x", "y"], errors="ignore")
     return pd.concat([table, rest.reset_index(drop=True)], axis=1)

@@ -27,7 +27,7 @@ def fourier_bin(image: np.ndarray, factor: float) -> np.ndarray:
     spec = scipy.fft.fftshift(scipy.fft.fft2(np.asarray(image, dtype=np.float32), workers=-1))
     cy, cx = ny // 2, nx // 2
     y0, x0 = cy - my // 2, cx - mx // 2
-    crop = spec[y0:y0 + my, x0:x0 + mx]
+    crop = spec[y0 : y0 + my, x0 : x0 + mx]
     out = scipy.fft.ifft2(scipy.fft.ifftshift(crop), workers=-1).real
     out *= (my * mx) / (ny * nx)
     return out.astype(np.float32)

@@ -39,8 +39,9 @@ def noise_file_problem(path: str | os.PathLike[str]) -> str | None:
             blocks = read_star_blocks(path)
             extra = sorted({c for b in blocks.values() for c in b.columns} - NOISE_COLUMNS)
             if len(blocks) != 1 or extra:
-                return (f"it holds {', '.join(f'data_{n}' for n in blocks)}"
-                        + (f" with {', '.join(extra[:4])}{' …' if len(extra) > 4 else ''}" if extra else ""))
+                return f"it holds {', '.join(f'data_{n}' for n in blocks)}" + (
+                    f" with {', '.join(extra[:4])}{' …' if len(extra) > 4 else ''}" if extra else ""
+                )
             return None
         read_noise_txt(path, allow_empty=True)
         return None
@@ -56,13 +57,17 @@ def is_noise_file(path: str | os.PathLike[str]) -> bool:
 
 
 def _not_noise(path: Path, problem: str, action: str) -> InputError:
-    return InputError(path, f"is not a noise-box file ({problem}); refusing to {action} it — "
-                            "pick-noise merges into and replaces only noise-box files (name x y, "
-                            "or a STAR with only micrograph names and coordinates)")
+    return InputError(
+        path,
+        f"is not a noise-box file ({problem}); refusing to {action} it — "
+        "pick-noise merges into and replaces only noise-box files (name x y, "
+        "or a STAR with only micrograph names and coordinates)",
+    )
 
 
-def check_boxes_output(path: str | os.PathLike[str], inputs: Sequence[object] = (),
-                       merge: bool = False, overwrite: bool = False) -> pd.DataFrame | None:
+def check_boxes_output(
+    path: str | os.PathLike[str], inputs: Sequence[object] = (), merge: bool = False, overwrite: bool = False
+) -> pd.DataFrame | None:
     """Before picking: the output is a `.txt` or `.star` name, not an input or a folder, in a
     writable place; an existing one is merged into (returned) or replaced only when asked and only
     if it is a noise-box file — never a particle STAR. Returns the boxes to merge with, if any."""
@@ -96,4 +101,3 @@ def write_boxes(path: str | os.PathLike[str], boxes: pd.DataFrame, overwrite: bo
     if path.suffix.lower() != ".txt":
         raise CryoDDMError(f"{path}: noise boxes are saved as .txt (name x y) or .star")
     return write_noise_txt(path, boxes, overwrite=overwrite)
-

@@ -56,8 +56,9 @@ def overlap_fraction(dx, dy, box: int) -> np.ndarray:
     return ox * oy / float(box * box)
 
 
-def candidate_grid(shape: tuple[int, int], box: int, step: int | None = None,
-                   margin: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def candidate_grid(
+    shape: tuple[int, int], box: int, step: int | None = None, margin: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Integer candidate centres (ys, xs) whose boxes fit, on a grid centred in the micrograph."""
     step = int(step or max(1, box // 8))
     axes = []
@@ -72,8 +73,9 @@ def candidate_grid(shape: tuple[int, int], box: int, step: int | None = None,
     return axes[0], axes[1]
 
 
-def particle_clear_mask(ys: np.ndarray, xs: np.ndarray, box: int, particles_xy: np.ndarray,
-                        diameter: float) -> np.ndarray:
+def particle_clear_mask(
+    ys: np.ndarray, xs: np.ndarray, box: int, particles_xy: np.ndarray, diameter: float
+) -> np.ndarray:
     """(len(ys), len(xs)) True where no particle disc of `diameter` reaches into the box.
 
     Each particle can only reach boxes whose centres lie in a small rectangle of the grid
@@ -119,8 +121,7 @@ def _conflict_stencil(box: int, step: int, overlap: float) -> np.ndarray:
     return frac > overlap + 1e-9
 
 
-def blocked_by_boxes(ys: np.ndarray, xs: np.ndarray, boxes_xy: np.ndarray, box: int,
-                overlap: float) -> np.ndarray:
+def blocked_by_boxes(ys: np.ndarray, xs: np.ndarray, boxes_xy: np.ndarray, box: int, overlap: float) -> np.ndarray:
     """Grid cells whose box would overlap any of `boxes_xy` by more than `overlap`."""
     blocked = np.zeros((len(ys), len(xs)), dtype=bool)
     for bx, by in np.asarray(boxes_xy, dtype=np.float64).reshape(-1, 2):
@@ -132,8 +133,16 @@ def blocked_by_boxes(ys: np.ndarray, xs: np.ndarray, boxes_xy: np.ndarray, box: 
     return blocked
 
 
-def greedy_place(order: np.ndarray, ys: np.ndarray, xs: np.ndarray, box: int, step: int,
-            overlap: float, blocked: np.ndarray, limit: int) -> list[tuple[int, int]]:
+def greedy_place(
+    order: np.ndarray,
+    ys: np.ndarray,
+    xs: np.ndarray,
+    box: int,
+    step: int,
+    overlap: float,
+    blocked: np.ndarray,
+    limit: int,
+) -> list[tuple[int, int]]:
     """Accept cells in `order` (flat indices) unless blocked; each acceptance blocks its stencil.
 
     Sequential semantics, vectorised: after each acceptance the remaining order is filtered
@@ -151,7 +160,7 @@ def greedy_place(order: np.ndarray, ys: np.ndarray, xs: np.ndarray, box: int, st
         i, j = divmod(f, nx)
         chosen.append((int(xs[j]), int(ys[i])))
         i0, i1, j0, j1 = max(0, i - k), min(ny, i + k + 1), max(0, j - k), min(nx, j + k + 1)
-        blocked[i0:i1, j0:j1] |= stencil[i0 - (i - k):i1 - (i - k), j0 - (j - k):j1 - (j - k)]
+        blocked[i0:i1, j0:j1] |= stencil[i0 - (i - k) : i1 - (i - k), j0 - (j - k) : j1 - (j - k)]
         rest = rest[1:]
         rest = rest[~flat[rest]]
     return chosen
@@ -168,14 +177,27 @@ def check_fits(shape: tuple[int, int], box: int, margin: int, what: str) -> None
     lo_x, hi_x = centre_range(shape[1], box, margin)
     if hi_y < lo_y or hi_x < lo_x:
         extra = f" with an edge margin of {margin} px" if margin else ""
-        raise InputError(what, f"a {box} px box does not fit in this {shape[0]}×{shape[1]} "
-                               f"micrograph{extra}; give a smaller --box (or bin less)")
+        raise InputError(
+            what,
+            f"a {box} px box does not fit in this {shape[0]}×{shape[1]} "
+            f"micrograph{extra}; give a smaller --box (or bin less)",
+        )
 
 
-def auto_boxes_from_particles(shape: tuple[int, int], particles_xy, diameter: float, box: int,
-                              max_boxes: int = 100, overlap: float = 0.0, seed: int = 0,
-                              existing_xy=(), margin: int = 0, step: int | None = None,
-                              name: str = "", exclude: np.ndarray | None = None) -> np.ndarray:
+def auto_boxes_from_particles(
+    shape: tuple[int, int],
+    particles_xy,
+    diameter: float,
+    box: int,
+    max_boxes: int = 100,
+    overlap: float = 0.0,
+    seed: int = 0,
+    existing_xy=(),
+    margin: int = 0,
+    step: int | None = None,
+    name: str = "",
+    exclude: np.ndarray | None = None,
+) -> np.ndarray:
     """Boxes (n, 2) of integer (x, y) centres clear of every particle disc; see the module doc.
     `exclude` (the candidate grid's shape) leaves out more candidates (pixel screening)."""
     check_fits(shape, box, margin, name or "micrograph")
@@ -189,4 +211,3 @@ def auto_boxes_from_particles(shape: tuple[int, int], particles_xy, diameter: fl
     order = _rng(seed, name).permutation(free)
     chosen = greedy_place(order, ys, xs, box, step, overlap, blocked, max_boxes)
     return np.array(chosen, dtype=np.int64).reshape(-1, 2)
-

@@ -35,8 +35,9 @@ class StructureMap:
     factor: float  # bin factor the statistic was computed at
 
 
-def structure_map(image: np.ndarray, diameter: float, box: int, step: int | None = None,
-                  margin: int = 0) -> StructureMap:
+def structure_map(
+    image: np.ndarray, diameter: float, box: int, step: int | None = None, margin: int = 0
+) -> StructureMap:
     """Score every candidate box by the structure it holds.
 
     The image is robustly normalised (hot pixels clipped) and Fourier-binned so the particle is
@@ -61,8 +62,7 @@ def structure_map(image: np.ndarray, diameter: float, box: int, step: int | None
     low = ndimage.gaussian_filter(small, 1.0, mode="reflect")
     background = ndimage.gaussian_filter(small, BACKGROUND_SIGMA * d_b, mode="reflect")
     band = low - background
-    energy = ndimage.uniform_filter(band * band, size=max(3, int(round(ENERGY_WINDOW * d_b))),
-                                    mode="reflect")
+    energy = ndimage.uniform_filter(band * band, size=max(3, int(round(ENERGY_WINDOW * d_b))), mode="reflect")
     wb = max(1, int(round(box / factor)))
     reach = int(round(REACH * d_b))
     box_max = ndimage.maximum_filter(energy, size=wb + 2 * reach, mode="nearest")
@@ -85,10 +85,18 @@ def structure_map(image: np.ndarray, diameter: float, box: int, step: int | None
     return StructureMap(ys, xs, score, outlier, factor)
 
 
-def rank_empty_boxes(image: np.ndarray, diameter: float, box: int, max_boxes: int = 100,
-                     overlap: float = 0.0, threshold: float = 0.9, existing_xy=(),
-                     margin: int = 0, step: int | None = None,
-                     name: str = "") -> tuple[np.ndarray, np.ndarray]:
+def rank_empty_boxes(
+    image: np.ndarray,
+    diameter: float,
+    box: int,
+    max_boxes: int = 100,
+    overlap: float = 0.0,
+    threshold: float = 0.9,
+    existing_xy=(),
+    margin: int = 0,
+    step: int | None = None,
+    name: str = "",
+) -> tuple[np.ndarray, np.ndarray]:
     """The emptiest boxes first: ((n, 2) integer (x, y) centres, their scores).
 
     Candidates with a score above `threshold` (relative to the micrograph's median box) or with
@@ -108,4 +116,3 @@ def rank_empty_boxes(image: np.ndarray, diameter: float, box: int, max_boxes: in
     # grid indices of the chosen centres (xs, ys are sorted) → their scores
     scores = smap.score[np.searchsorted(ys, xy[:, 1]), np.searchsorted(xs, xy[:, 0])]
     return xy, scores.astype(np.float64)
-

@@ -94,9 +94,13 @@ def _state_dict_of(model_or_state: nn.Module | dict[str, torch.Tensor]) -> dict[
     return {k: v.detach().to("cpu").clone() for k, v in state.items()}
 
 
-def save_checkpoint(path: str | os.PathLike[str], model: nn.Module | dict[str, torch.Tensor],
-                    metadata: dict[str, Any], resume: dict[str, Any] | None = None,
-                    overwrite: bool = True) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module | dict[str, torch.Tensor],
+    metadata: dict[str, Any],
+    resume: dict[str, Any] | None = None,
+    overwrite: bool = True,
+) -> Path:
     """Write a checkpoint atomically (temporary file, then rename): a crash never leaves half a file.
 
     `metadata` is converted to JSON-safe types; `resume` may hold tensors and plain containers.
@@ -105,8 +109,12 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module | dict[str, t
     meta = to_jsonable(dict(metadata))
     meta.setdefault("architecture", dict(ARCHITECTURE))
     meta.setdefault("package_version", __version__)
-    payload: dict[str, Any] = {"format": FORMAT, "version": VERSION,
-                               "state_dict": _state_dict_of(model), "metadata": meta}
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "state_dict": _state_dict_of(model),
+        "metadata": meta,
+    }
     if resume is not None:
         payload["resume"] = resume
     buffer = io.BytesIO()  # serialised first: a full disk then fails as an OSError naming the file,
@@ -121,8 +129,16 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module | dict[str, t
 
 # torch's advice around a refusal ("Re-running torch.load with weights_only set to False will
 # likely succeed …") invites running untrusted code: never passed on to users
-_TORCH_ADVICE = ("weights_only", "weights only", "re-running", "file an issue", "documentation",
-                 "http", "trusted source", "pytorch 2.6")
+_TORCH_ADVICE = (
+    "weights_only",
+    "weights only",
+    "re-running",
+    "file an issue",
+    "documentation",
+    "http",
+    "trusted source",
+    "pytorch 2.6",
+)
 
 
 def _reason(text: str, fallback: str) -> str:
@@ -139,13 +155,19 @@ def _refusal(path: Path, exc: BaseException) -> InputError:
     text = str(exc)
     m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL|GLOBAL) ([\w.]+)", text)
     if m:
-        return InputError(path, f"refused: the file asks the unpickler for {m.group(1)}, which no "
-                                "CryoDDM checkpoint needs (nothing was run). Only napari-cryoddm "
-                                "checkpoints and the original CryoDDM's .pth files are accepted.")
+        return InputError(
+            path,
+            f"refused: the file asks the unpickler for {m.group(1)}, which no "
+            "CryoDDM checkpoint needs (nothing was run). Only napari-cryoddm "
+            "checkpoints and the original CryoDDM's .pth files are accepted.",
+        )
     reason = _reason(text, type(exc).__name__)
-    return InputError(path, f"refused: not a PyTorch checkpoint that can be read safely ({reason}); "
-                            "nothing was run. Only napari-cryoddm checkpoints and the original "
-                            "CryoDDM's .pth files are accepted.")
+    return InputError(
+        path,
+        f"refused: not a PyTorch checkpoint that can be read safely ({reason}); "
+        "nothing was run. Only napari-cryoddm checkpoints and the original "
+        "CryoDDM's .pth files are accepted.",
+    )
 
 
 def _load_raw(path: Path, map_location: Any) -> Any:
@@ -163,8 +185,17 @@ def _load_raw(path: Path, map_location: Any) -> Any:
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise _refusal(path, exc) from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, io.UnsupportedOperation,
-            AttributeError, KeyError, TypeError, OSError) as exc:
+    except (
+        RuntimeError,
+        EOFError,
+        ValueError,
+        zipfile.BadZipFile,
+        io.UnsupportedOperation,
+        AttributeError,
+        KeyError,
+        TypeError,
+        OSError,
+    ) as exc:
         raise _refusal(path, exc) from None
 
 
@@ -185,7 +216,7 @@ def _module_tensors(module: Any, prefix: str = "") -> dict[str, torch.Tensor]:
 def _check_architecture(path: Path, state: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Strip a DDP `module.` prefix; refuse anything whose keys or shapes differ from ours."""
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     want = expected_shapes()
     problems: list[str] = []
     missing = [k for k in want if k not in state]
@@ -203,8 +234,7 @@ def _check_architecture(path: Path, state: dict[str, Any]) -> dict[str, torch.Te
         elif tuple(v.shape) != shape:
             problems.append(f"{k} has shape {list(v.shape)}, UDenoiseNet needs {list(shape)}")
     if problems:
-        raise InputError(path, "not a CryoDDM UDenoiseNet (nf=48, 11×11 first layer): "
-                               + "; ".join(problems[:8]))
+        raise InputError(path, "not a CryoDDM UDenoiseNet (nf=48, 11×11 first layer): " + "; ".join(problems[:8]))
     return state
 
 
@@ -246,8 +276,11 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     elif isinstance(obj, dict) and obj.get("format") == FORMAT:
         kind = "cryoddm"
         if int(obj.get("version", 0)) > VERSION:
-            raise InputError(path, f"checkpoint format version {obj.get('version')} is newer than this "
-                                   f"napari-cryoddm understands ({VERSION}); upgrade the package")
+            raise InputError(
+                path,
+                f"checkpoint format version {obj.get('version')} is newer than this "
+                f"napari-cryoddm understands ({VERSION}); upgrade the package",
+            )
         state = obj.get("state_dict")
         if not isinstance(state, dict):
             raise InputError(path, "napari-cryoddm checkpoint without a state_dict")
@@ -265,14 +298,20 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     elif isinstance(obj, nn.Module):
         raise InputError(path, f"holds a {type(obj).__name__} module, not a CryoDDM UDenoiseNet")
     else:
-        raise InputError(path, f"holds a {type(obj).__name__}, not a CryoDDM checkpoint "
-                               "(napari-cryoddm .pt, the original's N.pth or checkpoint.pth)")
+        raise InputError(
+            path,
+            f"holds a {type(obj).__name__}, not a CryoDDM checkpoint "
+            "(napari-cryoddm .pt, the original's N.pth or checkpoint.pth)",
+        )
     state = _check_architecture(path, state)
     diverged = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if diverged:
-        raise InputError(path, f"{len(diverged)} weight tensors hold NaN or infinite values "
-                               f"({', '.join(diverged[:3])}{' …' if len(diverged) > 3 else ''}): the "
-                               "training that wrote it diverged; this checkpoint cannot denoise")
+        raise InputError(
+            path,
+            f"{len(diverged)} weight tensors hold NaN or infinite values "
+            f"({', '.join(diverged[:3])}{' …' if len(diverged) > 3 else ''}): the "
+            "training that wrote it diverged; this checkpoint cannot denoise",
+        )
     arch = meta.get("architecture") or {}
     if arch and any(arch.get(k) != v for k, v in ARCHITECTURE.items() if k in arch):
         raise InputError(path, f"architecture {arch} differs from {ARCHITECTURE}")

@@ -73,8 +73,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
         typ, _optional = field_type(cls, f)
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
         flags = [flag] if isinstance(flag, str) else list(flag)  # all of them (flag_of: the long one)
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
         help_text = meta.get("help", "")
         if meta.get("unit"):
             help_text += f" [{meta['unit']}]"

@@ -30,8 +30,10 @@ def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.d
         return torch.device("cpu")
     if spec == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise CryoDDMError("--device mps: Apple's Metal backend is not available here "
-                               "(macOS with an Apple-silicon GPU and an MPS build of PyTorch)")
+            raise CryoDDMError(
+                "--device mps: Apple's Metal backend is not available here "
+                "(macOS with an Apple-silicon GPU and an MPS build of PyTorch)"
+            )
         return torch.device("mps")
     if spec == "cuda" or spec.startswith("cuda:") or spec.isdigit():
         index_text = spec.split(":", 1)[1] if ":" in spec else (spec if spec.isdigit() else "")
@@ -39,13 +41,14 @@ def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.d
             raise CryoDDMError(f"--device {spec}: a GPU is named cuda:N with N a number")
         index = int(index_text) if index_text else (local_rank or 0)
         if not n_cuda:
-            raise CryoDDMError(f"--device {spec}: no CUDA GPU is available here (PyTorch "
-                               f"{torch.__version__}, CUDA {'built' if torch.backends.cuda.is_built() else 'not built'}); "
-                               "use --device cpu")
+            raise CryoDDMError(
+                f"--device {spec}: no CUDA GPU is available here (PyTorch "
+                f"{torch.__version__}, CUDA {'built' if torch.backends.cuda.is_built() else 'not built'}); "
+                "use --device cpu"
+            )
         if index >= n_cuda:
             listed = ", ".join(f"cuda:{i}" for i in range(n_cuda))
-            raise CryoDDMError(f"--device {spec}: there is no GPU {index}; this machine has "
-                               f"{n_cuda} ({listed})")
+            raise CryoDDMError(f"--device {spec}: there is no GPU {index}; this machine has {n_cuda} ({listed})")
         return torch.device("cuda", index)
     raise CryoDDMError(f"--device {spec!r}: use auto, cpu, cuda, cuda:N or mps")
 
@@ -89,8 +92,10 @@ def join_process_group(device_spec: str = "auto") -> tuple[int, int, bool]:
 
 def cpu_has_bf16() -> bool:
     """AVX-512 (with BF16) or AMX: the CPUs on which bf16 autocast is not emulated."""
-    return "AVX512" in torch.backends.cpu.get_cpu_capability().upper() or "AMX" in \
-        torch.backends.cpu.get_cpu_capability().upper()
+    return (
+        "AVX512" in torch.backends.cpu.get_cpu_capability().upper()
+        or "AMX" in torch.backends.cpu.get_cpu_capability().upper()
+    )
 
 
 def agreed(flag: bool, world: int, device: torch.device) -> bool:

@@ -15,7 +15,7 @@ from .errors import CryoDDMError
 
 PRESETS: dict[str, tuple[float, int, int]] = {
     "config1": (0.1288, 5, 2),  # the original's "配置 1", its default and ours
-    "config2": (0.1, 6, 2),     # "配置 2"
+    "config2": (0.1, 6, 2),  # "配置 2"
     # config1's chain, saving only its last training pair (x_4 → x_3): the pair whose signal
     # target carries the most signal per unit of noise (estimators.py), measured best
     "reference": (0.1288, 5, 4),
@@ -29,13 +29,15 @@ def validate_schedule(beta: float, steps: int, start: int) -> None:
     if steps < 1:
         raise CryoDDMError(f"the number of steps T must be at least 1, got {steps}")
     if beta * steps >= 1:
-        raise CryoDDMError(f"β·T = {beta}·{steps} = {beta * steps:.4g} ≥ 1: α_T = 1 − β·T would "
-                           f"reach 0 or below; lower β or T")
+        raise CryoDDMError(
+            f"β·T = {beta}·{steps} = {beta * steps:.4g} ≥ 1: α_T = 1 − β·T would reach 0 or below; lower β or T"
+        )
     if start < 1:
         raise CryoDDMError(f"start must be at least 1, got {start}")
     if start >= steps:
-        raise CryoDDMError(f"start {start} must be smaller than T = {steps} (the pairs of steps "
-                           f"start…T−1 train, step T validates)")
+        raise CryoDDMError(
+            f"start {start} must be smaller than T = {steps} (the pairs of steps start…T−1 train, step T validates)"
+        )
 
 
 def schedule_coefficients(beta: float, steps: int) -> dict[str, np.ndarray]:
@@ -47,8 +49,13 @@ def schedule_coefficients(beta: float, steps: int) -> dict[str, np.ndarray]:
         raise CryoDDMError(f"β·T = {beta * steps:.4g} ≥ 1: α would reach 0")
     x_coef = np.sqrt(alpha) + np.sqrt(1.0 - alpha) * (np.sqrt(alpha) - 1.0)
     noise_coef = 1.0 - alpha
-    return {"k": k.astype(int), "alpha": alpha, "x_coef": x_coef, "noise_coef": noise_coef,
-            "cumulative_x_coef": np.cumprod(x_coef)}
+    return {
+        "k": k.astype(int),
+        "alpha": alpha,
+        "x_coef": x_coef,
+        "noise_coef": noise_coef,
+        "cumulative_x_coef": np.cumprod(x_coef),
+    }
 
 
 def diffuse_step(x: np.ndarray, noise: np.ndarray, x_coef: float, noise_coef: float) -> np.ndarray:

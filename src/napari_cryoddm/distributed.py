@@ -82,8 +82,14 @@ def _task(state: dict[str, Any], src: str, dst: str, cfg: dict[str, Any]) -> dic
     if Path(dst).exists() and not config.overwrite:
         # The client submits only missing outputs, so this one was written by an earlier run of
         # this very task (complete: outputs are atomic) whose result died with its worker.
-        return {"status": "written", "input": src, "output": dst, "device": "", "seconds": 0.0,
-                "host": os.uname().nodename}
+        return {
+            "status": "written",
+            "input": src,
+            "output": dst,
+            "device": "",
+            "seconds": 0.0,
+            "host": os.uname().nodename,
+        }
     t0 = time.perf_counter()
     device_spec = _WORKER_DEVICE or config.device
     key = (state["token"], device_spec)
@@ -100,13 +106,22 @@ def _task(state: dict[str, Any], src: str, dst: str, cfg: dict[str, Any]) -> dic
         out = predict_one_file(pm, rt, Path(src), Path(dst), config)
     except OutputExistsError:
         if not is_predict_output(dst):
-            return {"status": "failed", "input": src,
-                    "error": f"{dst}: appeared meanwhile and was not written by cryoddm predict"}
+            return {
+                "status": "failed",
+                "input": src,
+                "error": f"{dst}: appeared meanwhile and was not written by cryoddm predict",
+            }
         out = Path(dst)  # another run of the same command wrote it meanwhile: done
     except CryoDDMError as exc:
         return {"status": "failed", "input": src, "error": str(exc)}
-    return {"status": "written", "input": src, "output": str(out), "device": device_spec,
-            "seconds": time.perf_counter() - t0, "host": os.uname().nodename}
+    return {
+        "status": "written",
+        "input": src,
+        "output": str(out),
+        "device": device_spec,
+        "seconds": time.perf_counter() - t0,
+        "host": os.uname().nodename,
+    }
 
 
 def _identity(x: Any) -> Any:
@@ -121,9 +136,11 @@ def connect(config: PredictConfig, timeout: str = "10s") -> tuple[Any, Any]:
         try:
             return Client(config.scheduler, timeout=timeout), None
         except (OSError, TimeoutError, ValueError) as exc:
-            raise CryoDDMError(f"cannot reach the dask scheduler at {config.scheduler} ({exc}); "
-                               "check that it is running and that the address and port are right "
-                               "(tcp://HOST:PORT)") from None
+            raise CryoDDMError(
+                f"cannot reach the dask scheduler at {config.scheduler} ({exc}); "
+                "check that it is running and that the address and port are right "
+                "(tcp://HOST:PORT)"
+            ) from None
     if config.gpus:
         devices = [f"cuda:{g}" for g in parse_gpus(config.gpus)]
         import torch
@@ -131,8 +148,9 @@ def connect(config: PredictConfig, timeout: str = "10s") -> tuple[Any, Any]:
         n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
         missing = [d for d in devices if int(d.split(":")[1]) >= n_cuda]
         if missing:
-            raise CryoDDMError(f"--gpus {config.gpus}: this machine has {n_cuda} CUDA GPU(s); "
-                               f"{', '.join(missing)} do not exist")
+            raise CryoDDMError(
+                f"--gpus {config.gpus}: this machine has {n_cuda} CUDA GPU(s); {', '.join(missing)} do not exist"
+            )
         threads = config.threads or 2
     elif config.workers:
         if config.workers < 1:
@@ -141,8 +159,12 @@ def connect(config: PredictConfig, timeout: str = "10s") -> tuple[Any, Any]:
         threads = config.threads or max(1, (os.cpu_count() or 1) // config.workers)
     else:
         raise CryoDDMError("distributed prediction needs --gpus, --workers or --scheduler")
-    cluster = LocalCluster(n_workers=len(devices) if config.gpus else config.workers,
-                           threads_per_worker=1, processes=True, dashboard_address=None)
+    cluster = LocalCluster(
+        n_workers=len(devices) if config.gpus else config.workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+    )
     client = Client(cluster)
     client.register_plugin(_device_plugin(devices, threads))
     return client, cluster
@@ -161,9 +183,14 @@ def _ship(client: Any, pm: PredictModel, config: PredictConfig) -> tuple[Any, st
     return shared, state["token"], cfg
 
 
-def predict_distributed(model: PredictModel | Any, inputs: Any, out_dir: str | os.PathLike[str],
-                        config: PredictConfig | None = None, cancel: CancelToken | None = None,
-                        client: Any = None) -> Job[PredictResult]:
+def predict_distributed(
+    model: PredictModel | Any,
+    inputs: Any,
+    out_dir: str | os.PathLike[str],
+    config: PredictConfig | None = None,
+    cancel: CancelToken | None = None,
+    client: Any = None,
+) -> Job[PredictResult]:
     """`predict_files` over a dask cluster: same outputs, same skip/resume rules, same result."""
     from distributed import as_completed
 
@@ -198,8 +225,9 @@ def predict_distributed(model: PredictModel | Any, inputs: Any, out_dir: str | o
             src, dst = queue.pop(0)
             # a retry gets its own key: under the old one the scheduler may still hold the failure
             again = "-again" if src in retried else ""
-            fut = client.submit(_task, shared, str(src), str(dst), cfg, pure=False,
-                                key=f"cryoddm-predict-{dst.stem}-{token[:8]}{again}")
+            fut = client.submit(
+                _task, shared, str(src), str(dst), cfg, pure=False, key=f"cryoddm-predict-{dst.stem}-{token[:8]}{again}"
+            )
             in_flight[fut] = (src, dst)
             stream.add(fut)
 
@@ -221,10 +249,7 @@ def predict_distributed(model: PredictModel | Any, inputs: Any, out_dir: str | o
                     submit_next()
                     continue
                 out = {"status": "failed", "error": f"{src}: {type(exc).__name__}: {exc}"}
-            if out["status"] == "written":
-                result.written.append(Path(out["output"]))
-            else:
-                result.failed.append((src, out["error"]))
+            _record(result, src, out)
             done += 1
             if cancel.cancelled:
                 client.cancel(list(in_flight))
@@ -235,7 +260,19 @@ def predict_distributed(model: PredictModel | Any, inputs: Any, out_dir: str | o
     finally:
         result.seconds = time.perf_counter() - t0
         if own:
-            client.close()
-            if cluster is not None:
-                cluster.close()
+            _close(client, cluster)
     return result
+
+
+def _record(result: PredictResult, src: Path, out: dict[str, Any]) -> None:
+    """A worker's answer for one micrograph, into the run's result."""
+    if out["status"] == "written":
+        result.written.append(Path(out["output"]))
+    else:
+        result.failed.append((src, out["error"]))
+
+
+def _close(client: Any, cluster: Any) -> None:
+    client.close()
+    if cluster is not None:
+        cluster.close()

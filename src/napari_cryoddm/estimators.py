@@ -61,8 +61,7 @@ class Estimator:
     def describe(self) -> str:
         if self.name == "direct":
             return "direct (the network's output, one pass)"
-        return (f"chain step {self.step}: {self.gain:.4g}·(D({self.scale:.4g}·x) − "
-                f"{self.weight:.4g}·{self.scale:.4g}·x)")
+        return f"chain step {self.step}: {self.gain:.4g}·(D({self.scale:.4g}·x) − {self.weight:.4g}·{self.scale:.4g}·x)"
 
 
 def chain_statistics(beta: float, steps: int) -> dict[str, np.ndarray]:
@@ -78,8 +77,12 @@ def statistics_of(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
     variance = [1.0]
     for k in range(len(a)):
         variance.append(a[k] ** 2 * variance[-1] + b[k] ** 2)
-    return {"variance": np.asarray(variance), "signal": np.concatenate([[1.0], np.cumprod(a)]),
-            "x_coef": np.concatenate([[1.0], a]), "noise_coef": np.concatenate([[0.0], b])}
+    return {
+        "variance": np.asarray(variance),
+        "signal": np.concatenate([[1.0], np.cumprod(a)]),
+        "x_coef": np.concatenate([[1.0], a]),
+        "noise_coef": np.concatenate([[0.0], b]),
+    }
 
 
 def chain_estimator(beta: float, steps: int, step: int) -> Estimator:
@@ -106,8 +109,9 @@ def signal_target(st: dict[str, np.ndarray], step: int) -> tuple[float, float]:
     return est.weight, float(est.gain * est.scale)
 
 
-def resolve_estimator(name: str, metadata: dict[str, Any] | None, step: int = 0,
-                      source: str = "the model") -> Estimator:
+def resolve_estimator(
+    name: str, metadata: dict[str, Any] | None, step: int = 0, source: str = "the model"
+) -> Estimator:
     """The estimator `name` for a checkpoint's metadata; step 0 = the last step it was trained on."""
     name = name.strip().lower()
     if name not in ESTIMATORS:
@@ -120,7 +124,8 @@ def resolve_estimator(name: str, metadata: dict[str, Any] | None, step: int = 0,
         raise CryoDDMError(
             f"{source} records no forward schedule (β, T), so the chain estimator cannot be "
             "derived; it supports --estimator direct only (the original program's checkpoints "
-            "carry no schedule)")
+            "carry no schedule)"
+        )
     last = int(steps) - 1  # s2 pairs are k = start … T−1 (step T validates)
     k = int(step) if step else last
     if start is not None and step and not int(start) <= k <= last:
@@ -141,6 +146,14 @@ def default_estimator(metadata: dict[str, Any] | None) -> str:
     return "chain" if known and meta.get("s2_target") == "signal" else "direct"
 
 
-__all__ = ["ESTIMATORS", "Estimator", "chain_statistics", "chain_estimator",
-           "statistics_of", "estimator_of", "signal_target",
-           "resolve_estimator", "default_estimator"]
+__all__ = [
+    "ESTIMATORS",
+    "Estimator",
+    "chain_statistics",
+    "chain_estimator",
+    "statistics_of",
+    "estimator_of",
+    "signal_target",
+    "resolve_estimator",
+    "default_estimator",
+]

@@ -33,15 +33,7 @@ from . import __version__
 from .atomic import atomic_dir
 from .config import to_jsonable
 from .diffusion import PRESETS, chain, diffuse_step, pair_noise, schedule_coefficients
-from .forward_layout import (
-    FORMAT,
-    FORWARD_LAYOUT,
-    MANIFEST,
-    STACK_FILES,
-    VERSION,
-    StackWriter,
-    is_forward_folder,
-)
+from .forward_layout import FORMAT, FORWARD_LAYOUT, MANIFEST, STACK_FILES, VERSION, StackWriter, is_forward_folder
 from .forward_plan import ForwardConfig, ForwardPlan, _sources, plan_forward
 from .jobs import CancelToken, Job, Progress
 from .preprocess import read_prepared
@@ -64,10 +56,11 @@ _BLOCK = 32  # crops per chain block: ~32·(T+2)·W² floats in memory (≈ 130 
 def _cut(image: np.ndarray, x: int, y: int, window: int) -> np.ndarray:
     """The W×W window centred (W//2) on column x, row y: rows [y−W/2, y+W/2), cols [x−W/2, x+W/2)."""
     h = window // 2
-    return image[y - h:y - h + window, x - h:x - h + window]
+    return image[y - h : y - h + window, x - h : x - h + window]
 
 
 # ----------------------------------------------------------------------------- the job
+
 
 @dataclass
 class ForwardResult:
@@ -78,10 +71,14 @@ class ForwardResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def run_forward(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
-                particles: Any, noise: Any, out: str | os.PathLike[str],
-                config: ForwardConfig | None = None,
-                cancel: CancelToken | None = None) -> Job[ForwardResult]:
+def run_forward(
+    micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    particles: Any,
+    noise: Any,
+    out: str | os.PathLike[str],
+    config: ForwardConfig | None = None,
+    cancel: CancelToken | None = None,
+) -> Job[ForwardResult]:
     """The forward job: plan, cut crops and noise (each micrograph read once), run the chains.
 
     `particles` is a STAR file (or several, or a table with micrograph/x/y in raw pixels);
@@ -97,9 +94,14 @@ def run_forward(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLik
         log.warning(msg)
         warnings.warn(msg, UserWarning, stacklevel=2)
     n = plan.counts["crops"]
-    with atomic_dir(out, overwrite=config.overwrite, kind="forward",
-                    inputs=[micrographs, _sources(particles), _sources(noise)],
-                    layout=FORWARD_LAYOUT, manifest=is_forward_folder) as tmp:
+    with atomic_dir(
+        out,
+        overwrite=config.overwrite,
+        kind="forward",
+        inputs=[micrographs, _sources(particles), _sources(noise)],
+        layout=FORWARD_LAYOUT,
+        manifest=is_forward_folder,
+    ) as tmp:
         writers = _open_writers(tmp, plan)
         try:
             stats, suspect = yield from _cut_micrographs(plan, writers, cancel)
@@ -130,15 +132,23 @@ def _open_writers(folder: Path, plan: ForwardPlan) -> dict[str, StackWriter]:
     _beta, steps, start = plan.schedule
     n, m, w, vs = plan.counts["crops"], plan.counts["noise"], plan.window, plan.voxel_size
     tag = f"napari-cryoddm {__version__} forward"
-    sizes = {"particles": (n, "x0 particle crops"), "s2_input": ((steps - start) * n, "x_(k-1)"),
-             "s2_label": ((steps - start) * n, "x_k"), "val_input": (n, "x_(T-1)"),
-             "val_label": (n, "x_T"), "noise": (m, "noise patches")}
-    return {key: StackWriter(folder / STACK_FILES[key], count, w, vs, f"{tag}: {what}")
-            for key, (count, what) in sizes.items()}
+    sizes = {
+        "particles": (n, "x0 particle crops"),
+        "s2_input": ((steps - start) * n, "x_(k-1)"),
+        "s2_label": ((steps - start) * n, "x_k"),
+        "val_input": (n, "x_(T-1)"),
+        "val_label": (n, "x_T"),
+        "noise": (m, "noise patches"),
+    }
+    return {
+        key: StackWriter(folder / STACK_FILES[key], count, w, vs, f"{tag}: {what}")
+        for key, (count, what) in sizes.items()
+    }
 
 
-def _cut_micrographs(plan: ForwardPlan, writers: dict[str, StackWriter],
-                     cancel: CancelToken) -> Job[tuple[dict[int, list[float]], list[int]]]:
+def _cut_micrographs(
+    plan: ForwardPlan, writers: dict[str, StackWriter], cancel: CancelToken
+) -> Job[tuple[dict[int, list[float]], list[int]]]:
     """Pass 2: each micrograph once → its crops into s1, its noise patches into s3; returns the
     normalisation stats per micrograph and the noise patches whose level is far from theirs."""
     w, spec = plan.window, plan.config.normalisation
@@ -203,19 +213,29 @@ def _write_pairs(path: Path, plan: ForwardPlan, noise_index: np.ndarray) -> None
     pair_set = np.where(pair_k < steps, "s2", "val")
     pair_index = np.where(pair_k < steps, (pair_k - start) * n + pair_crop, pair_crop)
     with open(path, "wb") as fh:
-        np.savez(fh, crop=pair_crop, k=pair_k, set=pair_set.astype("U3"),
-                 index=pair_index.astype(np.int64), noise=noise_index[pair_crop].astype(np.int64),
-                 beta=np.float64(beta), steps=np.int64(steps), start=np.int64(start))
+        np.savez(
+            fh,
+            crop=pair_crop,
+            k=pair_k,
+            set=pair_set.astype("U3"),
+            index=pair_index.astype(np.int64),
+            noise=noise_index[pair_crop].astype(np.int64),
+            beta=np.float64(beta),
+            steps=np.int64(steps),
+            start=np.int64(start),
+        )
 
 
 def _flag_suspect(plan: ForwardPlan, suspect: list[int]) -> None:
     """Say which noise patches look like contamination rather than background."""
     plan.counts["noise_suspect"] = len(suspect)
     if suspect:
-        msg = (f"{len(suspect)} of {plan.counts['noise']} noise patches (s3 indices {suspect[:8]}"
-               f"{' …' if len(suspect) > 8 else ''}) sit more than {SUSPECT_NOISE_LEVEL:g} "
-               f"robust SDs from their micrograph's median — likely contamination, carbon or "
-               f"ice edges, not background; check those boxes")
+        msg = (
+            f"{len(suspect)} of {plan.counts['noise']} noise patches (s3 indices {suspect[:8]}"
+            f"{' …' if len(suspect) > 8 else ''}) sit more than {SUSPECT_NOISE_LEVEL:g} "
+            f"robust SDs from their micrograph's median — likely contamination, carbon or "
+            f"ice edges, not background; check those boxes"
+        )
         log.warning(msg)
         warnings.warn(msg, UserWarning, stacklevel=3)
         plan.warnings.append(msg)
@@ -230,55 +250,91 @@ def _background_level(image: np.ndarray) -> tuple[float, float]:
     return centre, spread or float(sample.std()) or 1.0
 
 
-def _manifest(plan: ForwardPlan, stats: dict[int, list[float]],
-              suspect: Sequence[int] = ()) -> dict[str, Any]:
+def _manifest(plan: ForwardPlan, stats: dict[int, list[float]], suspect: Sequence[int] = ()) -> dict[str, Any]:
     beta, steps, start = plan.schedule
     c = plan.config
     coef = schedule_coefficients(beta, steps)
     mics = []
     for i, m in enumerate(plan.micrographs):
-        entry = {"path": str(m.path.resolve()), "name": m.path.name, "shape": list(m.shape),
-                 "raw_shape": list(m.info.image_shape), "raw_voxel_size": m.info.voxel_size}
+        entry = {
+            "path": str(m.path.resolve()),
+            "name": m.path.name,
+            "shape": list(m.shape),
+            "raw_shape": list(m.info.image_shape),
+            "raw_voxel_size": m.info.voxel_size,
+        }
         if i in stats:
-            entry["normalisation_stats"] = dict(zip(("clip_low", "clip_high", "offset", "scale"),
-                                                    stats[i]))
+            entry["normalisation_stats"] = dict(zip(("clip_low", "clip_high", "offset", "scale"), stats[i]))
         mics.append(entry)
-    return to_jsonable({
-        "format": FORMAT, "version": VERSION,
-        "window": plan.window, "diameter_px": plan.diameter_px, "bin_factor": plan.factor,
-        "voxel_size": plan.voxel_size,
-        "schedule": {"beta": beta, "steps": steps, "start": start, "preset": c.preset,
-                     "alpha": coef["alpha"], "x_coef": coef["x_coef"],
-                     "noise_coef": coef["noise_coef"]},
-        "normalisation": c.normalisation.to_dict(),
-        "jitter": c.jitter, "seed": c.seed,
-        "per_micrograph": c.per_micrograph, "max_crops": c.max_crops,
-        "noisier_member": "label",
-        "stacks": {"particles": "s1/particles.mrcs", "s2_input": "s2/input.mrcs",
-                   "s2_label": "s2/label.mrcs", "val_input": "val/input.mrcs",
-                   "val_label": "val/label.mrcs", "noise": "s3/noise.mrcs"},
-        "coordinates": "binned frame, RELION convention: x = column, y = row, origin at data[0, 0]; "
-                       "the window of a centre (x, y) is rows [y − W/2, y + W/2), "
-                       "columns [x − W/2, x + W/2)",
-        "counts": plan.counts,
-        "warnings": plan.warnings,
-        "micrographs": mics,
-        "crops": [{"micrograph": int(r.micrograph), "x": int(r.x), "y": int(r.y),
-                   "particle_x": float(r.particle_x), "particle_y": float(r.particle_y)}
-                  for r in plan.crops.itertuples(index=False)],
-        "noise": [{"micrograph": int(r.micrograph), "x": int(r.x), "y": int(r.y)}
-                  for r in plan.noise.itertuples(index=False)],
-        "noise_suspect": list(suspect),
-        "package_version": __version__,
-        "complete": True,
-    })
+    return to_jsonable(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "window": plan.window,
+            "diameter_px": plan.diameter_px,
+            "bin_factor": plan.factor,
+            "voxel_size": plan.voxel_size,
+            "schedule": {
+                "beta": beta,
+                "steps": steps,
+                "start": start,
+                "preset": c.preset,
+                "alpha": coef["alpha"],
+                "x_coef": coef["x_coef"],
+                "noise_coef": coef["noise_coef"],
+            },
+            "normalisation": c.normalisation.to_dict(),
+            "jitter": c.jitter,
+            "seed": c.seed,
+            "per_micrograph": c.per_micrograph,
+            "max_crops": c.max_crops,
+            "noisier_member": "label",
+            "stacks": {
+                "particles": "s1/particles.mrcs",
+                "s2_input": "s2/input.mrcs",
+                "s2_label": "s2/label.mrcs",
+                "val_input": "val/input.mrcs",
+                "val_label": "val/label.mrcs",
+                "noise": "s3/noise.mrcs",
+            },
+            "coordinates": "binned frame, RELION convention: x = column, y = row, origin at data[0, 0]; "
+            "the window of a centre (x, y) is rows [y − W/2, y + W/2), "
+            "columns [x − W/2, x + W/2)",
+            "counts": plan.counts,
+            "warnings": plan.warnings,
+            "micrographs": mics,
+            "crops": [
+                {
+                    "micrograph": int(r.micrograph),
+                    "x": int(r.x),
+                    "y": int(r.y),
+                    "particle_x": float(r.particle_x),
+                    "particle_y": float(r.particle_y),
+                }
+                for r in plan.crops.itertuples(index=False)
+            ],
+            "noise": [
+                {"micrograph": int(r.micrograph), "x": int(r.x), "y": int(r.y)}
+                for r in plan.noise.itertuples(index=False)
+            ],
+            "noise_suspect": list(suspect),
+            "package_version": __version__,
+            "complete": True,
+        }
+    )
 
 
 # ----------------------------------------------------------------------------- preview
 
-def preview_chain(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
-                  particles: Any, noise: Any, config: ForwardConfig,
-                  crop: int = 0, max_noise: int = 64) -> tuple[np.ndarray, ForwardPlan]:
+
+def preview_chain(
+    micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    particles: Any,
+    noise: Any,
+    config: ForwardConfig,
+    crop: int = 0,
+    max_noise: int = 64,
+) -> tuple[np.ndarray, ForwardPlan]:
     """x_0…x_T of one planned crop, shape (T+1, W, W), without writing anything.
 
     Reads the crop's micrograph and up to `max_noise` noise patches (micrographs read once each);
@@ -310,5 +366,15 @@ def preview_chain(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathL
 
 
 # the step's public face: the CLI, the widget and scripts import from here
-__all__ = ["PRESETS", "ForwardConfig", "ForwardPlan", "ForwardResult", "chain", "pair_noise",
-           "plan_forward", "preview_chain", "run_forward", "schedule_coefficients"]
+__all__ = [
+    "PRESETS",
+    "ForwardConfig",
+    "ForwardPlan",
+    "ForwardResult",
+    "chain",
+    "pair_noise",
+    "plan_forward",
+    "preview_chain",
+    "run_forward",
+    "schedule_coefficients",
+]

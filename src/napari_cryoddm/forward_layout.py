@@ -27,9 +27,14 @@ from .normalise import MINMAX
 FORMAT = "napari-cryoddm-forward"
 VERSION = 1
 # every stack of a forward folder, by role (the original CryoDDM's file names)
-STACK_FILES = {"particles": "s1/particles.mrcs", "s2_input": "s2/input.mrcs",
-               "s2_label": "s2/label.mrcs", "val_input": "val/input.mrcs",
-               "val_label": "val/label.mrcs", "noise": "s3/noise.mrcs"}
+STACK_FILES = {
+    "particles": "s1/particles.mrcs",
+    "s2_input": "s2/input.mrcs",
+    "s2_label": "s2/label.mrcs",
+    "val_input": "val/input.mrcs",
+    "val_label": "val/label.mrcs",
+    "noise": "s3/noise.mrcs",
+}
 MANIFEST = "forward.json"
 # what a forward folder holds (recognised for --overwrite in folders written before markers)
 FORWARD_LAYOUT = (*STACK_FILES.values(), MANIFEST, "pairs.npz")
@@ -98,14 +103,20 @@ class ForwardData:
     def summary(self) -> dict[str, Any]:
         """What a checkpoint records about its training data (JSON-safe, small)."""
         m = self.manifest or {}
-        return to_jsonable({
-            "path": str(self.folder.resolve()), "window": self.window, "stacks": self.counts,
-            "has_manifest": self.manifest is not None,
-            "counts": m.get("counts"), "seed": m.get("seed"), "jitter": m.get("jitter"),
-            "noisier_member": m.get("noisier_member", "label"),
-            "micrographs": len(m.get("micrographs") or []),
-            "package_version": m.get("package_version"),
-        })
+        return to_jsonable(
+            {
+                "path": str(self.folder.resolve()),
+                "window": self.window,
+                "stacks": self.counts,
+                "has_manifest": self.manifest is not None,
+                "counts": m.get("counts"),
+                "seed": m.get("seed"),
+                "jitter": m.get("jitter"),
+                "noisier_member": m.get("noisier_member", "label"),
+                "micrographs": len(m.get("micrographs") or []),
+                "package_version": m.get("package_version"),
+            }
+        )
 
 
 def open_forward(folder: str | os.PathLike[str]) -> ForwardData:
@@ -117,8 +128,12 @@ def open_forward(folder: str | os.PathLike[str]) -> ForwardData:
         raise InputError(folder, "is not a folder (give the forward step's output folder)")
     missing = [rel for rel in STACK_FILES.values() if not (folder / rel).is_file()]
     if missing:
-        raise InputError(folder, "is not a forward folder: missing " + ", ".join(missing)
-                         + " (a forward folder holds s1/, s2/, s3/ and val/; run `cryoddm forward`)")
+        raise InputError(
+            folder,
+            "is not a forward folder: missing "
+            + ", ".join(missing)
+            + " (a forward folder holds s1/, s2/, s3/ and val/; run `cryoddm forward`)",
+        )
     counts, offsets, shapes = {}, {}, {}
     for key, rel in STACK_FILES.items():
         n, ny, nx, off = _stack_header(folder / rel)
@@ -131,12 +146,16 @@ def open_forward(folder: str | os.PathLike[str]) -> ForwardData:
     if ny != nx:
         raise InputError(folder / STACK_FILES["particles"], f"images are {nx}×{ny}; training needs square W×W crops")
     if nx % STRIDE or nx < STRIDE:
-        raise InputError(folder / STACK_FILES["particles"],
-                         f"window {nx} px is not a multiple of {STRIDE} (the network pools five times)")
+        raise InputError(
+            folder / STACK_FILES["particles"],
+            f"window {nx} px is not a multiple of {STRIDE} (the network pools five times)",
+        )
     for a, b in (("s2_input", "s2_label"), ("val_input", "val_label")):
         if counts[a] != counts[b]:
-            raise InputError(folder / STACK_FILES[b], f"holds {counts[b]} images but "
-                             f"{STACK_FILES[a]} holds {counts[a]}: the pairs do not match")
+            raise InputError(
+                folder / STACK_FILES[b],
+                f"holds {counts[b]} images but {STACK_FILES[a]} holds {counts[a]}: the pairs do not match",
+            )
     if counts["noise"] < 2:
         raise InputError(folder / STACK_FILES["noise"], "S3 pairs different noise patches: needs at least 2")
     notes: list[str] = []
@@ -144,14 +163,19 @@ def open_forward(folder: str | os.PathLike[str]) -> ForwardData:
     if (folder / "forward.json").is_file():
         manifest = read_manifest(folder)
         if int(manifest.get("window", nx)) != nx:
-            raise InputError(folder / "forward.json", f"says window {manifest.get('window')} but "
-                             f"the stacks hold {nx}×{nx} images")
+            raise InputError(
+                folder / "forward.json", f"says window {manifest.get('window')} but the stacks hold {nx}×{nx} images"
+            )
         if manifest.get("noisier_member", "label") != "label":
-            raise InputError(folder / "forward.json", "noisier_member is not 'label'; "
-                             "this folder was written by an incompatible forward step")
+            raise InputError(
+                folder / "forward.json",
+                "noisier_member is not 'label'; this folder was written by an incompatible forward step",
+            )
     else:
-        notes.append(f"{folder}: no forward.json (the original CryoDDM's layout): assuming min–max "
-                     "normalised micrographs, bin 1, schedule unknown")
+        notes.append(
+            f"{folder}: no forward.json (the original CryoDDM's layout): assuming min–max "
+            "normalised micrographs, bin 1, schedule unknown"
+        )
     return ForwardData(folder, nx, counts, offsets, manifest, notes)
 
 
@@ -159,15 +183,14 @@ class StackWriter:
     """A float32 `.mrcs` of known size written image by image with `pwrite` (no memory map, so
     written pages never count towards the process's memory); header statistics at close."""
 
-    def __init__(self, path: Path, n: int, window: int, voxel_size: float = 0.0,
-                 label: str = "") -> None:
+    def __init__(self, path: Path, n: int, window: int, voxel_size: float = 0.0, label: str = "") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with mrcfile.new_mmap(path, shape=(n, window, window), mrc_mode=2, overwrite=True) as mrc:
                 mrc.set_image_stack()
                 mrc.header.label[0] = b""  # no "Created by mrcfile.py <time>": seeded runs are
-                mrc.header.nlabl = 0       # byte-identical
+                mrc.header.nlabl = 0  # byte-identical
                 if voxel_size:
                     mrc.voxel_size = float(voxel_size)
                 if label:

@@ -35,51 +35,79 @@ from .safety import check_output_folder
 class ForwardConfig:
     """Every parameter of the forward step; the CLI flags and the widget form are built from it."""
 
-    diameter: float | None = field(default=None, metadata={
-        "help": "particle diameter in pixels of the raw micrographs", "unit": "px"})
-    diameter_A: float | None = field(default=None, metadata={
-        "help": "particle diameter in Å (uses the header's pixel size)", "flag": "--diameter-A",
-        "unit": "Å", "label": "diameter Å"})
-    window: int | None = field(default=None, metadata={
-        "help": "crop window W in binned pixels (default (⌊1.5·d⌋ // 128 + 1)·128; a multiple "
-                "of 32, at least 128)", "unit": "px"})
-    bin: float | None = field(default=None, metadata={
-        "help": "bin micrographs by this factor (Fourier crop) before anything else"})
-    target_apix: float | None = field(default=None, metadata={
-        "help": "bin micrographs to this pixel size instead of --bin", "unit": "Å/px",
-        "label": "target Å/px"})
-    preset: str = field(default="config1", metadata={
-        "help": "noise schedule: config1 (β 0.1288, T 5, start 2), config2 (β 0.1, T 6, "
-                "start 2), both the original's; reference (config1's chain, only its last pair "
-                "x_4 → x_3 trained: the built-in model's) or custom (β, T and start below)",
-        "choices": ("config1", "config2", "reference", "custom"), "cli": False})
-    beta: float | None = field(default=None, metadata={
-        "help": "custom schedule: β (α_k = 1 − β·k; needs β·T < 1)", "label": "β"})
-    steps: int | None = field(default=None, metadata={
-        "help": "custom schedule: total steps T"})
-    start: int | None = field(default=None, metadata={
-        "help": "custom schedule: first saved step (1 ≤ start < T)"})
-    per_micrograph: int = field(default=20, metadata={
-        "help": "at most this many particle crops per micrograph"})
+    diameter: float | None = field(
+        default=None, metadata={"help": "particle diameter in pixels of the raw micrographs", "unit": "px"}
+    )
+    diameter_A: float | None = field(
+        default=None,
+        metadata={
+            "help": "particle diameter in Å (uses the header's pixel size)",
+            "flag": "--diameter-A",
+            "unit": "Å",
+            "label": "diameter Å",
+        },
+    )
+    window: int | None = field(
+        default=None,
+        metadata={
+            "help": "crop window W in binned pixels (default (⌊1.5·d⌋ // 128 + 1)·128; a multiple of 32, at least 128)",
+            "unit": "px",
+        },
+    )
+    bin: float | None = field(
+        default=None, metadata={"help": "bin micrographs by this factor (Fourier crop) before anything else"}
+    )
+    target_apix: float | None = field(
+        default=None,
+        metadata={
+            "help": "bin micrographs to this pixel size instead of --bin",
+            "unit": "Å/px",
+            "label": "target Å/px",
+        },
+    )
+    preset: str = field(
+        default="config1",
+        metadata={
+            "help": "noise schedule: config1 (β 0.1288, T 5, start 2), config2 (β 0.1, T 6, "
+            "start 2), both the original's; reference (config1's chain, only its last pair "
+            "x_4 → x_3 trained: the built-in model's) or custom (β, T and start below)",
+            "choices": ("config1", "config2", "reference", "custom"),
+            "cli": False,
+        },
+    )
+    beta: float | None = field(
+        default=None, metadata={"help": "custom schedule: β (α_k = 1 − β·k; needs β·T < 1)", "label": "β"}
+    )
+    steps: int | None = field(default=None, metadata={"help": "custom schedule: total steps T"})
+    start: int | None = field(default=None, metadata={"help": "custom schedule: first saved step (1 ≤ start < T)"})
+    per_micrograph: int = field(default=20, metadata={"help": "at most this many particle crops per micrograph"})
     max_crops: int = field(default=4000, metadata={"help": "at most this many crops in all"})
-    jitter: float = field(default=0.2, metadata={
-        "help": "random shift of each crop, uniform in ±jitter·W (0 centres the particle)"})
-    normalise: str = field(default="robust", metadata={
-        "help": "micrograph normalisation: robust (percentile clip, median, MAD) or minmax "
-                "(the original's [0, 1])", "choices": ("robust", "minmax")})
+    jitter: float = field(
+        default=0.2, metadata={"help": "random shift of each crop, uniform in ±jitter·W (0 centres the particle)"}
+    )
+    normalise: str = field(
+        default="robust",
+        metadata={
+            "help": "micrograph normalisation: robust (percentile clip, median, MAD) or minmax (the original's [0, 1])",
+            "choices": ("robust", "minmax"),
+        },
+    )
     seed: int = field(default=0, metadata={"help": "random seed (jitter and noise pairing)"})
-    overwrite: bool = field(default=False, metadata={
-        "help": "replace an existing finished output folder"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing finished output folder"})
 
     def __post_init__(self) -> None:
         if self.preset not in (*PRESETS, "custom"):
             raise ConfigError(self, "preset", f"{self.preset!r}: use {', '.join(PRESETS)} or custom")
         if self.preset != "custom":
-            given = {n: v for n, v in (("beta", self.beta), ("steps", self.steps),
-                                       ("start", self.start)) if v is not None}
+            given = {
+                n: v for n, v in (("beta", self.beta), ("steps", self.steps), ("start", self.start)) if v is not None
+            }
             if given:
-                raise ConfigError(self, "preset", f"{self.preset} fixes the schedule; "
-                                  f"{', '.join(given)} can only be set with the custom preset")
+                raise ConfigError(
+                    self,
+                    "preset",
+                    f"{self.preset} fixes the schedule; {', '.join(given)} can only be set with the custom preset",
+                )
         _ = self.schedule  # validates the custom schedule
         if self.per_micrograph < 1:
             raise ConfigError(self, "per_micrograph", f"must be at least 1, got {self.per_micrograph}")
@@ -159,11 +187,15 @@ def _as_table(source: Any, kind: str) -> tuple[pd.DataFrame, str]:
     for src in sources:  # a folder stands for its coordinate files (RELION's per-micrograph ones)
         p = Path(src)
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in (".star", ".cbox")
-                           or (kind == "noise" and q.suffix.lower() == ".txt"))
+            found = sorted(
+                q
+                for q in p.iterdir()
+                if q.suffix.lower() in (".star", ".cbox") or (kind == "noise" and q.suffix.lower() == ".txt")
+            )
             if not found:
-                raise InputError(p, f"folder holds no {kind} coordinate files (.star, .cbox"
-                                    f"{', .txt' if kind == 'noise' else ''})")
+                raise InputError(
+                    p, f"folder holds no {kind} coordinate files (.star, .cbox{', .txt' if kind == 'noise' else ''})"
+                )
             expanded.extend(found)
         else:
             expanded.append(src)
@@ -199,42 +231,51 @@ def _match(table: pd.DataFrame, label: str, kind: str, names: list[str]) -> np.n
         raise CryoDDMError(f"{label}: holds no {kind} coordinates")
     m = match_names(table["micrograph"].astype(str).tolist(), names)
     if not m.mapping:
-        raise CryoDDMError(f"{label}: no {kind} coordinate matches any micrograph: "
-                           + m.describe_mismatch())
+        raise CryoDDMError(f"{label}: no {kind} coordinate matches any micrograph: " + m.describe_mismatch())
     return np.array([m.mapping.get(n, -1) for n in table["micrograph"].astype(str)], dtype=np.int64)
 
 
-def plan_forward(micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
-                 particles: Any, noise: Any, config: ForwardConfig,
-                 out: str | os.PathLike[str] | None = None) -> ForwardPlan:
+def plan_forward(
+    micrographs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    particles: Any,
+    noise: Any,
+    config: ForwardConfig,
+    out: str | os.PathLike[str] | None = None,
+) -> ForwardPlan:
     """Check every input and decide every crop from headers and coordinates (no pixels read).
 
     Raises a `CryoDDMError` naming the problem for anything a run would fail on, so a bad run
     writes nothing.
     """
     if out is not None:
-        _check_output(Path(out), config.overwrite, [micrographs, _sources(particles),
-                                                    _sources(noise)])
+        _check_output(Path(out), config.overwrite, [micrographs, _sources(particles), _sources(noise)])
     mics, factor, voxel_size, d, window = _plan_micrographs(micrographs, config)
     names = [m.path.name for m in mics]
     crops, counts, msgs = _plan_crops(particles, names, mics, factor, window, config)
     noise_df, noise_counts = _plan_noise(noise, names, mics, factor, window)
     _beta, steps, start = config.schedule
     if d > (1 - 2 * config.jitter) * window:
-        msgs.append(f"the particle (d = {d:.0f} px) is larger than {1 - 2 * config.jitter:.2g}·W "
-                    f"= {(1 - 2 * config.jitter) * window:.0f} px: a jitter of ±{config.jitter:g}·W "
-                    f"can push part of it out of the {window}-px window; use a larger --window "
-                    f"or a smaller --jitter")
+        msgs.append(
+            f"the particle (d = {d:.0f} px) is larger than {1 - 2 * config.jitter:.2g}·W "
+            f"= {(1 - 2 * config.jitter) * window:.0f} px: a jitter of ±{config.jitter:g}·W "
+            f"can push part of it out of the {window}-px window; use a larger --window "
+            f"or a smaller --jitter"
+        )
     if d > window:
         msgs.append(f"the particle (d = {d:.0f} px) is larger than the window W = {window} px")
     n = len(crops)
-    counts = {"crops": n, "noise": len(noise_df), "s2_pairs": (steps - start) * n, "val_pairs": n,
-              **counts, **noise_counts}
+    counts = {
+        "crops": n,
+        "noise": len(noise_df),
+        "s2_pairs": (steps - start) * n,
+        "val_pairs": n,
+        **counts,
+        **noise_counts,
+    }
     return ForwardPlan(config, mics, factor, voxel_size, d, window, crops, noise_df, counts, msgs)
 
 
-def _plan_micrographs(micrographs: Any, config: ForwardConfig
-                      ) -> tuple[list[_Micrograph], float, float, float, int]:
+def _plan_micrographs(micrographs: Any, config: ForwardConfig) -> tuple[list[_Micrograph], float, float, float, int]:
     """(micrographs, bin factor, binned Å/px or 0, binned diameter, window) from the headers."""
 
     paths = list_micrographs(micrographs)
@@ -245,28 +286,33 @@ def _plan_micrographs(micrographs: Any, config: ForwardConfig
     apix_values = sorted({round(i.voxel_size, 4) for i in infos})
     apix = infos[0].voxel_size
     if (config.diameter_A is not None or config.target_apix is not None) and len(apix_values) > 1:
-        raise CryoDDMError(f"the micrographs have different pixel sizes ({apix_values} Å/px); "
-                           f"give --diameter and --bin in pixels, or run them separately")
+        raise CryoDDMError(
+            f"the micrographs have different pixel sizes ({apix_values} Å/px); "
+            f"give --diameter and --bin in pixels, or run them separately"
+        )
     factor = binning.bin_factor(apix, config.target_apix, config.bin)
     d = params.diameter_px(config.diameter, config.diameter_A, apix) / factor
     window = check_window(int(config.window)) if config.window else window_for_diameter(d)
     mics = [_Micrograph(p, i, binned_shape(i.image_shape, factor)) for p, i in zip(paths, infos)]
     for m in mics:
         if window > min(m.shape):
-            raise InputError(m.path, f"the window W = {window} px is larger than the micrograph "
-                                     f"({m.shape[1]}×{m.shape[0]} px after binning ×{factor:g}); "
-                                     f"give a smaller --window or --diameter, or bin less")
+            raise InputError(
+                m.path,
+                f"the window W = {window} px is larger than the micrograph "
+                f"({m.shape[1]}×{m.shape[0]} px after binning ×{factor:g}); "
+                f"give a smaller --window or --diameter, or bin less",
+            )
     stems = [micrograph_stem(p.name) for p in paths]
     if len(set(stems)) < len(stems):
         dup = sorted({str(p) for p, s in zip(paths, stems) if stems.count(s) > 1})
-        raise CryoDDMError(f"micrographs share a name stem, so coordinates cannot tell them apart: "
-                           f"{dup[:4]}")
+        raise CryoDDMError(f"micrographs share a name stem, so coordinates cannot tell them apart: {dup[:4]}")
     voxel_size = apix * factor if apix and len(apix_values) == 1 else 0.0
     return mics, factor, voxel_size, d, window
 
 
-def _plan_crops(particles: Any, names: list[str], mics: list[_Micrograph], factor: float,
-                window: int, config: ForwardConfig) -> tuple[pd.DataFrame, dict[str, int], list[str]]:
+def _plan_crops(
+    particles: Any, names: list[str], mics: list[_Micrograph], factor: float, window: int, config: ForwardConfig
+) -> tuple[pd.DataFrame, dict[str, int], list[str]]:
     """The crops, in file order: jittered windows inside their micrograph, within the limits."""
     half = window // 2
     shapes = np.array([m.shape for m in mics], dtype=np.int64)
@@ -304,32 +350,50 @@ def _plan_crops(particles: Any, names: list[str], mics: list[_Micrograph], facto
     n_matched = int((pidx >= 0).sum())
     off_note = _off_image_note(off_image, pidx, px, py, shapes, mics, factor, n_matched)
     if crops.empty and len(off_image) == n_matched:
-        raise CryoDDMError(f"{plabel}: {off_note} Nothing to crop; check the coordinates "
-                           "(a smaller --window would not help)")
+        raise CryoDDMError(
+            f"{plabel}: {off_note} Nothing to crop; check the coordinates (a smaller --window would not help)"
+        )
     if crops.empty:
-        raise CryoDDMError(f"{plabel}: none of the {n_matched} matched particles "
-                           f"gives a {window}×{window} crop inside its micrograph "
-                           f"({skipped_outside} leave the image); use a smaller --window or --jitter")
-    counts = {"skipped_outside": skipped_outside, "skipped_limit": skipped_limit,
-              "unmatched_particles": int((pidx < 0).sum()), "particles_read": len(ptable)}
+        raise CryoDDMError(
+            f"{plabel}: none of the {n_matched} matched particles "
+            f"gives a {window}×{window} crop inside its micrograph "
+            f"({skipped_outside} leave the image); use a smaller --window or --jitter"
+        )
+    counts = {
+        "skipped_outside": skipped_outside,
+        "skipped_limit": skipped_limit,
+        "unmatched_particles": int((pidx < 0).sum()),
+        "particles_read": len(ptable),
+    }
     return crops, counts, [f"{plabel}: {off_note} They were left out"] if off_image else []
 
 
-def _off_image_note(off_image: list[int], pidx: np.ndarray, px: np.ndarray, py: np.ndarray,
-                    shapes: np.ndarray, mics: list[_Micrograph], factor: float, n_matched: int) -> str:
+def _off_image_note(
+    off_image: list[int],
+    pidx: np.ndarray,
+    px: np.ndarray,
+    py: np.ndarray,
+    shapes: np.ndarray,
+    mics: list[_Micrograph],
+    factor: float,
+    n_matched: int,
+) -> str:
     """What to say when particles lie outside their micrograph (another pixel size?)."""
     if not off_image:
         return ""
     r = off_image[0]
     ny, nx = shapes[int(pidx[r])]
-    return (f"{len(off_image)} of the {n_matched} matched particles lie outside their "
-            f"micrograph (e.g. x {px[r] * factor:g}, y {py[r] * factor:g} on "
-            f"{mics[int(pidx[r])].path.name}, {int(nx * factor)}×{int(ny * factor)} px): "
-            "coordinates for another pixel size or binning, or for other micrographs?")
+    return (
+        f"{len(off_image)} of the {n_matched} matched particles lie outside their "
+        f"micrograph (e.g. x {px[r] * factor:g}, y {py[r] * factor:g} on "
+        f"{mics[int(pidx[r])].path.name}, {int(nx * factor)}×{int(ny * factor)} px): "
+        "coordinates for another pixel size or binning, or for other micrographs?"
+    )
 
 
-def _plan_noise(noise: Any, names: list[str], mics: list[_Micrograph], factor: float,
-                window: int) -> tuple[pd.DataFrame, dict[str, int]]:
+def _plan_noise(
+    noise: Any, names: list[str], mics: list[_Micrograph], factor: float, window: int
+) -> tuple[pd.DataFrame, dict[str, int]]:
     """The noise boxes whose W×W patch lies inside their micrograph (duplicates dropped)."""
     half = window // 2
     shapes = np.array([m.shape for m in mics], dtype=np.int64)
@@ -351,12 +415,17 @@ def _plan_noise(noise: Any, names: list[str], mics: list[_Micrograph], factor: f
         nrows.append((mi, int(nx_[r]), int(ny_[r])))
     noise_df = pd.DataFrame(nrows, columns=["micrograph", "x", "y"]).drop_duplicates(ignore_index=True)
     if noise_df.empty:
-        raise CryoDDMError(f"{nlabel}: none of the {int((nidx >= 0).sum())} matched noise boxes "
-                           f"fits a {window}×{window} patch inside its micrograph "
-                           f"({noise_outside} leave the image); pick boxes at least W/2 = {half} px "
-                           f"from the edges (binned frame) or use a smaller --window")
-    return noise_df, {"noise_outside": noise_outside, "unmatched_noise": int((nidx < 0).sum()),
-                      "noise_read": len(ntable)}
+        raise CryoDDMError(
+            f"{nlabel}: none of the {int((nidx >= 0).sum())} matched noise boxes "
+            f"fits a {window}×{window} patch inside its micrograph "
+            f"({noise_outside} leave the image); pick boxes at least W/2 = {half} px "
+            f"from the edges (binned frame) or use a smaller --window"
+        )
+    return noise_df, {
+        "noise_outside": noise_outside,
+        "unmatched_noise": int((nidx < 0).sum()),
+        "noise_read": len(ntable),
+    }
 
 
 def _check_output(out: Path, overwrite: bool, inputs: Sequence[Any] = ()) -> None:
@@ -365,6 +434,12 @@ def _check_output(out: Path, overwrite: bool, inputs: Sequence[Any] = ()) -> Non
     folder of something else (`safety`, the rule `atomic_dir` applies again when writing)."""
 
     finished = (out / "forward.json").exists()
-    check_output_folder(out, "forward", overwrite, inputs, FORWARD_LAYOUT, is_forward_folder,
-                        ("it holds a finished forward dataset; " if finished else "")
-                        + "pass --overwrite to replace it")
+    check_output_folder(
+        out,
+        "forward",
+        overwrite,
+        inputs,
+        FORWARD_LAYOUT,
+        is_forward_folder,
+        ("it holds a finished forward dataset; " if finished else "") + "pass --overwrite to replace it",
+    )

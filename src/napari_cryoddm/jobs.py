@@ -102,6 +102,7 @@ def run_job(job: Job[R], desc: str = "", cancel: CancelToken | None = None, quie
     handled = (signal.SIGINT, signal.SIGTERM)
     if cancel is not None and threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, on_sigint) for s in handled}
+
     def show(event: Progress) -> None:
         if event.total is not None and bar.total != event.total:
             bar.total = event.total

@@ -37,8 +37,9 @@ class UDenoiseNet(nn.Module):
         self.dec4 = nn.Sequential(_conv(3 * nf, 2 * nf, 3), act(), _conv(2 * nf, 2 * nf, 3), act())
         self.dec3 = nn.Sequential(_conv(3 * nf, 2 * nf, 3), act(), _conv(2 * nf, 2 * nf, 3), act())
         self.dec2 = nn.Sequential(_conv(3 * nf, 2 * nf, 3), act(), _conv(2 * nf, 2 * nf, 3), act())
-        self.dec1 = nn.Sequential(_conv(2 * nf + 1, 64, top_width), act(),
-                                  _conv(64, 32, top_width), act(), _conv(32, 1, top_width))
+        self.dec1 = nn.Sequential(
+            _conv(2 * nf + 1, 64, top_width), act(), _conv(64, 32, top_width), act(), _conv(32, 1, top_width)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p1 = self.enc1(x)

@@ -6,8 +6,23 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
-_EXTENSIONS = (".gz", ".bz2", ".mrcs", ".mrc", ".st", ".map", ".rec", ".star", ".txt",
-               ".box", ".cbox", ".tif", ".tiff", ".eer", ".cs")
+_EXTENSIONS = (
+    ".gz",
+    ".bz2",
+    ".mrcs",
+    ".mrc",
+    ".st",
+    ".map",
+    ".rec",
+    ".star",
+    ".txt",
+    ".box",
+    ".cbox",
+    ".tif",
+    ".tiff",
+    ".eer",
+    ".cs",
+)
 
 
 def micrograph_stem(name: str) -> str:

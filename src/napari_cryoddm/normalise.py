@@ -30,8 +30,9 @@ class Normalisation:
         if self.method not in ("robust", "minmax"):
             raise CryoDDMError(f"unknown normalisation {self.method!r} (robust or minmax)")
         if not 0 <= self.low < self.high <= 100:
-            raise CryoDDMError(f"normalisation percentiles must satisfy 0 ≤ low < high ≤ 100, "
-                               f"got {self.low}, {self.high}")
+            raise CryoDDMError(
+                f"normalisation percentiles must satisfy 0 ≤ low < high ≤ 100, got {self.low}, {self.high}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,8 +67,9 @@ def normalisation_stats(image: np.ndarray, spec: Normalisation) -> tuple[float, 
     return lo, hi, med, mad
 
 
-def normalise(image: np.ndarray, spec: Normalisation = Normalisation(),
-              stats: tuple[float, float, float, float] | None = None) -> np.ndarray:
+def normalise(
+    image: np.ndarray, spec: Normalisation = Normalisation(), stats: tuple[float, float, float, float] | None = None
+) -> np.ndarray:
     """Return a float32 copy of `image` normalised by `spec` (stats computed unless given)."""
     lo, hi, offset, scale = stats if stats is not None else normalisation_stats(image, spec)
     out = np.clip(np.asarray(image, dtype=np.float32), lo, hi)
@@ -89,5 +91,7 @@ def check_not_blank(image: np.ndarray, source: str) -> None:
     to learn from and no boxes to rank; refuse it with the file's name."""
 
     if image.size and float(np.max(image)) == float(np.min(image)):
-        raise InputError(source, f"all pixels are {float(np.min(image)):g}: a blank micrograph "
-                                 "(failed export or empty frame); leave it out")
+        raise InputError(
+            source,
+            f"all pixels are {float(np.min(image)):g}: a blank micrograph (failed export or empty frame); leave it out",
+        )

@@ -21,8 +21,7 @@ def check_window(window: int) -> int:
     return int(window)
 
 
-def diameter_px(diameter_px: float | None = None, diameter_A: float | None = None,
-                apix: float | None = None) -> float:
+def diameter_px(diameter_px: float | None = None, diameter_A: float | None = None, apix: float | None = None) -> float:
     """A diameter in pixels, from pixels or from Å and the pixel size (Å/px)."""
     if diameter_px is not None and diameter_A is not None:
         raise CryoDDMError("give the particle diameter in pixels or in Å, not both")
@@ -35,6 +34,7 @@ def diameter_px(diameter_px: float | None = None, diameter_A: float | None = Non
     if not (math.isfinite(diameter_A) and diameter_A > 0):
         raise CryoDDMError(f"particle diameter must be a positive number, got {diameter_A} Å")
     if not apix or apix <= 0:
-        raise CryoDDMError("a diameter in Å needs the pixel size; the micrograph header has none "
-                           "(give --diameter in pixels)")
+        raise CryoDDMError(
+            "a diameter in Å needs the pixel size; the micrograph header has none (give --diameter in pixels)"
+        )
     return float(diameter_A) / float(apix)

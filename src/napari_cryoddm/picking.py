@@ -17,7 +17,6 @@ job; the noise-box files are `box_files`.
 
 from __future__ import annotations
 
-import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -27,17 +26,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .binning import bin_factor
 from .box_placement import auto_boxes_from_particles, check_fits, particle_box_distance
 from .box_ranking import rank_empty_boxes, structure_map
-from .config import ConfigError
 from .errors import CryoDDMError, InputError
 from .io.mrc import read_header, read_micrograph
 from .io.noise import empty_noise_table
 from .jobs import CancelToken, Job, Progress
 from .names import match_names, micrograph_stem
 from .normalise import check_finite, check_not_blank
-from .params import diameter_px, window_for_diameter
+from .pick_config import PickConfig
 
 #: Below this many boxes in total the denoiser is starved of distinct noise (a probe: ~60 patches
 #: barely beat the raw data, ~270 did clearly better), so the yield report warns.
@@ -48,77 +45,6 @@ SCREEN_SCORE = 3.0
 
 # --------------------------------------------------------------------------------------------
 # configuration
-
-
-@dataclass
-class PickConfig:
-    """Everything the noise picker needs besides the micrographs and the particle coordinates."""
-
-    diameter: float | None = field(default=None, metadata={
-        "help": "particle diameter in pixels of the micrographs given", "unit": "px",
-        "widget": False})
-    diameter_A: float | None = field(default=None, metadata={
-        "help": "particle diameter in Å (turned into pixels with the header's pixel size)",
-        "unit": "Å", "flag": "--diameter-A", "widget": False})
-    box: int | None = field(default=None, metadata={
-        "help": "noise box side; default: the forward window W = (⌊1.5·d⌋ // 128 + 1)·128",
-        "unit": "px", "widget": False})
-    bin: float | None = field(default=None, metadata={
-        "help": "the bin factor forward will use (--bin there): the default box is then the "
-                "binned window W scaled back to these micrographs' pixels", "widget": False})
-    target_apix: float | None = field(default=None, metadata={
-        "help": "the pixel size forward will bin to (--target-apix there), instead of --bin",
-        "unit": "Å/px", "widget": False})
-    max_per_micrograph: int = field(default=100, metadata={
-        "help": "most new boxes per micrograph", "label": "max per micrograph"})
-    overlap: float = field(default=0.0, metadata={
-        "help": "largest allowed overlap between two boxes, as a fraction of a box's area "
-                "(0: boxes may touch but not overlap)"})
-    seed: int = field(default=0, metadata={"help": "seed of the random visiting order"})
-    edge_margin: int = field(default=0, metadata={
-        "help": "keep boxes this far from the micrograph edges (motion-correction edge artefacts)",
-        "unit": "px"})
-    grid_step: int | None = field(default=None, metadata={
-        "help": "candidate grid step; default box/8", "unit": "px", "widget": False})
-    empty_threshold: float = field(default=0.9, metadata={
-        "help": "coordinate-free mode: propose boxes whose structure score is at most this "
-                "multiple of the micrograph's median box score (lower = stricter)",
-        "label": "empty threshold"})
-    screen: bool = field(default=True, metadata={
-        "help": "with coordinates, also read the pixels and leave out boxes on contamination, "
-                "carbon or vacuum (background level > 3 robust σ off) and on strong structure "
-                "nobody picked (--no-screen: headers only, faster)", "label": "screen pixels"})
-    allow_unmatched: bool = field(default=False, metadata={
-        "help": "accept particle files that also name micrographs not given (a subset run)",
-        "label": "allow unmatched names"})
-
-    def __post_init__(self) -> None:
-        if self.max_per_micrograph < 1:  # 0 would write an empty noise file and call it done
-            raise ConfigError(self, "max_per_micrograph", f"must be at least 1, got {self.max_per_micrograph}")
-        if self.seed < 0:
-            raise ConfigError(self, "seed", f"must be ≥ 0, got {self.seed}")
-        if not 0.0 <= self.overlap < 1.0:
-            raise ConfigError(self, "overlap", f"is a fraction of the box area in [0, 1), got {self.overlap}")
-        if self.box is not None and self.box < 2:
-            raise ConfigError(self, "box", f"must be at least 2 px, got {self.box}")
-        if self.edge_margin < 0:
-            raise ConfigError(self, "edge_margin", f"must be ≥ 0, got {self.edge_margin}")
-        if self.grid_step is not None and self.grid_step < 1:
-            raise ConfigError(self, "grid_step", f"must be ≥ 1, got {self.grid_step}")
-        if self.empty_threshold <= 0:
-            raise ConfigError(self, "empty_threshold", f"must be positive, got {self.empty_threshold}")
-
-    def resolve(self, apix: float | None) -> tuple[float, int]:
-        """(diameter, box side) in pixels of the micrographs given (pixel size `apix` Å/px).
-
-        Coordinates always stay in these pixels; when forward will bin by f, its window is
-        W(d / f) binned pixels, i.e. W(d / f)·f of these, and that is the box tested.
-        """
-        d = diameter_px(self.diameter, self.diameter_A, apix)
-        if self.box:
-            return d, int(self.box)
-        factor = bin_factor(apix, self.target_apix, self.bin)
-        return d, int(math.ceil(window_for_diameter(d / factor) * factor - 1e-9))
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,9 +86,12 @@ class Micrograph:
         return cls(Path(path).name, info.image_shape, Path(path), info.voxel_size)
 
 
-def particles_by_micrograph(particles: pd.DataFrame, micrographs: Sequence[Micrograph],
-                            allow_unmatched: bool = False,
-                            source: str = "particle coordinates") -> dict[int, np.ndarray]:
+def particles_by_micrograph(
+    particles: pd.DataFrame,
+    micrographs: Sequence[Micrograph],
+    allow_unmatched: bool = False,
+    source: str = "particle coordinates",
+) -> dict[int, np.ndarray]:
     """Particle (x, y) per micrograph index, matched by stem; unmatched names are an error
     (with examples from both sides) unless `allow_unmatched`, and so is matching nothing."""
     names = [m.name for m in micrographs]
@@ -171,12 +100,15 @@ def particles_by_micrograph(particles: pd.DataFrame, micrographs: Sequence[Micro
     labels = particles["micrograph"].astype(str).to_numpy()
     match = match_names(pd.unique(labels), names)
     if not match.mapping:
-        raise InputError(source, "no particle belongs to a micrograph given: "
-                         + match.describe_mismatch())
+        raise InputError(source, "no particle belongs to a micrograph given: " + match.describe_mismatch())
     if match.unmatched and not allow_unmatched:
-        raise InputError(source, f"{len(match.unmatched)} micrograph name(s) in the particle file "
-                         "match no micrograph given: " + match.describe_mismatch()
-                         + " (allow unmatched names / --allow-unmatched when you pick a subset on purpose)")
+        raise InputError(
+            source,
+            f"{len(match.unmatched)} micrograph name(s) in the particle file "
+            "match no micrograph given: "
+            + match.describe_mismatch()
+            + " (allow unmatched names / --allow-unmatched when you pick a subset on purpose)",
+        )
     xy = particles[["x", "y"]].to_numpy(np.float64)
     index = np.array([match.mapping.get(label, -1) for label in labels], dtype=np.int64)
     order = np.argsort(index, kind="stable")
@@ -185,8 +117,7 @@ def particles_by_micrograph(particles: pd.DataFrame, micrographs: Sequence[Micro
     return {int(key): xy[order[a:b]] for key, a, b in zip(keys, starts, bounds) if key >= 0}
 
 
-def existing_by_micrograph(existing: pd.DataFrame | None,
-                           micrographs: Sequence[Micrograph]) -> dict[int, np.ndarray]:
+def existing_by_micrograph(existing: pd.DataFrame | None, micrographs: Sequence[Micrograph]) -> dict[int, np.ndarray]:
     """Existing boxes (x, y) per micrograph index (names matched by stem); the rest is ignored."""
     if existing is None or len(existing) == 0:
         return {}
@@ -232,8 +163,10 @@ class PickResult:
         return int(sum(self.counts.values()))
 
     def report(self, per_micrograph: int = 20) -> str:
-        lines = [f"{len(self.new)} new boxes ({self.box_size} px, particle diameter "
-                 f"{self.diameter_px:.1f} px); {self.total} boxes on {len(self.counts)} micrographs"]
+        lines = [
+            f"{len(self.new)} new boxes ({self.box_size} px, particle diameter "
+            f"{self.diameter_px:.1f} px); {self.total} boxes on {len(self.counts)} micrographs"
+        ]
         items = list(self.counts.items())
         for name, n in items[:per_micrograph]:
             lines.append(f"  {name}: {n}")
@@ -244,8 +177,9 @@ class PickResult:
         return "\n".join(lines)
 
 
-def yield_warning(total: int, n_micrographs: int, box: int, overlap: float,
-                  minimum: int = MIN_TRAINING_BOXES) -> str | None:
+def yield_warning(
+    total: int, n_micrographs: int, box: int, overlap: float, minimum: int = MIN_TRAINING_BOXES
+) -> str | None:
     """A clear warning, with what to change, when there are too few boxes to train on."""
     if total >= minimum:
         return None
@@ -255,13 +189,15 @@ def yield_warning(total: int, n_micrographs: int, box: int, overlap: float,
     hints.append("pick on more micrographs")
     hints.append("bin the micrographs (a smaller particle in pixels gives a smaller window W)")
     hints.append(f"a smaller window than {box} px (--box here and the same window in forward)")
-    return (f"only {total} noise boxes on {n_micrographs} micrograph(s): the denoiser needs a few "
-            f"hundred distinct noise boxes (at least {minimum}) to learn the noise; "
-            + "; ".join(hints))
+    return (
+        f"only {total} noise boxes on {n_micrographs} micrograph(s): the denoiser needs a few "
+        f"hundred distinct noise boxes (at least {minimum}) to learn the noise; " + "; ".join(hints)
+    )
 
 
-def _as_micrographs(items: Iterable[Micrograph | str | os.PathLike[str]],
-                    cancel: CancelToken | None) -> Job[list[Micrograph]]:
+def _as_micrographs(
+    items: Iterable[Micrograph | str | os.PathLike[str]], cancel: CancelToken | None
+) -> Job[list[Micrograph]]:
     items = list(items)
     out: list[Micrograph] = []
     for k, item in enumerate(items):
@@ -273,8 +209,7 @@ def _as_micrographs(items: Iterable[Micrograph | str | os.PathLike[str]],
     return out
 
 
-def _particles_off_image(per_mic: dict[int, np.ndarray], mics: Sequence[Micrograph],
-                         source: str) -> str:
+def _particles_off_image(per_mic: dict[int, np.ndarray], mics: Sequence[Micrograph], source: str) -> str:
     """Particles whose centre is not on their micrograph: all of them is an error (the boxes would
     land on the real particles), some a warning. Returns the warning ('' when none)."""
     total = off = 0
@@ -289,13 +224,16 @@ def _particles_off_image(per_mic: dict[int, np.ndarray], mics: Sequence[Microgra
             example = f"x {x:g}, y {y:g} on {mics[k].name} ({nx}×{ny} px)"
     if not off:
         return ""
-    text = (f"{off} of {total} particle coordinates lie outside their micrograph (e.g. {example}): "
-            "coordinates for another pixel size or binning, or for other micrographs?")
+    text = (
+        f"{off} of {total} particle coordinates lie outside their micrograph (e.g. {example}): "
+        "coordinates for another pixel size or binning, or for other micrographs?"
+    )
     if off == total:
-        raise InputError(source, text + " No box can be placed away from particles that are not "
-                                        "where the file says; check the coordinates")
+        raise InputError(
+            source,
+            text + " No box can be placed away from particles that are not where the file says; check the coordinates",
+        )
     return text + " Boxes may sit on those particles; check the coordinates"
-
 
 
 def _sizes(mics: Sequence[Micrograph], config: PickConfig) -> tuple[float, int]:
@@ -308,8 +246,10 @@ def _sizes(mics: Sequence[Micrograph], config: PickConfig) -> tuple[float, int]:
     if config.diameter_A is not None:
         sizes = {round(m.voxel_size, 3) for m in mics}
         if len(sizes) > 1:
-            raise CryoDDMError(f"the micrographs have different pixel sizes ({sorted(sizes)[:4]} Å/px); "
-                               "give --diameter in pixels or pick each set on its own")
+            raise CryoDDMError(
+                f"the micrographs have different pixel sizes ({sorted(sizes)[:4]} Å/px); "
+                "give --diameter in pixels or pick each set on its own"
+            )
     diameter, box = config.resolve(apix)
     for m in mics:
         check_fits(m.shape, box, config.edge_margin, str(m.path or m.name))
@@ -336,15 +276,27 @@ class _Tally:
 
     def new_boxes(self, with_scores: bool) -> pd.DataFrame:
         xy = np.concatenate(self.xy) if self.xy else np.zeros((0, 2), np.int64)
-        new = pd.DataFrame({"micrograph": pd.Series(self.names, dtype=str),
-                            "x": xy[:, 0].astype(np.int64), "y": xy[:, 1].astype(np.int64)})
+        new = pd.DataFrame(
+            {
+                "micrograph": pd.Series(self.names, dtype=str),
+                "x": xy[:, 0].astype(np.int64),
+                "y": xy[:, 1].astype(np.int64),
+            }
+        )
         if with_scores:
             new["score"] = np.concatenate(self.scores) if self.scores else np.zeros(0)
         return new
 
 
-def _boxes_from_particles(m: Micrograph, particles_xy: np.ndarray | None, prior: np.ndarray,
-                          diameter: float, box: int, config: PickConfig, tally: _Tally) -> np.ndarray:
+def _boxes_from_particles(
+    m: Micrograph,
+    particles_xy: np.ndarray | None,
+    prior: np.ndarray,
+    diameter: float,
+    box: int,
+    config: PickConfig,
+    tally: _Tally,
+) -> np.ndarray:
     """New boxes on one micrograph clear of its particles (none, and a skip, without particles)."""
     if particles_xy is None:
         tally.skipped.append(m.name)
@@ -356,13 +308,25 @@ def _boxes_from_particles(m: Micrograph, particles_xy: np.ndarray | None, prior:
     if config.screen and m.readable:  # screening wherever pixels can be read
         smap = structure_map(m.image(), diameter, box, config.grid_step, config.edge_margin)
         exclude = smap.outlier | (smap.score > SCREEN_SCORE)
-    return auto_boxes_from_particles(m.shape, particles_xy, diameter, box, config.max_per_micrograph,
-                                     config.overlap, config.seed, prior, config.edge_margin,
-                                     config.grid_step, m.name, exclude)
+    return auto_boxes_from_particles(
+        m.shape,
+        particles_xy,
+        diameter,
+        box,
+        config.max_per_micrograph,
+        config.overlap,
+        config.seed,
+        prior,
+        config.edge_margin,
+        config.grid_step,
+        m.name,
+        exclude,
+    )
 
 
-def _empty_boxes(m: Micrograph, prior: np.ndarray, diameter: float, box: int, config: PickConfig,
-                 tally: _Tally) -> tuple[np.ndarray, np.ndarray] | None:
+def _empty_boxes(
+    m: Micrograph, prior: np.ndarray, diameter: float, box: int, config: PickConfig, tally: _Tally
+) -> tuple[np.ndarray, np.ndarray] | None:
     """The emptiest boxes on one micrograph, or None when its pixels cannot be ranked (one bad
     micrograph gets no boxes, the others go on)."""
     try:
@@ -374,35 +338,53 @@ def _empty_boxes(m: Micrograph, prior: np.ndarray, diameter: float, box: int, co
         tally.skipped.append(m.name)
         tally.counts[m.name] = int(len(prior))
         return None
-    return rank_empty_boxes(image, diameter, box, config.max_per_micrograph, config.overlap,
-                            config.empty_threshold, prior, config.edge_margin, config.grid_step, m.name)
+    return rank_empty_boxes(
+        image,
+        diameter,
+        box,
+        config.max_per_micrograph,
+        config.overlap,
+        config.empty_threshold,
+        prior,
+        config.edge_margin,
+        config.grid_step,
+        m.name,
+    )
 
 
-def _warnings(tally: _Tally, n_mics: int, mode: str, box: int, overlap: float,
-              off_image: str) -> list[str]:
+def _warnings(tally: _Tally, n_mics: int, mode: str, box: int, overlap: float, off_image: str) -> list[str]:
     """What the user should know about the result, each with what to change."""
     warnings = [f"skipped (no boxes proposed): {why}" for why in tally.unusable]
     if off_image:
         warnings.append(off_image)
     if tally.skipped and mode == "particles":
         skipped = tally.skipped
-        warnings.append(f"{len(skipped)} micrograph(s) have no particles in the coordinates and were "
-                        f"skipped (boxes there could sit on unpicked particles): "
-                        + ", ".join(skipped[:3]) + (" …" if len(skipped) > 3 else ""))
+        warnings.append(
+            f"{len(skipped)} micrograph(s) have no particles in the coordinates and were "
+            f"skipped (boxes there could sit on unpicked particles): "
+            + ", ".join(skipped[:3])
+            + (" …" if len(skipped) > 3 else "")
+        )
     if tally.dirty:
-        warnings.append(f"{tally.dirty} existing box(es) hold part of a particle (kept, as every manual "
-                        "pick is; review and delete them, they would teach the denoiser particles "
-                        "are noise)")
+        warnings.append(
+            f"{tally.dirty} existing box(es) hold part of a particle (kept, as every manual "
+            "pick is; review and delete them, they would teach the denoiser particles "
+            "are noise)"
+        )
     low = yield_warning(sum(tally.counts.values()), n_mics, box, overlap)
     if low:
         warnings.append(low)
     return warnings
 
 
-def pick_noise(micrographs: Sequence[Micrograph | str | os.PathLike[str]], config: PickConfig,
-               particles: pd.DataFrame | None = None, existing: pd.DataFrame | None = None,
-               cancel: CancelToken | None = None, particles_source: str = "particle coordinates",
-               ) -> Job[PickResult]:
+def pick_noise(
+    micrographs: Sequence[Micrograph | str | os.PathLike[str]],
+    config: PickConfig,
+    particles: pd.DataFrame | None = None,
+    existing: pd.DataFrame | None = None,
+    cancel: CancelToken | None = None,
+    particles_source: str = "particle coordinates",
+) -> Job[PickResult]:
     """Pick noise boxes on many micrographs; returns all boxes (existing kept, new merged).
 
     With `particles` (a table `micrograph, x, y`) boxes avoid every particle and only headers are
@@ -413,8 +395,11 @@ def pick_noise(micrographs: Sequence[Micrograph | str | os.PathLike[str]], confi
         raise CryoDDMError("no micrographs given")
     diameter, box = _sizes(mics, config)
     mode = "empty" if particles is None else "particles"
-    per_mic = (particles_by_micrograph(particles, mics, config.allow_unmatched, particles_source)
-               if particles is not None else {})
+    per_mic = (
+        particles_by_micrograph(particles, mics, config.allow_unmatched, particles_source)
+        if particles is not None
+        else {}
+    )
     off_image = _particles_off_image(per_mic, mics, particles_source)
     have = existing_by_micrograph(existing, mics)
     tally = _Tally()
@@ -432,11 +417,11 @@ def pick_noise(micrographs: Sequence[Micrograph | str | os.PathLike[str]], confi
             xy, scores = ranked
         tally.add(m.name, prior, xy, scores)
         if mode == "empty" or config.screen or k % 20 == 0 or k == len(mics) - 1:
-            yield Progress(k + 1, len(mics), f"{m.name}: {len(xy)} boxes",
-                           {"micrograph": m.name, "boxes": int(len(xy))})
+            yield Progress(
+                k + 1, len(mics), f"{m.name}: {len(xy)} boxes", {"micrograph": m.name, "boxes": int(len(xy))}
+            )
     if tally.unusable and len(tally.unusable) == len(mics):
         raise CryoDDMError("no micrograph has pixels to rank boxes on:\n  " + "\n  ".join(tally.unusable[:10]))
     new = tally.new_boxes(with_scores=mode == "empty")
     warnings = _warnings(tally, len(mics), mode, box, config.overlap, off_image)
-    return PickResult(merge_boxes(existing, new), new, tally.counts, box, diameter, mode,
-                      tally.skipped, warnings)
+    return PickResult(merge_boxes(existing, new), new, tally.counts, box, diameter, mode, tally.skipped, warnings)

@@ -32,106 +32,27 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint
-from .config import ConfigError
 from .d4 import d4, d4_inverse
-from .devices import PREDICT_PRECISIONS, autocast_dtype, resolve_device
+from .devices import autocast_dtype, resolve_device
 from .errors import CryoDDMError, OutputError, OutputExistsError
-from .estimators import ESTIMATORS, Estimator, default_estimator, resolve_estimator
+from .estimators import Estimator, default_estimator, resolve_estimator
 from .io.mrc import list_micrographs, write_mrc
 from .jobs import Cancelled, CancelToken, Job, Progress, collect
 from .linear import apply
 from .model import UDenoiseNet
 from .normalise import Normalisation
-from .predict_outputs import (
-    PREDICT_LABEL,
-    check_out_dir,
-    check_output,
-    is_predict_output,
-    output_path,
-    plan_outputs,
-)
+from .predict_config import PredictConfig
+from .predict_outputs import PREDICT_LABEL, check_out_dir, check_output, is_predict_output, output_path, plan_outputs
 from .prefetch import Pipeline
 from .preprocess import Prepared, prepare, read_prepared, restore_intensity
 from .safety import NO_ROOM
-from .tiling import (
-    DEFAULT_OVERLAP,
-    DEFAULT_TILE_CPU,
-    DEFAULT_TILE_GPU,
-    RECEPTIVE_FIELD_PX,
-    STRIDE,
-    Runtime,
-    TileGrid,
-    plan_tiles,
-    predict_image_job,
-)
+from .tiling import DEFAULT_TILE_CPU, DEFAULT_TILE_GPU, Runtime, TileGrid, plan_tiles, predict_image_job
 
 log = logging.getLogger(__name__)
 
-INTENSITIES = ("normalised", "input")
-
-
-def _f(default: Any, help: str, **meta: Any) -> Any:
-    return field(default=default, metadata={"help": help, **meta})
-
-
-@dataclass
-class PredictConfig:
-    """How to denoise. Defaults: seam-free margins, the fastest measured geometry per device,
-    outputs on the normalised scale (see `intensity`)."""
-
-    device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
-    batch_size: int = _f(0, "tiles per forward pass; 0 picks one per device (halved automatically "
-                            "on a GPU out-of-memory)")
-    tile: int = _f(0, "tile edge in px (a multiple of 32); 0: 2048 on a GPU, on a CPU the largest "
-                      "of 1792…768 that fits 1.75 GiB with the micrograph (1792 for 4k, 1536 for "
-                      "8k); micrographs smaller than a tile are padded", unit="px")
-    overlap: int = _f(DEFAULT_OVERLAP, "context kept on each side of a tile core; must cover the "
-                                       f"network's receptive field ({RECEPTIVE_FIELD_PX} px) or seams "
-                                       "appear; rounded up to a multiple of 32", unit="px")
-    intensity: str = _f("normalised", "output scale: 'normalised' (the scale the network was trained "
-                                      "on, comparable across micrographs) or 'input' (mapped back "
-                                      "to the input's units)", choices=INTENSITIES)
-    precision: str = _f("auto", "auto (bf16 autocast on a GPU that has it, else fp32), fp32, bf16, "
-                                "fp16 (GPU only)", choices=PREDICT_PRECISIONS)
-    estimator: str = _f("auto", "how the network's output becomes the estimate: chain (derived from "
-                                "the forward chain's coefficients) or direct (the original's single "
-                                "pass); auto: chain for models trained with --s2-target signal, "
-                                "else direct", choices=("auto",) + ESTIMATORS)
-    estimator_step: int = _f(0, "chain estimator: the chain step whose pair the estimate uses "
-                                "(0: the last trained step)", widget=False)
-    tta: bool = _f(False, "average the 8 flips/rotations of each micrograph (8× the compute)")
-    suffix: str = _f("", "appended to each output's name: OUT/<stem><suffix>.mrc")
-    overwrite: bool = _f(False, "replace existing outputs (default: skip them, so a stopped run resumes)")
-    channels_last: bool = _f(True, "NHWC memory layout (faster on GPUs and with oneDNN on CPUs)")
-    compile: bool = _f(False, "torch.compile the network (pays off on GPUs for long runs; "
-                              "recompiles per tile shape)")
-    threads: int = _f(0, "CPU threads for PyTorch (0: leave PyTorch's default)")
-    prefetch: bool = _f(True, "read and normalise the next micrograph while this one computes, "
-                              "and write in the background", widget=False)
-    gpus: str = _f("", "run on these GPUs through a local dask cluster, one worker each, e.g. 0,1",
-                   widget=False)
-    workers: int = _f(0, "run on N local CPU worker processes (dask LocalCluster)", widget=False)
-    scheduler: str = _f("", "send one task per micrograph to this dask scheduler "
-                            "(tcp://HOST:PORT, e.g. from dask-jobqueue)", widget=False)
-
-    def __post_init__(self) -> None:
-        if self.intensity not in INTENSITIES:
-            raise ConfigError(self, "intensity", f"{self.intensity!r}: use normalised or input")
-        if self.precision not in PREDICT_PRECISIONS:
-            raise ConfigError(self, "precision", f"{self.precision!r}: use {', '.join(PREDICT_PRECISIONS)}")
-        if self.tile and (self.tile < 64 or self.tile % STRIDE):
-            raise ConfigError(self, "tile", f"{self.tile}: use a multiple of 32, at least 64")
-        if self.overlap < 0:
-            raise ConfigError(self, "overlap", f"{self.overlap}: must be ≥ 0")
-        if self.batch_size < 0:
-            raise ConfigError(self, "batch_size", f"{self.batch_size}: must be ≥ 0 (0 = automatic)")
-        if self.estimator not in ("auto",) + ESTIMATORS:
-            raise ConfigError(self, "estimator", f"{self.estimator!r}: choose one of auto, {', '.join(ESTIMATORS)}")
-        if self.estimator_step < 0:
-            raise ConfigError(self, "estimator_step", f"{self.estimator_step}: must be ≥ 0 (0 = the last trained step)")
-
 
 # ----------------------------------------------------------------------------- the model
+
 
 @dataclass
 class PredictModel:
@@ -148,23 +69,37 @@ class PredictModel:
         path = Path(path)
         loaded = load_checkpoint(path, map_location=map_location)
         meta = loaded.metadata or {}
-        return cls(loaded.model, Normalisation.from_dict(meta.get("normalisation")),
-                   float(meta.get("bin_factor") or 1.0), path.name, dict(meta))
+        return cls(
+            loaded.model,
+            Normalisation.from_dict(meta.get("normalisation")),
+            float(meta.get("bin_factor") or 1.0),
+            path.name,
+            dict(meta),
+        )
 
     def state(self) -> dict[str, Any]:
         """Picklable and small (3.9 MB): what dask workers need to rebuild the network."""
         inner = getattr(self.model, "_orig_mod", self.model)
-        return {"state_dict": {k: v.detach().cpu() for k, v in inner.state_dict().items()},
-                "normalisation": self.normalisation.to_dict(), "bin_factor": self.bin_factor,
-                "name": self.name, "metadata": self.metadata}
+        return {
+            "state_dict": {k: v.detach().cpu() for k, v in inner.state_dict().items()},
+            "normalisation": self.normalisation.to_dict(),
+            "bin_factor": self.bin_factor,
+            "name": self.name,
+            "metadata": self.metadata,
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> PredictModel:
         model = UDenoiseNet()
         model.load_state_dict(state["state_dict"])
         model.eval()
-        return cls(model, Normalisation.from_dict(state["normalisation"]), float(state["bin_factor"]),
-                   state["name"], dict(state.get("metadata") or {}))
+        return cls(
+            model,
+            Normalisation.from_dict(state["normalisation"]),
+            float(state["bin_factor"]),
+            state["name"],
+            dict(state.get("metadata") or {}),
+        )
 
 
 def estimator_for(pm: PredictModel, config: PredictConfig) -> Estimator:
@@ -189,12 +124,18 @@ def as_predict_model(model: PredictModel | nn.Module | str | os.PathLike[str]) -
 
 def runtime_for(pm: PredictModel, config: PredictConfig, device: torch.device | None = None) -> Runtime:
     """The runtime of a checkpoint: its network, estimator and linear part."""
-    return make_runtime(pm.model, config, device, estimator=estimator_for(pm, config),
-                        linear=pm.metadata.get("linear_transfer"))
+    return make_runtime(
+        pm.model, config, device, estimator=estimator_for(pm, config), linear=pm.metadata.get("linear_transfer")
+    )
 
 
-def make_runtime(model: nn.Module, config: PredictConfig, device: torch.device | None = None,
-                 estimator: Estimator | None = None, linear: dict[str, Any] | None = None) -> Runtime:
+def make_runtime(
+    model: nn.Module,
+    config: PredictConfig,
+    device: torch.device | None = None,
+    estimator: Estimator | None = None,
+    linear: dict[str, Any] | None = None,
+) -> Runtime:
     """The network on its device with the tile geometry and, for whole micrographs, the estimator
     (`estimator_for`; the network's plain output when None) and test-time augmentation."""
     device = device or resolve_device(config.device)
@@ -211,17 +152,36 @@ def make_runtime(model: nn.Module, config: PredictConfig, device: torch.device |
     tile = config.tile or (DEFAULT_TILE_GPU if device.type == "cuda" else DEFAULT_TILE_CPU)
     batch = config.batch_size or (8 if device.type == "cuda" else 1)
     lean = device.type == "cpu" and not config.compile
-    return Runtime(model, device, tile, batch, config.overlap, autocast_dtype(device, config.precision, fp16=True),
-                   channels_last, lean, auto_tile=not config.tile and device.type == "cpu",
-                   estimator=estimator or Estimator("direct"), tta=bool(config.tta), linear=linear)
+    return Runtime(
+        model,
+        device,
+        tile,
+        batch,
+        config.overlap,
+        autocast_dtype(device, config.precision, fp16=True),
+        channels_last,
+        lean,
+        auto_tile=not config.tile and device.type == "cpu",
+        estimator=estimator or Estimator("direct"),
+        tta=bool(config.tta),
+        linear=linear,
+    )
 
 
 # ----------------------------------------------------------------------------- one image
 
-def predict_image(model: nn.Module | Runtime, image: np.ndarray, *, tile: int | None = None,
-                  overlap: int | None = None, batch_size: int | None = None,
-                  config: PredictConfig | None = None, cancel: CancelToken | None = None,
-                  on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
+
+def predict_image(
+    model: nn.Module | Runtime,
+    image: np.ndarray,
+    *,
+    tile: int | None = None,
+    overlap: int | None = None,
+    batch_size: int | None = None,
+    config: PredictConfig | None = None,
+    cancel: CancelToken | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
     """Denoise one already-normalised 2-D image; returns float32 of the same shape.
 
     `model` is a network (moved to `config.device`) or a `Runtime` (reused across images; its
@@ -234,8 +194,13 @@ def predict_image(model: nn.Module | Runtime, image: np.ndarray, *, tile: int | 
     return collect(job, None if on_batch is None else lambda e: on_batch(e.done, e.total or 0))
 
 
-def _as_runtime(model: nn.Module | Runtime, config: PredictConfig | None, tile: int | None = None,
-                overlap: int | None = None, batch_size: int | None = None) -> Runtime:
+def _as_runtime(
+    model: nn.Module | Runtime,
+    config: PredictConfig | None,
+    tile: int | None = None,
+    overlap: int | None = None,
+    batch_size: int | None = None,
+) -> Runtime:
     rt = model if isinstance(model, Runtime) else make_runtime(model, config or PredictConfig())
     if tile:
         rt.tile = int(tile)
@@ -265,16 +230,21 @@ def estimate_job(rt: Runtime, image: np.ndarray, cancel: CancelToken | None = No
     if len(codes) > 1:
         acc /= np.float32(len(codes))
     if rt.linear:  # isotropic, so the same for every flip/rotation: added once, whole image
-
         acc += apply(rt.linear, x)
     return est.combine(acc, x)
 
 
 # ----------------------------------------------------------------------------- one micrograph
 
-def denoise_job(model: PredictModel | nn.Module, raw: np.ndarray, config: PredictConfig | None = None,
-                runtime: Runtime | None = None, cancel: CancelToken | None = None,
-                source: str = "image") -> Job[np.ndarray]:
+
+def denoise_job(
+    model: PredictModel | nn.Module,
+    raw: np.ndarray,
+    config: PredictConfig | None = None,
+    runtime: Runtime | None = None,
+    cancel: CancelToken | None = None,
+    source: str = "image",
+) -> Job[np.ndarray]:
     """The whole chain on an in-memory micrograph (bin, normalise, tiles, intensity) as a job:
     what the widget shows, and what `predict_files` writes for the same pixels."""
     pm = as_predict_model(model)
@@ -285,8 +255,13 @@ def denoise_job(model: PredictModel | nn.Module, raw: np.ndarray, config: Predic
     return restore_intensity(pred, prep, config.intensity)
 
 
-def denoise_array(model: PredictModel | nn.Module, raw: np.ndarray, config: PredictConfig | None = None,
-                  runtime: Runtime | None = None, cancel: CancelToken | None = None) -> np.ndarray:
+def denoise_array(
+    model: PredictModel | nn.Module,
+    raw: np.ndarray,
+    config: PredictConfig | None = None,
+    runtime: Runtime | None = None,
+    cancel: CancelToken | None = None,
+) -> np.ndarray:
     """`denoise_job` drained: the denoised micrograph (binned when the checkpoint says so)."""
     return collect(denoise_job(model, raw, config, runtime, cancel))
 
@@ -296,28 +271,37 @@ def denoise_array(model: PredictModel | nn.Module, raw: np.ndarray, config: Pred
 
 def _labels(prep: Prepared, pm: PredictModel, config: PredictConfig, grid: TileGrid) -> list[str]:
     lo, hi, off, sc = prep.stats
-    labels = [f"{PREDICT_LABEL} {prep.path.name}"[:80],
-              f"model {pm.name} epoch {pm.metadata.get('epoch')}"[:80],
-              f"norm {pm.normalisation.method} off {off:.6g} scale {sc:.6g} -> {config.intensity}"[:80],
-              f"bin {prep.bin_factor:g} tile {grid.tile_shape[0]}x{grid.tile_shape[1]} margin {grid.margin}"[:80],
-              f"estimator {estimator_for(pm, config).describe()}{' tta8' if config.tta else ''}"[:80]]
+    labels = [
+        f"{PREDICT_LABEL} {prep.path.name}"[:80],
+        f"model {pm.name} epoch {pm.metadata.get('epoch')}"[:80],
+        f"norm {pm.normalisation.method} off {off:.6g} scale {sc:.6g} -> {config.intensity}"[:80],
+        f"bin {prep.bin_factor:g} tile {grid.tile_shape[0]}x{grid.tile_shape[1]} margin {grid.margin}"[:80],
+        f"estimator {estimator_for(pm, config).describe()}{' tta8' if config.tta else ''}"[:80],
+    ]
     if prep.info is not None:
         labels += [f"src: {label}"[:80] for label in prep.info.labels[:6] if label]
     return labels[:10]
 
 
-def predict_one_file(pm: PredictModel, rt: Runtime, src: Path, dst: Path, config: PredictConfig,
-                     cancel: CancelToken | None = None) -> Path:
+def predict_one_file(
+    pm: PredictModel, rt: Runtime, src: Path, dst: Path, config: PredictConfig, cancel: CancelToken | None = None
+) -> Path:
     """Denoise one file to `dst` (atomic). The unit of work of the dask path too."""
     prep = read_prepared(src, pm.bin_factor, pm.normalisation)
     pred = restore_intensity(collect(estimate_job(rt, prep.image, cancel)), prep, config.intensity)
     check_output(pred, src, pm.name)
     grid = plan_tiles(prep.image.shape, rt.tile, rt.overlap)
-    return write_mrc(dst, pred, voxel_size=prep.voxel_size or None, overwrite=config.overwrite,
-                     labels=_labels(prep, pm, config, grid))
+    return write_mrc(
+        dst,
+        pred,
+        voxel_size=prep.voxel_size or None,
+        overwrite=config.overwrite,
+        labels=_labels(prep, pm, config, grid),
+    )
 
 
 # ----------------------------------------------------------------------------- the job
+
 
 @dataclass
 class PredictResult:
@@ -331,16 +315,21 @@ class PredictResult:
     oom_events: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        text = (f"{len(self.written)} denoised, {len(self.skipped)} already done (skipped), "
-                f"{len(self.failed)} failed; outputs in {self.out_dir}")
+        text = (
+            f"{len(self.written)} denoised, {len(self.skipped)} already done (skipped), "
+            f"{len(self.failed)} failed; outputs in {self.out_dir}"
+        )
         for path, why in self.failed[:10]:
             text += f"\n  failed: {why}" if str(path) in why else f"\n  failed: {path}: {why}"
         return text
 
 
-def plan_run(model: PredictModel | nn.Module | str | os.PathLike[str], inputs: Any,
-             out_dir: str | os.PathLike[str], config: PredictConfig
-             ) -> tuple[PredictModel, PredictResult, list[tuple[Path, Path]], int]:
+def plan_run(
+    model: PredictModel | nn.Module | str | os.PathLike[str],
+    inputs: Any,
+    out_dir: str | os.PathLike[str],
+    config: PredictConfig,
+) -> tuple[PredictModel, PredictResult, list[tuple[Path, Path]], int]:
     """Check everything before any work: inputs, output folder, the model; outputs that exist are
     skipped (resume) unless `config.overwrite`. Returns (model, result, to-do pairs, total)."""
     out_dir = Path(out_dir)
@@ -355,8 +344,13 @@ def plan_run(model: PredictModel | nn.Module | str | os.PathLike[str], inputs: A
         if not os.path.lexists(dst):
             todo.append((src, dst))
         elif not is_predict_output(dst):  # never replaced, never counted as done
-            result.failed.append((src, f"{dst}: exists and was not written by cryoddm predict; "
-                                       "refusing to replace it (move it or choose another -o)"))
+            result.failed.append(
+                (
+                    src,
+                    f"{dst}: exists and was not written by cryoddm predict; "
+                    "refusing to replace it (move it or choose another -o)",
+                )
+            )
         elif config.overwrite:
             todo.append((src, dst))
         else:
@@ -364,9 +358,13 @@ def plan_run(model: PredictModel | nn.Module | str | os.PathLike[str], inputs: A
     return pm, result, todo, len(pairs)
 
 
-def predict_files(model: PredictModel | nn.Module | str | os.PathLike[str], inputs: Any,
-                  out_dir: str | os.PathLike[str], config: PredictConfig | None = None,
-                  cancel: CancelToken | None = None) -> Job[PredictResult]:
+def predict_files(
+    model: PredictModel | nn.Module | str | os.PathLike[str],
+    inputs: Any,
+    out_dir: str | os.PathLike[str],
+    config: PredictConfig | None = None,
+    cancel: CancelToken | None = None,
+) -> Job[PredictResult]:
     """Denoise every micrograph in `inputs` (files, folders, globs) into `out_dir`.
 
     Existing outputs are skipped unless `config.overwrite` (an interrupted run resumes). A bad
@@ -412,7 +410,6 @@ def predict_files(model: PredictModel | nn.Module | str | os.PathLike[str], inpu
                 result.failed.append((src, str(exc)))
                 log.error("%s", exc)
             except Exception as exc:  # noqa: BLE001 - one bad file never stops the others
-
                 if isinstance(exc, Cancelled):
                     break
                 result.failed.append((src, f"{src}: {type(exc).__name__}: {exc}"))
@@ -426,8 +423,7 @@ def predict_files(model: PredictModel | nn.Module | str | os.PathLike[str], inpu
     result.seconds = time.perf_counter() - t0
     result.oom_events = list(rt.oom_events)
     if result.failed and not result.written and not result.skipped:
-        raise CryoDDMError("no micrograph could be denoised:\n  " +
-                           "\n  ".join(why for _p, why in result.failed[:10]))
+        raise CryoDDMError("no micrograph could be denoised:\n  " + "\n  ".join(why for _p, why in result.failed[:10]))
     return result
 
 
@@ -440,8 +436,12 @@ def _collect_write(fut: Future, result: PredictResult) -> None:
         if is_predict_output(exc.path):
             result.skipped.append(Path(exc.path))
         else:
-            result.failed.append((Path(exc.path), f"{exc.path}: appeared meanwhile and was not "
-                                                  "written by cryoddm predict; left as it is"))
+            result.failed.append(
+                (
+                    Path(exc.path),
+                    f"{exc.path}: appeared meanwhile and was not written by cryoddm predict; left as it is",
+                )
+            )
     except OutputError as exc:
         if exc.errno in NO_ROOM:
             raise _stopped_writing(exc, result) from None
@@ -458,12 +458,28 @@ class StoppedWriting(CryoDDMError):
 
 
 def _stopped_writing(exc: OutputError, result: PredictResult) -> StoppedWriting:
-    return StoppedWriting(f"{exc}; stopped after {len(result.written)} written "
-                          f"({len(result.skipped)} already done) — finished outputs are kept and a "
-                          "rerun of the same command resumes")
+    return StoppedWriting(
+        f"{exc}; stopped after {len(result.written)} written "
+        f"({len(result.skipped)} already done) — finished outputs are kept and a "
+        "rerun of the same command resumes"
+    )
 
 
 # the step's public face: the CLI, the widget, distributed prediction and scripts import from here
-__all__ = ["PredictConfig", "PredictModel", "PredictResult", "denoise_array", "denoise_job", "estimate_job",
-           "is_predict_output", "make_runtime", "output_path", "plan_outputs", "plan_run", "predict_files",
-           "predict_image", "predict_one_file", "runtime_for"]
+__all__ = [
+    "PredictConfig",
+    "PredictModel",
+    "PredictResult",
+    "denoise_array",
+    "denoise_job",
+    "estimate_job",
+    "is_predict_output",
+    "make_runtime",
+    "output_path",
+    "plan_outputs",
+    "plan_run",
+    "predict_files",
+    "predict_image",
+    "predict_one_file",
+    "runtime_for",
+]

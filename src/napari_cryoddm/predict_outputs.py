@@ -34,12 +34,14 @@ def plan_outputs(inputs: Sequence[Path], out_dir: Path, suffix: str) -> list[tup
     seen: dict[Path, Path] = {}
     for src, dst in pairs:
         if dst in seen:
-            raise CryoDDMError(f"{seen[dst]} and {src} would both be written to {dst}; "
-                               "rename one or predict them in separate runs")
+            raise CryoDDMError(
+                f"{seen[dst]} and {src} would both be written to {dst}; rename one or predict them in separate runs"
+            )
         seen[dst] = src
         if real(dst) in sources:
-            raise CryoDDMError(f"{sources[real(dst)]}: the output of {src.name} would replace the "
-                               "input; choose another -o or --suffix")
+            raise CryoDDMError(
+                f"{sources[real(dst)]}: the output of {src.name} would replace the input; choose another -o or --suffix"
+            )
     return pairs
 
 
@@ -75,6 +77,8 @@ def check_output(pred: np.ndarray, src: Path, model_name: str) -> None:
     """NaN or infinite output (a diverged checkpoint, fp16 overflow) is a failure, never a file."""
     bad = int(np.size(pred) - np.count_nonzero(np.isfinite(pred)))
     if bad:
-        raise CryoDDMError(f"{src}: the network gave {bad} NaN or infinite pixels with model "
-                           f"{model_name}; nothing was written (is the checkpoint diverged? try "
-                           "--precision fp32)")
+        raise CryoDDMError(
+            f"{src}: the network gave {bad} NaN or infinite pixels with model "
+            f"{model_name}; nothing was written (is the checkpoint diverged? try "
+            "--precision fp32)"
+        )

@@ -45,8 +45,7 @@ class Pipeline:
             return LazyFuture(read_prepared, path, factor, spec)
         return self._reader.submit(read_prepared, path, factor, spec)
 
-    def write(self, dst: Path, pred: np.ndarray, voxel_size: float, overwrite: bool,
-              labels: list[str]) -> Future:
+    def write(self, dst: Path, pred: np.ndarray, voxel_size: float, overwrite: bool, labels: list[str]) -> Future:
         args = (dst, pred, voxel_size or None, overwrite, labels)
         fut = self._done(write_mrc, *args) if self._writer is None else self._writer.submit(write_mrc, *args)
         fut.path = dst  # type: ignore[attr-defined]  # named in a failure

@@ -15,13 +15,7 @@ import numpy as np
 
 from .binning import fourier_bin
 from .io.mrc import MrcInfo, read_micrograph
-from .normalise import (
-    Normalisation,
-    check_finite,
-    check_not_blank,
-    normalisation_stats,
-    normalise,
-)
+from .normalise import Normalisation, check_finite, check_not_blank, normalisation_stats, normalise
 
 
 @dataclass
@@ -36,8 +30,15 @@ class Prepared:
     bin_factor: float
 
 
-def prepare(raw: np.ndarray, factor: float, spec: Normalisation, source: str = "image",
-            path: Path | None = None, info: MrcInfo | None = None, voxel_size: float = 0.0) -> Prepared:
+def prepare(
+    raw: np.ndarray,
+    factor: float,
+    spec: Normalisation,
+    source: str = "image",
+    path: Path | None = None,
+    info: MrcInfo | None = None,
+    voxel_size: float = 0.0,
+) -> Prepared:
     """Check (finite before binning, so the error can point at pixels; not blank after), bin by
     `factor` in Fourier space, normalise by `spec`."""
     check_finite(raw, source)

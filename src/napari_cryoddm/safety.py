@@ -55,6 +55,7 @@ def _contains(folder: Path, path: Path) -> bool:
 
 # ----------------------------------------------------------------------------- names
 
+
 def check_name(text: str, what: str, whole: bool = False) -> str:
     """A name part must stay inside one path component: no `/`, `\\`, NUL or control characters,
     and no `..` in user text such as a suffix (`whole`: a complete file name, which may hold `..`
@@ -62,8 +63,10 @@ def check_name(text: str, what: str, whole: bool = False) -> str:
     text = str(text)
     bad = [c for c in text if c in "/\\\x00" or ord(c) < 32 or ord(c) == 127]
     if bad or (text in (".", "..", "") if whole else ".." in text):
-        raise CryoDDMError(f"{what} {text!r}: must not contain path separators (/ \\), '..' or "
-                           "control characters; it is part of a file name, not a path")
+        raise CryoDDMError(
+            f"{what} {text!r}: must not contain path separators (/ \\), '..' or "
+            "control characters; it is part of a file name, not a path"
+        )
     return text
 
 
@@ -71,12 +74,12 @@ def inside(folder: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path
     """`dest` itself, after checking that it resolves to a path inside `folder` (links followed)."""
     root, target = real(folder), real(dest)
     if target == root or root not in target.parents:
-        raise CryoDDMError(f"{dest}: resolves to {target}, outside the output folder {root}; "
-                           "refusing to write there")
+        raise CryoDDMError(f"{dest}: resolves to {target}, outside the output folder {root}; refusing to write there")
     return Path(dest)
 
 
 # ----------------------------------------------------------------------------- locations
+
 
 def _input_paths(inputs: Iterable[Any]) -> list[Path]:
     out: list[Path] = []
@@ -94,8 +97,9 @@ def _input_paths(inputs: Iterable[Any]) -> list[Path]:
     return out
 
 
-def check_location(out: str | os.PathLike[str], inputs: Iterable[Any] = (),
-                   what: str = "the output", allow_workdir: bool = False) -> Path:
+def check_location(
+    out: str | os.PathLike[str], inputs: Iterable[Any] = (), what: str = "the output", allow_workdir: bool = False
+) -> Path:
     """Refuse outputs that are the working directory, a parent of it, the root or the home folder,
     or equal to / a folder holding any input (files, folders or globs, nested lists allowed).
 
@@ -106,16 +110,19 @@ def check_location(out: str | os.PathLike[str], inputs: Iterable[Any] = (),
     cwd = real(os.getcwd())
     if _contains(target, cwd) and not allow_workdir:
         where = "the working directory" if target == cwd else "a parent of the working directory"
-        raise CryoDDMError(f"{out}: is {where} ({target}); refusing to use it as {what} — "
-                           "give a new folder or file name")
+        raise CryoDDMError(
+            f"{out}: is {where} ({target}); refusing to use it as {what} — give a new folder or file name"
+        )
     if not allow_workdir and (target == Path(target.anchor) or target == real(Path.home())):
         raise CryoDDMError(f"{out}: is {target}; refusing to use it as {what}")
     for inp in _input_paths(inputs):
         source = real(inp)
         if _contains(target, source):
             kind = "is the input" if target == source else "holds the input"
-            raise CryoDDMError(f"{out}: {kind} {inp}; refusing to use it as {what}, where an "
-                               "output could replace the input — choose another output")
+            raise CryoDDMError(
+                f"{out}: {kind} {inp}; refusing to use it as {what}, where an "
+                "output could replace the input — choose another output"
+            )
     return out
 
 
@@ -133,8 +140,9 @@ def check_writable(folder: str | os.PathLike[str]) -> Path:
     try:
         fd, name = tempfile.mkstemp(prefix=".cryoddm-probe-", dir=probe_in)
     except OSError as exc:
-        raise OutputError(folder if probe_in == folder else probe_in,
-                          f"cannot write here ({exc.strerror or exc})", exc.errno) from None
+        raise OutputError(
+            folder if probe_in == folder else probe_in, f"cannot write here ({exc.strerror or exc})", exc.errno
+        ) from None
     os.close(fd)
     with contextlib.suppress(OSError):
         os.unlink(name)
@@ -151,6 +159,7 @@ def output_error(path: str | os.PathLike[str], exc: OSError) -> OutputError:
 
 # ----------------------------------------------------------------------------- markers
 
+
 def folder_files(folder: Path) -> list[str]:
     """Every file (and link) under `folder`, relative, with `/`; folders themselves not listed."""
     found: list[str] = []
@@ -161,8 +170,9 @@ def folder_files(folder: Path) -> list[str]:
     return sorted(found)
 
 
-def write_marker(folder: str | os.PathLike[str], kind: str, files: Sequence[str] | None = None,
-                 layout: Sequence[str] = ()) -> Path:
+def write_marker(
+    folder: str | os.PathLike[str], kind: str, files: Sequence[str] | None = None, layout: Sequence[str] = ()
+) -> Path:
     """Claim `folder` as this tool's output of `kind`, listing the files it wrote (all present now
     unless `files` is given) and/or the `layout` globs its files follow (a folder filled step by
     step, such as the demo's): what a later `--overwrite` may replace."""
@@ -194,9 +204,12 @@ def read_marker(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
     return doc
 
 
-def check_replaceable(folder: str | os.PathLike[str], kind: str,
-                      layout: Sequence[str] = (), manifest: Callable[[Path], bool] | None = None
-                      ) -> None:
+def check_replaceable(
+    folder: str | os.PathLike[str],
+    kind: str,
+    layout: Sequence[str] = (),
+    manifest: Callable[[Path], bool] | None = None,
+) -> None:
     """Raise unless `--overwrite` may replace `folder` as a whole: it is empty, or it holds this
     tool's `kind` output (marker, or `manifest(folder)` true for folders written before markers,
     whose files must then match the `layout` globs) and nothing else."""
@@ -211,26 +224,39 @@ def check_replaceable(folder: str | os.PathLike[str], kind: str,
     marker = read_marker(folder)
     if marker is not None:
         if marker.get("kind") != kind:
-            raise InputError(folder, f"holds a napari-cryoddm {marker.get('kind')} output, not a "
-                                     f"{kind} output; refusing to replace it")
+            raise InputError(
+                folder,
+                f"holds a napari-cryoddm {marker.get('kind')} output, not a {kind} output; refusing to replace it",
+            )
         known = {*marker.get("files", []), MARKER}
         globs = [str(g) for g in marker.get("layout", [])]
         extra = [f for f in files if f not in known and not any(fnmatch.fnmatchcase(f, g) for g in globs)]
     elif manifest is not None and manifest(folder):
         extra = [f for f in files if not any(fnmatch.fnmatchcase(f, g) for g in layout)]
     else:
-        raise InputError(folder, f"is not empty and was not written by napari-cryoddm {kind} "
-                                 f"(it holds {_examples(files)}); --overwrite only replaces this "
-                                 "tool's own outputs — choose another output or remove it yourself")
+        raise InputError(
+            folder,
+            f"is not empty and was not written by napari-cryoddm {kind} "
+            f"(it holds {_examples(files)}); --overwrite only replaces this "
+            "tool's own outputs — choose another output or remove it yourself",
+        )
     if extra:
-        raise InputError(folder, f"holds files napari-cryoddm did not write ({_examples(extra)}); "
-                                 "refusing to replace it — move them out or choose another output")
+        raise InputError(
+            folder,
+            f"holds files napari-cryoddm did not write ({_examples(extra)}); "
+            "refusing to replace it — move them out or choose another output",
+        )
 
 
-def check_output_folder(out: str | os.PathLike[str], kind: str, overwrite: bool,
-                        inputs: Iterable[Any] = (), layout: Sequence[str] = (),
-                        manifest: Callable[[Path], bool] | None = None,
-                        exists_hint: str = "pass --overwrite to replace it") -> Path:
+def check_output_folder(
+    out: str | os.PathLike[str],
+    kind: str,
+    overwrite: bool,
+    inputs: Iterable[Any] = (),
+    layout: Sequence[str] = (),
+    manifest: Callable[[Path], bool] | None = None,
+    exists_hint: str = "pass --overwrite to replace it",
+) -> Path:
     """Everything `atomic_dir` will insist on, checked before any work: the location
     (`check_location`), an existing folder only with `overwrite` and only if replaceable
     (`check_replaceable`), and a writable parent (`check_writable`)."""
@@ -249,6 +275,20 @@ def _examples(files: Sequence[str], n: int = 3) -> str:
     return ", ".join(files[:n]) + (f" and {len(files) - n} more" if len(files) > n else "")
 
 
-__all__ = ["MARKER", "NO_ROOM", "WRITE_FAILURES", "check_name", "inside", "check_location",
-           "check_writable", "output_error", "write_marker", "read_marker", "check_replaceable",
-           "check_output_folder", "folder_files", "absolute", "real"]
+__all__ = [
+    "MARKER",
+    "NO_ROOM",
+    "WRITE_FAILURES",
+    "check_name",
+    "inside",
+    "check_location",
+    "check_writable",
+    "output_error",
+    "write_marker",
+    "read_marker",
+    "check_replaceable",
+    "check_output_folder",
+    "folder_files",
+    "absolute",
+    "real",
+]

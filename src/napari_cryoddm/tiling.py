@@ -20,19 +20,19 @@ from .model import UDenoiseNet
 
 log = logging.getLogger(__name__)
 
-STRIDE = 32                 # five 2× poolings: tile origins and sizes are multiples of this
+STRIDE = 32  # five 2× poolings: tile origins and sizes are multiples of this
 
 
-RECEPTIVE_FIELD_PX = 161    # measured one-sided reach of UDenoiseNet (see measure_receptive_field)
+RECEPTIVE_FIELD_PX = 161  # measured one-sided reach of UDenoiseNet (see measure_receptive_field)
 
 
-DEFAULT_OVERLAP = 192       # the smallest multiple of 32 covering it (see plan_tiles)
+DEFAULT_OVERLAP = 192  # the smallest multiple of 32 covering it (see plan_tiles)
 
 
-DEFAULT_TILE_GPU = 2048    # H200, 4096²: 0.68 s model-only vs 0.87 s at 1024 (docs/benchmarks.md)
+DEFAULT_TILE_GPU = 2048  # H200, 4096²: 0.68 s model-only vs 0.87 s at 1024 (docs/benchmarks.md)
 
 
-DEFAULT_TILE_CPU = 1792     # with lean_forward: 9 tiles per 4k (docs/benchmarks.md)
+DEFAULT_TILE_CPU = 1792  # with lean_forward: 9 tiles per 4k (docs/benchmarks.md)
 
 
 CPU_TILES = (1792, 1536, 1280, 1024, 768)  # automatic CPU tiles, largest first
@@ -60,16 +60,14 @@ class TileGrid:
 
     @property
     def padded_shape(self) -> tuple[int, int]:
-        return (self.counts[0] * self.core[0] + 2 * self.margin,
-                self.counts[1] * self.core[1] + 2 * self.margin)
+        return (self.counts[0] * self.core[0] + 2 * self.margin, self.counts[1] * self.core[1] + 2 * self.margin)
 
     @property
     def n_tiles(self) -> int:
         return self.counts[0] * self.counts[1]
 
     def origins(self) -> list[tuple[int, int]]:
-        return [(iy * self.core[0], ix * self.core[1])
-                for iy in range(self.counts[0]) for ix in range(self.counts[1])]
+        return [(iy * self.core[0], ix * self.core[1]) for iy in range(self.counts[0]) for ix in range(self.counts[1])]
 
     @property
     def redundancy(self) -> float:
@@ -94,8 +92,10 @@ def plan_tiles(shape: tuple[int, int], tile: int, overlap: int) -> TileGrid:
     margin = _round_up(max(0, int(overlap)), STRIDE)
     max_core = int(tile) - 2 * margin
     if max_core < STRIDE:
-        raise CryoDDMError(f"tile {tile} px leaves no core with {margin} px of overlap on each side; "
-                           f"use --tile ≥ {2 * margin + 2 * STRIDE} (or a smaller --overlap)")
+        raise CryoDDMError(
+            f"tile {tile} px leaves no core with {margin} px of overlap on each side; "
+            f"use --tile ≥ {2 * margin + 2 * STRIDE} (or a smaller --overlap)"
+        )
     core, counts = [], []
     for n in shape:
         if n < 1:
@@ -115,7 +115,8 @@ def pad_image(image: np.ndarray, grid: TileGrid) -> np.ndarray:
 
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
 
 
 @dataclass
@@ -175,7 +176,7 @@ def lean_forward(model: nn.Module, x: torch.Tensor, strip: int = LEAN_STRIP) -> 
     for r0 in range(0, H, strip):
         r1 = min(H, r0 + strip)
         a, b = max(0, r0 - halo1), min(H, r1 + halo1)
-        y = model.enc1[1](model.enc1[0](x[..., a:b, :]))[..., r0 - a:r1 - a, :]
+        y = model.enc1[1](model.enc1[0](x[..., a:b, :]))[..., r0 - a : r1 - a, :]
         chunks.append(model.enc1[2](y))
         del y
     p1 = torch.cat(chunks, -2)
@@ -201,10 +202,10 @@ def lean_forward(model: nn.Module, x: torch.Tensor, strip: int = LEAN_STRIP) -> 
         r1 = min(H, r0 + strip)
         a, b = max(0, r0 - halo), min(H, r1 + halo)
         ha, hb = a // 2, (b + 1) // 2  # nearest ×2: row r of the upsampled map is row r // 2
-        hs = up(h[..., ha:hb, :], scale_factor=2, mode="nearest")[..., a - 2 * ha:b - 2 * ha, :]
-        hs = hs[..., :, :x.shape[-1]]
+        hs = up(h[..., ha:hb, :], scale_factor=2, mode="nearest")[..., a - 2 * ha : b - 2 * ha, :]
+        hs = hs[..., :, : x.shape[-1]]
         y = model.dec1(torch.cat([hs, x[..., a:b, :].to(hs.dtype)], 1))
-        out[..., r0:r1, :] = y[..., r0 - a:r1 - a, :]
+        out[..., r0:r1, :] = y[..., r0 - a : r1 - a, :]
         del hs, y
     return out
 
@@ -252,8 +253,10 @@ def _shrink(rt: Runtime, exc: BaseException) -> None:
         margin = _round_up(rt.overlap, STRIDE)
         new_tile = _round_up(rt.tile // 2, STRIDE)
         if new_tile - 2 * margin < STRIDE:
-            raise CryoDDMError(f"out of memory on {rt.device} even with one {rt.tile}² tile per pass; "
-                               "free the device or use --device cpu") from exc
+            raise CryoDDMError(
+                f"out of memory on {rt.device} even with one {rt.tile}² tile per pass; "
+                "free the device or use --device cpu"
+            ) from exc
         rt.tile, rt.auto_tile = new_tile, False
         what = f"tile → {rt.tile} px"
     rt.oom_events.append(what)
@@ -273,14 +276,14 @@ def _predict_tiled(rt: Runtime, image: np.ndarray, cancel: CancelToken | None) -
     for b in range(n_batches):
         if cancel is not None:
             cancel.raise_if_cancelled()
-        chunk = origins[b * rt.batch_size:(b + 1) * rt.batch_size]
+        chunk = origins[b * rt.batch_size : (b + 1) * rt.batch_size]
         for j, (oy, ox) in enumerate(chunk):
             _cut_tile(image, oy - m, ox - m, ty, tx, buf[j])
-        pred = _forward(rt, buf[:len(chunk)])
+        pred = _forward(rt, buf[: len(chunk)])
         for j, (oy, ox) in enumerate(chunk):
             ys, xs = min(cy, h - oy), min(cx, w - ox)  # the last core may stick out of the image
             if ys > 0 and xs > 0:
-                out[oy:oy + ys, ox:ox + xs] = pred[j, m:m + ys, m:m + xs]
+                out[oy : oy + ys, ox : ox + xs] = pred[j, m : m + ys, m : m + xs]
         yield Progress(b + 1, n_batches, f"tiles {min(len(origins), (b + 1) * rt.batch_size)}/{len(origins)}")
     return out
 
@@ -299,22 +302,23 @@ def _cut_tile(image: np.ndarray, y0: int, x0: int, ty: int, tx: int, into: np.nd
     image (an 8k micrograph would need another 300 MB): a slice inside, a gather at the edges."""
     h, w = image.shape
     if y0 >= 0 and x0 >= 0 and y0 + ty <= h and x0 + tx <= w:
-        into[...] = image[y0:y0 + ty, x0:x0 + tx]
+        into[...] = image[y0 : y0 + ty, x0 : x0 + tx]
     else:
         rows = reflect_index(np.arange(y0, y0 + ty), h)
         cols = reflect_index(np.arange(x0, x0 + tx), w)
         into[...] = image[np.ix_(rows, cols)]
 
 
-def predict_padded_whole(model: nn.Module, image: np.ndarray, overlap: int = DEFAULT_OVERLAP,
-                         tile: int = DEFAULT_TILE_CPU) -> np.ndarray:
+def predict_padded_whole(
+    model: nn.Module, image: np.ndarray, overlap: int = DEFAULT_OVERLAP, tile: int = DEFAULT_TILE_CPU
+) -> np.ndarray:
     """The reference for the seam test: one untiled pass over the same reflection-padded image."""
     grid = plan_tiles(image.shape, tile, overlap)
     padded = pad_image(image, grid)
     with torch.inference_mode():
         y = model.eval()(torch.from_numpy(padded)[None, None])[0, 0].numpy()
     m = grid.margin
-    return np.ascontiguousarray(y[m:m + image.shape[0], m:m + image.shape[1]])
+    return np.ascontiguousarray(y[m : m + image.shape[0], m : m + image.shape[1]])
 
 
 def measure_receptive_field(model: nn.Module | None = None, size: int = 416) -> tuple[int, int]:
@@ -326,7 +330,6 @@ def measure_receptive_field(model: nn.Module | None = None, size: int = 416) -> 
     copy k back-propagates from output row c + k only, so its input gradient's extent is the
     footprint of that phase. Rows and columns behave alike (square kernels and poolings).
     """
-
 
     net = copy.deepcopy(model) if model is not None else UDenoiseNet()
     net = getattr(net, "_orig_mod", net).float().cpu().eval()

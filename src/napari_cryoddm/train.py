@@ -42,19 +42,13 @@ from typing import Any
 import torch
 
 from .checkpoint import LoadedCheckpoint, load_checkpoint
-from .devices import (
-    agreed,
-    join_process_group,
-    resolve_device,
-)
+from .devices import agreed, join_process_group, resolve_device
 from .errors import CryoDDMError, InputError
 from .forward_layout import ForwardData, open_forward
 from .jobs import CancelToken, Job, Progress
 from .safety import check_location, check_writable
 from .train_config import HISTORY, PLAN_FIELDS, RECIPES, TrainConfig
-from .train_data import (
-    PHASES,
-)
+from .train_data import PHASES
 from .train_loop import Run, _norm
 
 log = logging.getLogger(__name__)
@@ -88,6 +82,7 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- the job
+
 
 @dataclass
 class TrainResult:
@@ -126,13 +121,16 @@ def _check_out(out: Path, config: TrainConfig, inputs: Sequence[Any] = ()) -> No
         raise InputError(out, "exists and is not a folder")
     existing = [p for p in (out / "last.pt", out / "best.pt", out / HISTORY) if os.path.lexists(p)]
     if existing and not config.overwrite:
-        raise CryoDDMError(f"{out} already holds {', '.join(p.name for p in existing)}; pass "
-                           "--resume to continue that run or --overwrite to start again")
+        raise CryoDDMError(
+            f"{out} already holds {', '.join(p.name for p in existing)}; pass "
+            "--resume to continue that run or --overwrite to start again"
+        )
     for p in existing:
         ours = _is_our_checkpoint(p) if p.suffix == ".pt" else _is_our_history(p)
         if not ours:
-            raise InputError(p, "was not written by cryoddm train; refusing to replace it "
-                                "(move it or choose another -o)")
+            raise InputError(
+                p, "was not written by cryoddm train; refusing to replace it (move it or choose another -o)"
+            )
     check_writable(out)
 
 
@@ -144,9 +142,13 @@ def _is_our_history(path: Path) -> bool:
     return isinstance(doc, dict) and "epochs" in doc and "config" in doc
 
 
-def train(forward_dir: str | os.PathLike[str], out: str | os.PathLike[str],
-          config: TrainConfig | None = None, cancel: CancelToken | None = None,
-          epochs_given: bool = True) -> Job[TrainResult]:
+def train(
+    forward_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    config: TrainConfig | None = None,
+    cancel: CancelToken | None = None,
+    epochs_given: bool = True,
+) -> Job[TrainResult]:
     """The training job. Yields a `Progress` per batch (payload: epoch, phase, loss, lr) and one per
     epoch (payload `epoch_end`: the phase means and the validation loss); returns a `TrainResult`.
 
@@ -164,7 +166,6 @@ def train(forward_dir: str | os.PathLike[str], out: str | os.PathLike[str],
     finally:
         cache = out / ".cache" / f"rank{rank}"
         if cache.is_dir():  # the re-cut noise pool (rebuilt by each run; can be GBs)
-
             shutil.rmtree(cache, ignore_errors=True)
             with contextlib.suppress(OSError):
                 (out / ".cache").rmdir()
@@ -172,15 +173,25 @@ def train(forward_dir: str | os.PathLike[str], out: str | os.PathLike[str],
             dist.destroy_process_group()
 
 
-def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToken,
-           rank: int, world: int, epochs_given: bool = True) -> Job[TrainResult]:
+def _train(
+    data: ForwardData,
+    out: Path,
+    config: TrainConfig,
+    cancel: CancelToken,
+    rank: int,
+    world: int,
+    epochs_given: bool = True,
+) -> Job[TrainResult]:
     config, device = _checked(data, out, config, rank, world)
     config, loaded = _resume_config(config, out, epochs_given)
     run = Run(data, out, config, cancel, rank, world, device, loaded)
     yield from run.build()
     run.restore()
-    yield Progress(run.epoch * run.n_batches + run.start_batch, run.total,
-                   f"training on {device} ({world} process{'es' if world > 1 else ''})")
+    yield Progress(
+        run.epoch * run.n_batches + run.start_batch,
+        run.total,
+        f"training on {device} ({world} process{'es' if world > 1 else ''})",
+    )
     stopped = False
     while run.epoch < run.epochs:
         stopped = yield from run.train_epoch()
@@ -194,18 +205,29 @@ def _train(data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToke
         import torch.distributed as dist
 
         dist.barrier()
-    return TrainResult(out=out, epochs_done=len(run.history), history=run.history,
-                       best_epoch=run.best_epoch, best_val=run.best_val, stopped=stopped,
-                       last=out / "last.pt", best=(out / "best.pt") if run.best_epoch is not None else None)
+    return TrainResult(
+        out=out,
+        epochs_done=len(run.history),
+        history=run.history,
+        best_epoch=run.best_epoch,
+        best_val=run.best_val,
+        stopped=stopped,
+        last=out / "last.pt",
+        best=(out / "best.pt") if run.best_epoch is not None else None,
+    )
 
 
-def _checked(data: ForwardData, out: Path, config: TrainConfig, rank: int,
-             world: int) -> tuple[TrainConfig, torch.device]:
+def _checked(
+    data: ForwardData, out: Path, config: TrainConfig, rank: int, world: int
+) -> tuple[TrainConfig, torch.device]:
     """Refuse what would fail later (on every rank: a refusal on rank 0 alone would leave the
     others waiting); resolve the device and `--s2-target auto`."""
     if config.fresh_noise and not (data.manifest and data.manifest.get("noise")):
-        raise InputError(data.folder, "--fresh-noise needs forward.json (micrographs, noise centres "
-                                      "and schedule); the original CryoDDM's folders have none")
+        raise InputError(
+            data.folder,
+            "--fresh-noise needs forward.json (micrographs, noise centres "
+            "and schedule); the original CryoDDM's folders have none",
+        )
     _check_out(out, config, [data.folder, config.init if config.init and Path(config.init).exists() else None])
     for note in data.warnings:
         log.warning(note)
@@ -220,8 +242,7 @@ def _checked(data: ForwardData, out: Path, config: TrainConfig, rank: int,
     return config, device
 
 
-def _resume_config(config: TrainConfig, out: Path,
-                   epochs_given: bool) -> tuple[TrainConfig, LoadedCheckpoint | None]:
+def _resume_config(config: TrainConfig, out: Path, epochs_given: bool) -> tuple[TrainConfig, LoadedCheckpoint | None]:
     """On --resume, the stopped run's plan-defining settings win (said as a warning)."""
     if not config.resume:
         return config, None
@@ -229,11 +250,15 @@ def _resume_config(config: TrainConfig, out: Path,
     if not loaded.resume:
         raise InputError(out / "last.pt", "holds no resume state")
     saved = loaded.resume.get("config", {})
-    changed = {k: (getattr(config, k), saved.get(k)) for k in PLAN_FIELDS
-               if k in saved and _norm(getattr(config, k)) != _norm(saved.get(k))}
+    changed = {
+        k: (getattr(config, k), saved.get(k))
+        for k in PLAN_FIELDS
+        if k in saved and _norm(getattr(config, k)) != _norm(saved.get(k))
+    }
     if changed:
-        note = ("resuming with the stopped run's " + ", ".join(
-            f"{k}={v[1]!r} (not {v[0]!r})" for k, v in changed.items()))
+        note = "resuming with the stopped run's " + ", ".join(
+            f"{k}={v[1]!r} (not {v[0]!r})" for k, v in changed.items()
+        )
         log.warning(note)
         warnings.warn(note, UserWarning, stacklevel=4)
         config = dataclasses.replace(config, **{k: saved[k] for k in changed})
@@ -255,11 +280,14 @@ def _resumed_epochs(config: TrainConfig, planned: int | None, given: bool, out: 
     if planned is None or planned == config.epochs:
         return config
     if given:
-        note = (f"resuming {out / 'last.pt'} for {config.epochs} epochs in all, as asked "
-                f"(the stopped run planned {planned})")
+        note = (
+            f"resuming {out / 'last.pt'} for {config.epochs} epochs in all, as asked "
+            f"(the stopped run planned {planned})"
+        )
     else:
-        note = (f"resuming {out / 'last.pt'} with the stopped run's plan: {planned} epochs "
-                "(give --epochs N to change it)")
+        note = (
+            f"resuming {out / 'last.pt'} with the stopped run's plan: {planned} epochs (give --epochs N to change it)"
+        )
         config = dataclasses.replace(config, epochs=int(planned))
     log.warning(note)
     warnings.warn(note, UserWarning, stacklevel=4)

@@ -37,23 +37,27 @@ class NoisePool:
     """Noise patches cut once with a margin, so re-cuts may shift; `lo/hi` bound each shift."""
 
     patches: np.ndarray  # (M, W + 2S, W + 2S) float32, memory-mapped
-    lo: np.ndarray       # (M, 2) smallest allowed (dy, dx)
-    hi: np.ndarray       # (M, 2) largest allowed (dy, dx)
+    lo: np.ndarray  # (M, 2) smallest allowed (dy, dx)
+    hi: np.ndarray  # (M, 2) largest allowed (dy, dx)
     particles: list[np.ndarray]  # per noise patch: particle (y, x) relative to its centre
-    clearance: float     # a shifted box must keep |Δ| ≥ W/2 + d/2 from every recorded particle
+    clearance: float  # a shifted box must keep |Δ| ≥ W/2 + d/2 from every recorded particle
     window: int
     margin: int
 
 
-def build_noise_pool(data: ForwardData, cache: Path, max_shift: int | None = None,
-                     cancel: CancelToken | None = None) -> Job[NoisePool]:
+def build_noise_pool(
+    data: ForwardData, cache: Path, max_shift: int | None = None, cancel: CancelToken | None = None
+) -> Job[NoisePool]:
     """Re-read the micrographs of the recorded noise centres (binned and normalised exactly as the
     forward step did) and cache W+2S patches around them as one float32 file."""
 
     m = data.manifest
     if not m or not m.get("noise") or not m.get("micrographs"):
-        raise InputError(data.folder, "--fresh-noise needs forward.json with the micrographs and "
-                                      "noise centres (the original's folders have none)")
+        raise InputError(
+            data.folder,
+            "--fresh-noise needs forward.json with the micrographs and "
+            "noise centres (the original's folders have none)",
+        )
     w = data.window
     s = int(w // 8 if max_shift is None else max_shift)
     size = w + 2 * s
@@ -84,8 +88,11 @@ def build_noise_pool(data: ForwardData, cache: Path, max_shift: int | None = Non
         mpath = Path(entry["path"])
         yield Progress(done, len(by_mic), f"re-cutting noise from {entry.get('name', mpath.name)}")
         if not mpath.exists():
-            raise InputError(mpath, "micrograph named in forward.json is gone; --fresh-noise re-cuts "
-                                    "noise from the micrographs (train without it, or restore the file)")
+            raise InputError(
+                mpath,
+                "micrograph named in forward.json is gone; --fresh-noise re-cuts "
+                "noise from the micrographs (train without it, or restore the file)",
+            )
         image = read_prepared(mpath, factor, spec).image
         ny, nx = image.shape
         pts = np.asarray(parts.get(mi, []), dtype=np.float64).reshape(-1, 2)
@@ -95,7 +102,7 @@ def build_noise_pool(data: ForwardData, cache: Path, max_shift: int | None = Non
             ys0, xs0 = max(0, y0), max(0, x0)
             ys1, xs1 = min(ny, y0 + size), min(nx, x0 + size)
             patches[i] = 0
-            patches[i, ys0 - y0:ys1 - y0, xs0 - x0:xs1 - x0] = image[ys0:ys1, xs0:xs1]
+            patches[i, ys0 - y0 : ys1 - y0, xs0 - x0 : xs1 - x0] = image[ys0:ys1, xs0:xs1]
             # shifts keep the W×W box inside the micrograph
             lo[i] = (max(-s, -(cy - w // 2)), max(-s, -(cx - w // 2)))
             hi[i] = (min(s, ny - (cy - w // 2 + w)), min(s, nx - (cx - w // 2 + w)))
@@ -127,7 +134,7 @@ def recut(pool: NoisePool, index: int, rng: np.random.Generator, augment: bool =
         if np.all(ok | ~base):
             dy, dx = cy, cx
             break
-    patch = pool.patches[index, s + dy:s + dy + w, s + dx:s + dx + w]
+    patch = pool.patches[index, s + dy : s + dy + w, s + dx : s + dx + w]
     return d4(patch, int(rng.integers(8))) if augment else np.asarray(patch)
 
 
@@ -139,9 +146,15 @@ class PairDataset(Dataset):
     chain), so a sample is the same whichever process loads it.
     """
 
-    def __init__(self, data: ForwardData, augment: bool = True, pool: NoisePool | None = None,
-                 coefficients: dict[str, np.ndarray] | None = None,
-                 targets: dict[int, tuple[float, float]] | None = None, noise_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        data: ForwardData,
+        augment: bool = True,
+        pool: NoisePool | None = None,
+        coefficients: dict[str, np.ndarray] | None = None,
+        targets: dict[int, tuple[float, float]] | None = None,
+        noise_scale: float = 1.0,
+    ) -> None:
         self.data = data
         self.augment = augment
         self.pool = pool
@@ -163,8 +176,9 @@ class PairDataset(Dataset):
             self._maps = {}
         if key not in self._maps:
             n, w = self.data.counts[key], self.data.window
-            self._maps[key] = np.memmap(self.data.path(key), dtype="<f4", mode="r",
-                                        offset=self.data.offsets[key], shape=(n, w, w))
+            self._maps[key] = np.memmap(
+                self.data.path(key), dtype="<f4", mode="r", offset=self.data.offsets[key], shape=(n, w, w)
+            )
         return self._maps[key]
 
     def __len__(self) -> int:  # keys come from the sampler; this is the largest phase
@@ -181,8 +195,10 @@ class PairDataset(Dataset):
         for step in range(k):
             n = recut(self.pool, int(picks[step]), rng, augment=True)
             prev = x
-            x = (np.float32(self.coef["x_coef"][step]) * x
-                 + np.float32(self.coef["noise_coef"][step]) * n.astype(np.float32)).astype(np.float32)
+            x = (
+                np.float32(self.coef["x_coef"][step]) * x
+                + np.float32(self.coef["noise_coef"][step]) * n.astype(np.float32)
+            ).astype(np.float32)
         return x, prev, k
 
     def sample(self, phase: int, index: int, partner: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -203,13 +219,11 @@ class PairDataset(Dataset):
                 # the signal framing: pure background at the trained step's noise level, whose
                 # clean part is 0 (the original's random partner patch has the same optimum,
                 # its mean, but adds the partner's noise to every target)
-                n = (recut(self.pool, index, rng, augment=False) if self.pool is not None
-                     else self.stack("noise")[index])
+                n = recut(self.pool, index, rng, augment=False) if self.pool is not None else self.stack("noise")[index]
                 x = np.float32(self.noise_scale) * np.asarray(n, dtype=np.float32)
                 return x, np.zeros_like(x)
             if self.pool is not None:
-                return (recut(self.pool, index, rng, augment=False),
-                        recut(self.pool, partner, rng, augment=False))
+                return (recut(self.pool, index, rng, augment=False), recut(self.pool, partner, rng, augment=False))
             noise = self.stack("noise")
             return noise[index], noise[partner]
         raise ValueError(f"unknown phase {phase}")
@@ -247,8 +261,10 @@ class ValDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.inner.stack("val_label")[i]
         y = self.inner.target(x, self.inner.stack("val_input")[i], self.k)
-        return (torch.from_numpy(np.array(x, dtype=np.float32))[None],
-                torch.from_numpy(np.array(y, dtype=np.float32))[None])
+        return (
+            torch.from_numpy(np.array(x, dtype=np.float32))[None],
+            torch.from_numpy(np.array(y, dtype=np.float32))[None],
+        )
 
 
 def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -261,9 +277,15 @@ def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
     return perm
 
 
-def epoch_plan(counts: dict[str, int], batch_size: int, seed: int, epoch: int,
-               fresh_s2: int | None = None, skip: Sequence[int] = (),
-               interleave: bool = True) -> list[np.ndarray]:
+def epoch_plan(
+    counts: dict[str, int],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    fresh_s2: int | None = None,
+    skip: Sequence[int] = (),
+    interleave: bool = True,
+) -> list[np.ndarray]:
     """The epoch's global batches, each an int64 array of keys (phase, index, partner, seed, 1)
     of one phase; the phases' batches shuffled together (`interleave`, so the optimiser is not
     dragged from one objective to the next) or in blocks S1, S2, S3 (the original's order).
@@ -282,11 +304,18 @@ def epoch_plan(counts: dict[str, int], batch_size: int, seed: int, epoch: int,
             idx = rng.permutation(n3)
             partners = derangement(n3, rng)[idx]
         seeds = rng.integers(0, 2**62, size=len(idx), dtype=np.int64)
-        keys = np.stack([np.full(len(idx), phase), idx,
-                         partners if partners is not None else np.full(len(idx), -1),
-                         seeds, np.ones(len(idx), dtype=np.int64)], axis=1).astype(np.int64)
+        keys = np.stack(
+            [
+                np.full(len(idx), phase),
+                idx,
+                partners if partners is not None else np.full(len(idx), -1),
+                seeds,
+                np.ones(len(idx), dtype=np.int64),
+            ],
+            axis=1,
+        ).astype(np.int64)
         for b in range(0, len(keys), batch_size):
-            batches.append(keys[b:b + batch_size])
+            batches.append(keys[b : b + batch_size])
     if interleave:  # the order of every phase's batches, so leaving one out keeps the others'
         order = np.random.default_rng([int(seed), int(epoch), 0x1A7E]).permutation(len(batches))
         batches = [batches[i] for i in order]
@@ -324,7 +353,7 @@ class PlanBatchSampler(Sampler[list[tuple[int, ...]]]):
         return max(0, len(self.batches) - self.start)
 
     def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
-        for b in self.batches[self.start:]:
+        for b in self.batches[self.start :]:
             yield [tuple(int(v) for v in k) for k in local_keys(b, self.rank, self.world)]
 
 
@@ -333,8 +362,13 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": str(np_state[0]), "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "numpy": {
+            "name": str(np_state[0]),
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached": float(np_state[4]),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -365,21 +399,30 @@ def signal_targets(data: ForwardData) -> tuple[dict[int, tuple[float, float]], f
 
     sched = data.schedule or {}
     if sched.get("beta") is None or sched.get("steps") is None:
-        raise InputError(data.folder, "records no forward schedule (the original CryoDDM's "
-                                      "layout): train it with --s2-target step")
+        raise InputError(
+            data.folder, "records no forward schedule (the original CryoDDM's layout): train it with --s2-target step"
+        )
     st = chain_statistics(float(sched["beta"]), int(sched["steps"]))
     steps = int(sched["steps"])
-    return ({k: signal_target(st, k) for k in range(1, steps + 1)},
-            float(np.sqrt(st["variance"][steps - 1])))
+    return ({k: signal_target(st, k) for k in range(1, steps + 1)}, float(np.sqrt(st["variance"][steps - 1])))
 
 
-def fit_linear_start(dataset: PairDataset, data: ForwardData, seed: int, phase_weights: tuple[float, float, float],
-                     fresh_s2: int | None, cap: int = 512) -> dict[str, Any]:
+def fit_linear_start(
+    dataset: PairDataset,
+    data: ForwardData,
+    seed: int,
+    phase_weights: tuple[float, float, float],
+    fresh_s2: int | None,
+    cap: int = 512,
+) -> dict[str, Any]:
     """`linear.fit_transfer` over up to `cap` samples of each trained phase, weighted as the
     epoch's loss weighs them (samples drawn from the seed alone, like an epoch plan)."""
     rng = np.random.default_rng([int(seed), 0x11EA])
-    counts = {S1: data.counts["particles"], S3: data.counts["noise"],
-              S2: fresh_s2 if fresh_s2 is not None else data.counts["s2_label"]}
+    counts = {
+        S1: data.counts["particles"],
+        S3: data.counts["noise"],
+        S2: fresh_s2 if fresh_s2 is not None else data.counts["s2_label"],
+    }
     weights = dict(zip((S1, S2, S3), phase_weights))
 
     def pairs() -> Iterator[tuple[np.ndarray, np.ndarray, float]]:

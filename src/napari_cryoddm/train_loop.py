@@ -77,8 +77,17 @@ class Run:
     """One training run: the model, its optimiser and data (`build`), where it stands (`restore`,
     the resume state of last.pt), and an epoch's steps."""
 
-    def __init__(self, data: ForwardData, out: Path, config: TrainConfig, cancel: CancelToken,
-                 rank: int, world: int, device: torch.device, loaded: LoadedCheckpoint | None) -> None:
+    def __init__(
+        self,
+        data: ForwardData,
+        out: Path,
+        config: TrainConfig,
+        cancel: CancelToken,
+        rank: int,
+        world: int,
+        device: torch.device,
+        loaded: LoadedCheckpoint | None,
+    ) -> None:
         self.data, self.out, self.config, self.cancel = data, out, config, cancel
         self.rank, self.world, self.device, self.loaded = rank, world, device, loaded
         self.resume_state = loaded.resume if loaded is not None else None
@@ -105,9 +114,11 @@ class Run:
             torch.backends.cudnn.benchmark = True
         self.amp = autocast_dtype(device, config.precision)
         if self.amp is torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16():
-            log.warning("--precision bf16 on a CPU without bf16 instructions (%s): PyTorch emulates "
-                        "it, measured ~37× slower than fp32 here; use --precision fp32",
-                        torch.backends.cpu.get_cpu_capability())
+            log.warning(
+                "--precision bf16 on a CPU without bf16 instructions (%s): PyTorch emulates "
+                "it, measured ~37× slower than fp32 here; use --precision fp32",
+                torch.backends.cpu.get_cpu_capability(),
+            )
         self.opt, self.sched = make_optimiser(self.model, config, self.epochs)
         yield from self._datasets()
         yield from self._networks()
@@ -132,9 +143,11 @@ class Run:
         info = {"path": str(Path(init.path).resolve()), "kind": init.kind, "name": str(config.init)}
         init_norm = init.metadata.get("normalisation")
         if init_norm and init_norm.get("method") != self.data.normalisation.get("method"):
-            note = (f"--init {config.init}: trained on {init_norm.get('method')} normalised data, "
-                    f"this forward folder is {self.data.normalisation.get('method')}; fine-tuning will "
-                    "have to adapt to the other intensity scale")
+            note = (
+                f"--init {config.init}: trained on {init_norm.get('method')} normalised data, "
+                f"this forward folder is {self.data.normalisation.get('method')}; fine-tuning will "
+                "have to adapt to the other intensity scale"
+            )
             log.warning(note)
             warnings.warn(note, UserWarning, stacklevel=5)
         return model, init, info
@@ -152,8 +165,9 @@ class Run:
             pool = yield from build_noise_pool(data, cache, config.max_shift, self.cancel)
             self.fresh_s2 = data.counts["particles"] * (int(sched_info["steps"]) - int(sched_info["start"]))
         self.targets, noise_scale = signal_targets(data) if config.s2_target == "signal" else (None, 1.0)
-        self.dataset = PairDataset(data, augment=config.augment, pool=pool, coefficients=coef,
-                                   targets=self.targets, noise_scale=noise_scale)
+        self.dataset = PairDataset(
+            data, augment=config.augment, pool=pool, coefficients=coef, targets=self.targets, noise_scale=noise_scale
+        )
 
     def _networks(self) -> Job[None]:
         """D = H∗x + U(x) with H the closed-form linear solution (see linear.py), or U alone;
@@ -186,12 +200,18 @@ class Run:
         self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, **loader_kw)
         val_set = ValDataset(self.data, self.targets)
         val_idx = list(range(self.rank, len(val_set), world))
-        self.val_loader = DataLoader(torch.utils.data.Subset(val_set, val_idx), batch_size=2 * config.batch_size,
-                                     shuffle=False, num_workers=min(workers, 2), pin_memory=device.type == "cuda")
+        self.val_loader = DataLoader(
+            torch.utils.data.Subset(val_set, val_idx),
+            batch_size=2 * config.batch_size,
+            shuffle=False,
+            num_workers=min(workers, 2),
+            pin_memory=device.type == "cuda",
+        )
 
     def _plan(self, epoch: int) -> list[np.ndarray]:
-        return epoch_plan(self.data.counts, self.config.batch_size, self.config.seed, epoch,
-                          self.fresh_s2, self.skip, self.interleave)
+        return epoch_plan(
+            self.data.counts, self.config.batch_size, self.config.seed, epoch, self.fresh_s2, self.skip, self.interleave
+        )
 
     def restore(self) -> None:
         """Where a resumed run stands: optimiser, schedule, position, sums, history, RNG."""
@@ -212,8 +232,10 @@ class Run:
             if state.get("rng"):
                 set_rng_state(state["rng"])
             if self.epoch >= self.epochs:
-                raise CryoDDMError(f"{self.out / 'last.pt'}: that run already finished {self.epoch} epochs; "
-                                   f"pass --epochs N with N > {self.epoch} to train further")
+                raise CryoDDMError(
+                    f"{self.out / 'last.pt'}: that run already finished {self.epoch} epochs; "
+                    f"pass --epochs N with N > {self.epoch} to train further"
+                )
         self.last_losses = self.history[-1] if self.history else None
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -240,18 +262,28 @@ class Run:
             self.sums[PHASES[phase]][0] += loss_value
             self.sums[PHASES[phase]][1] += int(n_real)
             mean_loss = loss_value / max(1.0, n_real)
-            yield Progress(self.epoch * self.n_batches + j + 1, self.total,
-                           f"epoch {self.epoch + 1}/{self.epochs} {PHASES[phase].upper()} loss {mean_loss:.4g}",
-                           {"epoch": self.epoch + 1, "phase": PHASES[phase], "batch": j + 1,
-                            "batches": self.n_batches, "loss": mean_loss, "lr": self.opt.param_groups[0]["lr"]})
+            yield Progress(
+                self.epoch * self.n_batches + j + 1,
+                self.total,
+                f"epoch {self.epoch + 1}/{self.epochs} {PHASES[phase].upper()} loss {mean_loss:.4g}",
+                {
+                    "epoch": self.epoch + 1,
+                    "phase": PHASES[phase],
+                    "batch": j + 1,
+                    "batches": self.n_batches,
+                    "loss": mean_loss,
+                    "lr": self.opt.param_groups[0]["lr"],
+                },
+            )
             stop_now = agreed(self.cancel.cancelled, self.world, self.device)  # all ranks stop at the same batch
             if stop_now and j + 1 < self.n_batches:
                 self.save_last(self.epoch, j + 1, self.last_losses)
                 return True
         return False
 
-    def _step(self, j: int, phase: int, x: torch.Tensor, y: torch.Tensor, real: torch.Tensor,
-              n_global: int) -> tuple[float, float]:
+    def _step(
+        self, j: int, phase: int, x: torch.Tensor, y: torch.Tensor, real: torch.Tensor, n_global: int
+    ) -> tuple[float, float]:
         """One optimiser step; returns the batch's summed loss (unweighted) and its real samples."""
         device, opt = self.device, self.opt
         n_real = float(real.sum())
@@ -271,8 +303,12 @@ class Run:
                 f"the loss became NaN/infinite at epoch {self.epoch + 1}, phase {PHASES[phase].upper()}, "
                 f"batch {j + 1}: the training data or the learning rate ({opt.param_groups[0]['lr']:.3g}) "
                 f"is at fault. Nothing was saved from this epoch; "
-                + (f"{self.out / 'last.pt'} still holds the last good state (epoch {len(self.history)})."
-                   if (self.out / "last.pt").exists() else "no checkpoint had been written yet."))
+                + (
+                    f"{self.out / 'last.pt'} still holds the last good state (epoch {len(self.history)})."
+                    if (self.out / "last.pt").exists()
+                    else "no checkpoint had been written yet."
+                )
+            )
         (loss_sum * (self.weights[phase] * self.world / n_global)).backward()
         if self.clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
@@ -302,8 +338,10 @@ class Run:
             dist.all_reduce(vsum)
         losses["val"] = float(vsum[0] / max(1.0, float(vsum[1])))
         if not math.isfinite(losses["val"]):
-            raise CryoDDMError(f"the validation loss became NaN/infinite at epoch {self.epoch + 1}; "
-                               f"{self.out / 'last.pt'} keeps the last good state (epoch {len(self.history)})")
+            raise CryoDDMError(
+                f"the validation loss became NaN/infinite at epoch {self.epoch + 1}; "
+                f"{self.out / 'last.pt'} keeps the last good state (epoch {len(self.history)})"
+            )
         losses["lr"] = self.opt.param_groups[0]["lr"]
         losses["epoch"] = self.epoch + 1
         losses["seconds"] = time.perf_counter() - self.t0
@@ -326,10 +364,13 @@ class Run:
             if improved:
                 save_checkpoint(self.out / "best.pt", self.model, self.metadata(self.epoch, losses), overwrite=True)
             self.write_history()
-        return Progress(self.epoch * self.n_batches, self.total,
-                        f"epoch {self.epoch}/{self.epochs}: S1 {losses['s1']:.4g} S2 {losses['s2']:.4g} "
-                        f"S3 {losses['s3']:.4g} val {losses['val']:.4g}",
-                        {"epoch_end": True, "epoch": self.epoch, "losses": dict(losses)})
+        return Progress(
+            self.epoch * self.n_batches,
+            self.total,
+            f"epoch {self.epoch}/{self.epochs}: S1 {losses['s1']:.4g} S2 {losses['s2']:.4g} "
+            f"S3 {losses['s3']:.4g} val {losses['val']:.4g}",
+            {"epoch_end": True, "epoch": self.epoch, "losses": dict(losses)},
+        )
 
     # ------------------------------------------------------------------ what is saved
 
@@ -337,39 +378,78 @@ class Run:
         config, data = self.config, self.data
         manifest = data.manifest or {}
         return {
-            "architecture": dict(ARCHITECTURE), "window": data.window,
-            "diameter_px": manifest.get("diameter_px"), "bin_factor": manifest.get("bin_factor", 1),
+            "architecture": dict(ARCHITECTURE),
+            "window": data.window,
+            "diameter_px": manifest.get("diameter_px"),
+            "bin_factor": manifest.get("bin_factor", 1),
             "voxel_size": manifest.get("voxel_size"),
-            "schedule": data.schedule, "normalisation": data.normalisation,
-            "forward": data.summary(), "epoch": ep, "losses": losses,
-            "best_val": self.best_val, "best_epoch": self.best_epoch,
-            "recipe": config.recipe, "lr": config.learning_rate, "fresh_noise": config.fresh_noise,
-            "warmup": self.warmup, "clip": self.clip, "s2_target": config.s2_target,
+            "schedule": data.schedule,
+            "normalisation": data.normalisation,
+            "forward": data.summary(),
+            "epoch": ep,
+            "losses": losses,
+            "best_val": self.best_val,
+            "best_epoch": self.best_epoch,
+            "recipe": config.recipe,
+            "lr": config.learning_rate,
+            "fresh_noise": config.fresh_noise,
+            "warmup": self.warmup,
+            "clip": self.clip,
+            "s2_target": config.s2_target,
             "linear_transfer": self.transfer,
-            "augment": config.augment, "batch_size": config.batch_size, "seed": config.seed,
+            "augment": config.augment,
+            "batch_size": config.batch_size,
+            "seed": config.seed,
             "phase_weights": {"s1": config.s1_weight, "s2": 1.0, "s3": config.s3_weight},
-            "world_size": self.world, "device": str(self.device), "precision": str(self.amp or "fp32"),
-            "init": self.init_info, "package_version": __version__,
+            "world_size": self.world,
+            "device": str(self.device),
+            "precision": str(self.amp or "fp32"),
+            "init": self.init_info,
+            "package_version": __version__,
         }
 
     def resume_payload(self, ep: int, batch: int) -> dict[str, Any]:
-        return {"epoch": ep, "batch": batch,
-                "sums": {p: [float(v[0]), int(v[1])] for p, v in self.sums.items()},
-                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": rng_state(),
-                "history": to_jsonable(self.history), "best_val": self.best_val, "best_epoch": self.best_epoch,
-                "config": self.plan_config, "init": self.init_info, "world_size": self.world}
+        return {
+            "epoch": ep,
+            "batch": batch,
+            "sums": {p: [float(v[0]), int(v[1])] for p, v in self.sums.items()},
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rng": rng_state(),
+            "history": to_jsonable(self.history),
+            "best_val": self.best_val,
+            "best_epoch": self.best_epoch,
+            "config": self.plan_config,
+            "init": self.init_info,
+            "world_size": self.world,
+        }
 
     def save_last(self, ep: int, batch: int, losses: dict[str, Any] | None) -> None:
         if self.rank == 0:
-            save_checkpoint(self.out / "last.pt", self.model, self.metadata(len(self.history), losses),
-                            resume=self.resume_payload(ep, batch), overwrite=True)
+            save_checkpoint(
+                self.out / "last.pt",
+                self.model,
+                self.metadata(len(self.history), losses),
+                resume=self.resume_payload(ep, batch),
+                overwrite=True,
+            )
 
     def write_history(self) -> None:
         if self.rank == 0:
             with atomic_write(self.out / HISTORY, overwrite=True) as tmp:
-                tmp.write_text(json.dumps(to_jsonable({"config": dataclasses.asdict(self.config),
-                                                       "forward": self.data.summary(),
-                                                       "epochs": self.history}), indent=1) + "\n")
+                tmp.write_text(
+                    json.dumps(
+                        to_jsonable(
+                            {
+                                "config": dataclasses.asdict(self.config),
+                                "forward": self.data.summary(),
+                                "epochs": self.history,
+                            }
+                        ),
+                        indent=1,
+                    )
+                    + "\n"
+                )
 
 
 def _norm(v: Any) -> Any:

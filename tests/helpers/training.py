@@ -20,7 +20,7 @@ from napari_cryoddm.normalise import Normalisation
 from napari_cryoddm.preprocess import read_prepared
 
 # The original CryoDDM program's unet2d.py (BIT-FuweiLi/CryoDDM), rebuilt (module name `unet2d`).
-UNET2D_SOURCE = '''
+UNET2D_SOURCE = """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -57,11 +57,18 @@ class UDenoiseNet(nn.Module):
         h = self.dec3(torch.cat([F.interpolate(h, size=p2.size()[2:], mode="nearest"), p2], 1))
         h = self.dec2(torch.cat([F.interpolate(h, size=p1.size()[2:], mode="nearest"), p1], 1))
         return self.dec1(torch.cat([F.interpolate(h, size=x.size()[2:], mode="nearest"), x], 1))
-'''
+"""
 
 
-def _micrograph(rng: np.random.Generator, size: int, particles: np.ndarray, d: float,
-                noise_boxes: np.ndarray, window: int, constant_noise: float | None) -> np.ndarray:
+def _micrograph(
+    rng: np.random.Generator,
+    size: int,
+    particles: np.ndarray,
+    d: float,
+    noise_boxes: np.ndarray,
+    window: int,
+    constant_noise: float | None,
+) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size]
     img = rng.normal(0.0, 1.0, (size, size))
     for y, x in particles:
@@ -69,13 +76,22 @@ def _micrograph(rng: np.random.Generator, size: int, particles: np.ndarray, d: f
     if constant_noise is not None:
         h = window // 2
         for y, x in noise_boxes:  # a generous flat region around each noise centre
-            img[max(0, y - h - 16):y + h + 16, max(0, x - h - 16):x + h + 16] = constant_noise
+            img[max(0, y - h - 16) : y + h + 16, max(0, x - h - 16) : x + h + 16] = constant_noise
     return img.astype(np.float32)
 
 
-def make_forward(root: Path, n: int = 6, window: int = 64, m: int = 4, beta: float = 0.1288,
-                 steps: int = 5, start: int = 2, seed: int = 0, manifest: bool = True,
-                 constant_noise: float | None = None) -> dict[str, Any]:
+def make_forward(
+    root: Path,
+    n: int = 6,
+    window: int = 64,
+    m: int = 4,
+    beta: float = 0.1288,
+    steps: int = 5,
+    start: int = 2,
+    seed: int = 0,
+    manifest: bool = True,
+    constant_noise: float | None = None,
+) -> dict[str, Any]:
     """Write a forward folder under `root`/fw and its micrographs under `root`/mics.
 
     Returns x0 (n, W, W), noise (m, W, W), chains (n, T+1, W, W), the noise index (n, T) and paths.
@@ -97,21 +113,21 @@ def make_forward(root: Path, n: int = 6, window: int = 64, m: int = 4, beta: flo
     for mi in range(2):
         ps = np.array([[h + 8 + (i % 2) * (w + 8), h + 8 + (i // 2) * (w // 2)] for i in range(per_mic_p)])
         ps[:, 1] = np.minimum(ps[:, 1], size // 2 - h)
-        nb = np.array([[h + 20 + (i % 2) * (w + 20), size - h - 20 - (i // 2) * (w // 2)]
-                       for i in range(per_mic_n)])
+        nb = np.array([[h + 20 + (i % 2) * (w + 20), size - h - 20 - (i // 2) * (w // 2)] for i in range(per_mic_n)])
         img = _micrograph(rng, size, ps, d, nb, w, constant_noise)
         path = write_mrc(mic_dir / f"mic_{mi}.mrc", img, voxel_size=2.0, overwrite=True)
         norm = read_prepared(path, 1.0, spec).image
         mic_entries.append({"path": str(path.resolve()), "name": path.name, "shape": [size, size]})
-        for (y, x) in ps:
+        for y, x in ps:
             if len(crops) < n:
-                crops.append({"micrograph": mi, "x": int(x), "y": int(y),
-                              "particle_x": float(x), "particle_y": float(y)})
-                x0.append(norm[y - h:y + h, x - h:x + h].copy())
-        for (y, x) in nb:
+                crops.append(
+                    {"micrograph": mi, "x": int(x), "y": int(y), "particle_x": float(x), "particle_y": float(y)}
+                )
+                x0.append(norm[y - h : y + h, x - h : x + h].copy())
+        for y, x in nb:
             if len(noise_entries) < m:
                 noise_entries.append({"micrograph": mi, "x": int(x), "y": int(y)})
-                noise.append(norm[y - h:y + h, x - h:x + h].copy())
+                noise.append(norm[y - h : y + h, x - h : x + h].copy())
     x0a = np.stack(x0).astype(np.float32)
     na = np.stack(noise).astype(np.float32)
     coef = schedule_coefficients(beta, steps)
@@ -119,8 +135,10 @@ def make_forward(root: Path, n: int = 6, window: int = 64, m: int = 4, beta: flo
     chains = np.empty((n, steps + 1, w, w), dtype=np.float32)
     chains[:, 0] = x0a
     for k in range(1, steps + 1):
-        chains[:, k] = (np.float32(coef["x_coef"][k - 1]) * chains[:, k - 1]
-                        + np.float32(coef["noise_coef"][k - 1]) * na[idx[:, k - 1]]).astype(np.float32)
+        chains[:, k] = (
+            np.float32(coef["x_coef"][k - 1]) * chains[:, k - 1]
+            + np.float32(coef["noise_coef"][k - 1]) * na[idx[:, k - 1]]
+        ).astype(np.float32)
     fw = root / "fw"
     s2_in = np.concatenate([chains[:, k - 1] for k in range(start, steps)])
     s2_lab = np.concatenate([chains[:, k] for k in range(start, steps)])
@@ -132,20 +150,43 @@ def make_forward(root: Path, n: int = 6, window: int = 64, m: int = 4, beta: flo
     write_mrc(fw / "s3/noise.mrcs", na, voxel_size=2.0)
     if manifest:
         man = {
-            "format": "napari-cryoddm-forward", "version": 1, "window": w, "diameter_px": d,
-            "bin_factor": 1.0, "voxel_size": 2.0,
+            "format": "napari-cryoddm-forward",
+            "version": 1,
+            "window": w,
+            "diameter_px": d,
+            "bin_factor": 1.0,
+            "voxel_size": 2.0,
             "schedule": {"beta": beta, "steps": steps, "start": start},
-            "normalisation": spec.to_dict(), "jitter": 0.0, "seed": seed, "noisier_member": "label",
+            "normalisation": spec.to_dict(),
+            "jitter": 0.0,
+            "seed": seed,
+            "noisier_member": "label",
             "counts": {"crops": n, "noise": m, "s2_pairs": (steps - start) * n, "val_pairs": n},
-            "micrographs": mic_entries, "crops": crops, "noise": noise_entries,
-            "package_version": "test", "complete": True,
+            "micrographs": mic_entries,
+            "crops": crops,
+            "noise": noise_entries,
+            "package_version": "test",
+            "complete": True,
         }
         (fw / "forward.json").write_text(json.dumps(man))
         ks = np.arange(start, steps + 1)
-        np.savez(fw / "pairs.npz", crop=np.tile(np.arange(n), len(ks)), k=np.repeat(ks, n),
-                 noise=idx[np.tile(np.arange(n), len(ks))])
-    return {"folder": fw, "x0": x0a, "noise": na, "chains": chains, "index": idx, "coef": coef,
-            "start": start, "steps": steps, "micrographs": mic_dir}
+        np.savez(
+            fw / "pairs.npz",
+            crop=np.tile(np.arange(n), len(ks)),
+            k=np.repeat(ks, n),
+            noise=idx[np.tile(np.arange(n), len(ks))],
+        )
+    return {
+        "folder": fw,
+        "x0": x0a,
+        "noise": na,
+        "chains": chains,
+        "index": idx,
+        "coef": coef,
+        "start": start,
+        "steps": steps,
+        "micrographs": mic_dir,
+    }
 
 
 def ddp_worker(rank: int, world: int, store: str, folder: str, out: str) -> None:
@@ -159,8 +200,9 @@ def ddp_worker(rank: int, world: int, store: str, folder: str, out: str) -> None
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        collect(train(folder, out, TrainConfig(epochs=1, batch_size=4, device="cpu", workers=0,
-                                                       recipe="original", lr=0.05)))
+        collect(
+            train(folder, out, TrainConfig(epochs=1, batch_size=4, device="cpu", workers=0, recipe="original", lr=0.05))
+        )
     finally:
         dist.destroy_process_group()
 

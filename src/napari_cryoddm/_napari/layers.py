@@ -45,8 +45,10 @@ def micrographs(layer: Any) -> list[dict]:
     """The per-slice entries of a micrograph stack layer (path, name, true shape, voxel size)."""
     entries = cryoddm_metadata(layer).get("micrographs")
     if not entries:
-        raise CryoDDMError(f"layer {getattr(layer, 'name', layer)!r} is not a micrograph stack "
-                           f"opened with napari-cryoddm (no per-micrograph metadata)")
+        raise CryoDDMError(
+            f"layer {getattr(layer, 'name', layer)!r} is not a micrograph stack "
+            f"opened with napari-cryoddm (no per-micrograph metadata)"
+        )
     return list(entries)
 
 
@@ -62,7 +64,7 @@ def current_slice(viewer: Any, layer: Any) -> int:
     """The micrograph index the viewer shows for a stack layer (its leading axis)."""
     if layer.ndim < 3:
         return 0
-    point = list(viewer.dims.point)[-layer.ndim:]
+    point = list(viewer.dims.point)[-layer.ndim :]
     index = float(layer.world_to_data(point)[0])
     n = (layer.data[0] if layer.multiscale else layer.data).shape[0]
     return int(np.clip(round(index), 0, n - 1))
@@ -82,9 +84,15 @@ def points_layers(viewer: Any, kind: str | None = None) -> list:
     return [layer for layer in viewer.layers if is_boxes_layer(layer, kind)]
 
 
-def boxes_layer_kwargs(kind: str, box_size: int, source: str | None = None,
-                       scale: Sequence[float] | None = None, name: str | None = None,
-                       features: pd.DataFrame | None = None, **extra_meta: Any) -> dict:
+def boxes_layer_kwargs(
+    kind: str,
+    box_size: int,
+    source: str | None = None,
+    scale: Sequence[float] | None = None,
+    name: str | None = None,
+    features: pd.DataFrame | None = None,
+    **extra_meta: Any,
+) -> dict:
     """The keyword arguments of a boxes Points layer (for `viewer.add_points(data, **kw)` or a
     reader's `(data, kw, "points")`)."""
     if kind not in KINDS:
@@ -102,8 +110,7 @@ def boxes_layer_kwargs(kind: str, box_size: int, source: str | None = None,
         "border_width_is_relative": True,
         "out_of_slice_display": False,
         "ndim": 3,
-        "metadata": {"cryoddm": {"kind": kind, "source": source, "box_size": box_size,
-                                 **extra_meta}},
+        "metadata": {"cryoddm": {"kind": kind, "source": source, "box_size": box_size, **extra_meta}},
     }
     if features is not None:
         kw["features"] = features
@@ -112,22 +119,32 @@ def boxes_layer_kwargs(kind: str, box_size: int, source: str | None = None,
     return kw
 
 
-def add_boxes_layer(viewer: Any, data: np.ndarray | None, kind: str, box_size: int,
-                    micrograph_names: Sequence[str] | None = None, source: str | None = None,
-                    image_layer: Any = None, name: str | None = None,
-                    features: pd.DataFrame | None = None, **extra_meta: Any):
+def add_boxes_layer(
+    viewer: Any,
+    data: np.ndarray | None,
+    kind: str,
+    box_size: int,
+    micrograph_names: Sequence[str] | None = None,
+    source: str | None = None,
+    image_layer: Any = None,
+    name: str | None = None,
+    features: pd.DataFrame | None = None,
+    **extra_meta: Any,
+):
     """Add a boxes layer over `image_layer` (same scale/translate), `features["micrograph"]` set
     from the leading index when `micrograph_names` (or the image layer) is given."""
     data = np.zeros((0, 3)) if data is None else np.asarray(data, dtype=float).reshape(-1, 3)
     if features is None:
-        names = list(micrograph_names) if micrograph_names is not None else (
-            micrograph_names_of(image_layer) if image_layer is not None else None)
+        names = (
+            list(micrograph_names)
+            if micrograph_names is not None
+            else (micrograph_names_of(image_layer) if image_layer is not None else None)
+        )
         if names is not None:
             idx = np.clip(np.round(data[:, 0]).astype(int), 0, max(len(names) - 1, 0))
             # object dtype even when empty: an empty list would make a float column, which then
             # refuses the "" default that hand-drawn points get
-            features = pd.DataFrame({"micrograph": pd.Series([names[i] for i in idx] if names else [],
-                                                             dtype=object)})
+            features = pd.DataFrame({"micrograph": pd.Series([names[i] for i in idx] if names else [], dtype=object)})
     scale = tuple(image_layer.scale) if image_layer is not None else None
     if image_layer is not None:  # lets the writer name boxes drawn by hand, without the viewer
         extra_meta.setdefault("attached_to", image_layer.name)
@@ -153,8 +170,7 @@ def set_feature_defaults(layer: Any) -> None:
     defaults: dict[str, Any] = {}
     for col in features.columns:
         kind = features[col].dtype.kind
-        defaults[col] = "" if kind in "OSUb" or col == "micrograph" else (
-            np.nan if kind == "f" else 0)
+        defaults[col] = "" if kind in "OSUb" or col == "micrograph" else (np.nan if kind == "f" else 0)
     layer.feature_defaults = defaults
 
 
@@ -176,22 +192,28 @@ def points_table(layer: Any, image_layer: Any = None) -> pd.DataFrame:
     data = np.asarray(layer.data, dtype=float)
     if data.ndim != 2:
         data = data.reshape(-1, 3)
-    features = layer.features.reset_index(drop=True).copy() if len(layer.features) == len(
-        data) else pd.DataFrame(index=range(len(data)))
+    features = (
+        layer.features.reset_index(drop=True).copy()
+        if len(layer.features) == len(data)
+        else pd.DataFrame(index=range(len(data)))
+    )
     if data.shape[1] == 2:
         data = np.column_stack([np.zeros(len(data)), data])
-    names = (features["micrograph"].astype(str).tolist() if "micrograph" in features.columns
-             else [""] * len(data))
-    stack = (micrograph_names(image_layer) if image_layer is not None
-             else list(cryoddm_metadata(layer).get("micrograph_names") or []))
+    names = features["micrograph"].astype(str).tolist() if "micrograph" in features.columns else [""] * len(data)
+    stack = (
+        micrograph_names(image_layer)
+        if image_layer is not None
+        else list(cryoddm_metadata(layer).get("micrograph_names") or [])
+    )
     if stack:
         idx = np.round(data[:, 0]).astype(int)
-        names = [n if n and n != "nan" else (stack[i] if 0 <= i < len(stack) else "")
-                 for n, i in zip(names, idx)]
+        names = [n if n and n != "nan" else (stack[i] if 0 <= i < len(stack) else "") for n, i in zip(names, idx)]
     missing = [k for k, n in enumerate(names) if not n or n == "nan"]
     if missing:
-        raise CryoDDMError(f"layer {layer.name!r}: {len(missing)} points have no micrograph name "
-                           f"(attach the layer to a micrograph stack first)")
+        raise CryoDDMError(
+            f"layer {layer.name!r}: {len(missing)} points have no micrograph name "
+            f"(attach the layer to a micrograph stack first)"
+        )
     table = pd.DataFrame({"micrograph": names, "x": data[:, 2], "y": data[:, 1]})
     extra = features.drop(columns=["micrograph", "x", "y"], errors="ignore")
     return pd.concat([table, extra], axis=1)

@@ -27,8 +27,8 @@ from ..attach import attach_coordinates
 from ..errors import InputError
 from ..io.mrc import MRC_PATTERNS, is_mrc_name
 from ..io.noise import read_noise_txt
-from ..io.star import read_coordinates
 from ..io.stack import open_stack, voxel_sizes_differ
+from ..io.star import read_coordinates
 from .layers import DEFAULT_BOX_SIZE, boxes_layer_kwargs, micrograph_layers, micrograph_names
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ def _as_list(path: PathOrPaths) -> list[str]:
 
 
 # ---- micrographs ---------------------------------------------------------------------------
+
 
 def _folder_claim(folder: Path) -> bool | None:
     """True: holds MRC files; False: empty or only files no image reader wants (we explain why
@@ -80,8 +81,9 @@ def _layer_name(paths: list[str]) -> str:
         p = Path(paths[0].rstrip("/\\"))
         return p.name or str(p)
     parents = {str(Path(p).parent) for p in paths}
-    return f"{Path(parents.pop()).name} ({len(paths)} files)" if len(parents) == 1 else \
-        f"micrographs ({len(paths)} files)"
+    return (
+        f"{Path(parents.pop()).name} ({len(paths)} files)" if len(parents) == 1 else f"micrographs ({len(paths)} files)"
+    )
 
 
 def micrograph_layer_data(path: PathOrPaths, pyramid_min: int | None = None) -> LayerData:
@@ -94,16 +96,23 @@ def micrograph_layer_data(path: PathOrPaths, pyramid_min: int | None = None) -> 
     axis0 = vs if stack.is_volume and stack.voxel_size else 1.0
     differ = voxel_sizes_differ(stack)
     if differ:
-        msg = (f"{len(differ)} micrographs have another voxel size than {vs:.4f} Å/px "
-               f"(e.g. {differ[0]}); the layer uses one scale")
+        msg = (
+            f"{len(differ)} micrographs have another voxel size than {vs:.4f} Å/px "
+            f"(e.g. {differ[0]}); the layer uses one scale"
+        )
         log.warning(msg)
         _show_warning(msg)  # in the viewer too, not only in the log
     limits, full = display_limits(stack)
     meta = stack.metadata()
-    meta.update({"voxel_size": stack.voxel_size, "volume": stack.is_volume,
-                 "source": paths[0] if len(paths) == 1 else paths,
-                 "padded": len({tuple(s.shape) for s in stack.slices}) > 1,
-                 "contrast_range": list(full)})
+    meta.update(
+        {
+            "voxel_size": stack.voxel_size,
+            "volume": stack.is_volume,
+            "source": paths[0] if len(paths) == 1 else paths,
+            "padded": len({tuple(s.shape) for s in stack.slices}) > 1,
+            "contrast_range": list(full),
+        }
+    )
     _install_range_hook()
     kw = {
         "name": _layer_name(paths),
@@ -138,8 +147,7 @@ def _sample(stack: Any, overview_side: int = 1024) -> np.ndarray:
     from ..io import stack as stackio
 
     slices = stack.slices
-    picks = np.unique(np.linspace(0, len(slices) - 1, min(stackio.CONTRAST_SLICES, len(slices)))
-                      .astype(int))
+    picks = np.unique(np.linspace(0, len(slices) - 1, min(stackio.CONTRAST_SLICES, len(slices))).astype(int))
     f = int(np.ceil(max(stack.levels[0].shape[-2:]) / overview_side))
     k = f * f
     rows = []
@@ -214,12 +222,12 @@ def read_micrographs(path: PathOrPaths, stack: bool = False) -> list[LayerData]:
         q = Path(p)
         if q.is_dir() and _folder_claim(q) is False:
             what = ", ".join(sorted(x.name for x in q.iterdir())[:5]) or "nothing"
-            raise InputError(q, f"folder holds no MRC files ({' '.join(MRC_PATTERNS)}); "
-                                f"it holds {what}")
+            raise InputError(q, f"folder holds no MRC files ({' '.join(MRC_PATTERNS)}); it holds {what}")
     return [micrograph_layer_data(paths)]
 
 
 # ---- coordinates ---------------------------------------------------------------------------
+
 
 def get_coordinate_reader(path: PathOrPaths) -> Callable[[PathOrPaths], list[LayerData]] | None:
     paths = _as_list(path)

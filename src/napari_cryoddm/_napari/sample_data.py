@@ -53,8 +53,7 @@ def cache_root() -> Path:
 
 def sample_key(config: SampleConfig) -> str:
     """A short hash of everything that changes the files (config, format, package version)."""
-    blob = json.dumps({"config": to_jsonable(config), "format": FORMAT_VERSION,
-                       "version": __version__}, sort_keys=True)
+    blob = json.dumps({"config": to_jsonable(config), "format": FORMAT_VERSION, "version": __version__}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -83,11 +82,14 @@ def sample_layers(config: SampleConfig, name: str, root: Path | None = None) -> 
     noisy = micrograph_layer_data([str(folder / "micrographs" / n) for n in names])
     clean = micrograph_layer_data([str(folder / "clean" / n) for n in names])
     vs = config.pixel_size
-    sample_meta = {"folder": str(folder), "truth": str(folder / "truth.json"),
-                   "particles_star": str(folder / "particles.star"),
-                   "particles_cs": str(folder / "particles.cs"),
-                   "passthrough_cs": str(folder / "passthrough.cs"),
-                   "config": to_jsonable(config)}
+    sample_meta = {
+        "folder": str(folder),
+        "truth": str(folder / "truth.json"),
+        "particles_star": str(folder / "particles.star"),
+        "particles_cs": str(folder / "particles.cs"),
+        "passthrough_cs": str(folder / "passthrough.cs"),
+        "config": to_jsonable(config),
+    }
     for layer, label in ((noisy, name), (clean, f"{name} clean signal (truth)")):
         layer[1]["name"] = label
         layer[1]["metadata"]["cryoddm"]["sample"] = sample_meta
@@ -95,17 +97,29 @@ def sample_layers(config: SampleConfig, name: str, root: Path | None = None) -> 
 
     index = {n: i for i, n in enumerate(names)}
     idx = table["micrograph"].map(index).to_numpy(np.float64)
-    points = np.column_stack([idx, table["y"].to_numpy(np.float64), table["x"].to_numpy(np.float64)]) \
-        if len(table) else np.zeros((0, 3))
-    features = pd.DataFrame({
-        "micrograph": table["micrograph"].astype(str).to_numpy(),
-        "conformation": table["conformation"].to_numpy(np.int64),
-        "defocus": table["defocus"].to_numpy(np.float64),
-    })
-    kw = boxes_layer_kwargs("particles", config.window, source=str(folder / "particles.star"),
-                            scale=(1.0, vs, vs), name=f"{name} particles", features=features,
-                            attached_to=name, micrograph_names=names,
-                            diameter_px=config.diameter_px)
+    points = (
+        np.column_stack([idx, table["y"].to_numpy(np.float64), table["x"].to_numpy(np.float64)])
+        if len(table)
+        else np.zeros((0, 3))
+    )
+    features = pd.DataFrame(
+        {
+            "micrograph": table["micrograph"].astype(str).to_numpy(),
+            "conformation": table["conformation"].to_numpy(np.int64),
+            "defocus": table["defocus"].to_numpy(np.float64),
+        }
+    )
+    kw = boxes_layer_kwargs(
+        "particles",
+        config.window,
+        source=str(folder / "particles.star"),
+        scale=(1.0, vs, vs),
+        name=f"{name} particles",
+        features=features,
+        attached_to=name,
+        micrograph_names=names,
+        diameter_px=config.diameter_px,
+    )
     return [noisy, clean, (points, kw, "points")]
 
 

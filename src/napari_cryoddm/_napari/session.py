@@ -71,8 +71,11 @@ def particle_stack(viewer: Any) -> Any:
 def particles_of(viewer: Any, image: Any) -> Any:
     """The particles layer attached to `image` (the last one), else None."""
     for layer in reversed(list(viewer.layers)):
-        if is_boxes_layer(layer, "particles") and image is not None and \
-                cryoddm_metadata(layer).get("attached_to") == image.name:
+        if (
+            is_boxes_layer(layer, "particles")
+            and image is not None
+            and cryoddm_metadata(layer).get("attached_to") == image.name
+        ):
             return layer
     return None
 

@@ -31,8 +31,7 @@ def _voxel_size(meta: dict) -> float | None:
     ours = _cryoddm(meta)
     vs = ours.get("voxel_size")
     if not vs:
-        vs = next((m.get("voxel_size") for m in ours.get("micrographs", []) if m.get("voxel_size")),
-                  None)
+        vs = next((m.get("voxel_size") for m in ours.get("micrographs", []) if m.get("voxel_size")), None)
     if not vs and meta.get("scale") is not None:
         s = float(meta["scale"][-1])
         vs = s if s != 1.0 else None
@@ -52,11 +51,12 @@ def write_image(path: str, data: Any, meta: dict) -> list[str]:
         data = data[0]
     if len(shape) not in (2, 3):
         raise CryoDDMError(f"only 2-D images and 3-D stacks can be saved as MRC, not {shape}")
-    slices = ([data] if len(shape) == 2 else (data[k] for k in range(shape[0])))
+    slices = [data] if len(shape) == 2 else (data[k] for k in range(shape[0]))
     slices = (np.asarray(s.compute() if hasattr(s, "compute") else s) for s in slices)
     labels = [f"napari-cryoddm {__version__}: layer {meta.get('name', '')}"[:80]]
-    write_mrc_slices(path, shape, slices, _voxel_size(meta), overwrite=True, labels=labels,
-                     volume=bool(_cryoddm(meta).get("volume")))
+    write_mrc_slices(
+        path, shape, slices, _voxel_size(meta), overwrite=True, labels=labels, volume=bool(_cryoddm(meta).get("volume"))
+    )
     return [str(path)]
 
 
@@ -72,16 +72,16 @@ def points_to_table(data: Any, meta: dict) -> pd.DataFrame:
     features = pd.DataFrame(features).reset_index(drop=True) if features is not None else pd.DataFrame()
     if len(features) != len(points):
         features = pd.DataFrame(index=range(len(points)))
-    names = (features["micrograph"].astype(str).tolist() if "micrograph" in features.columns
-             else [""] * len(points))
+    names = features["micrograph"].astype(str).tolist() if "micrograph" in features.columns else [""] * len(points)
     stack = _cryoddm(meta).get("micrograph_names") or []
     idx = np.round(points[:, 0]).astype(int)
-    names = [n if n and n != "nan" else (stack[i] if 0 <= i < len(stack) else "")
-             for n, i in zip(names, idx)]
+    names = [n if n and n != "nan" else (stack[i] if 0 <= i < len(stack) else "") for n, i in zip(names, idx)]
     missing = sum(1 for n in names if not n)
     if missing:
-        raise CryoDDMError(f"{missing} of {len(points)} points have no micrograph name; attach the "
-                           f"layer to a micrograph stack (Attach coordinates) before saving")
+        raise CryoDDMError(
+            f"{missing} of {len(points)} points have no micrograph name; attach the "
+            f"layer to a micrograph stack (Attach coordinates) before saving"
+        )
     features["micrograph"] = names
     return detach_points(points, features)
 

@@ -46,8 +46,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser; the full options of a subcommand are built only when it is the one chosen
     (`argv` None builds them all, e.g. for documentation)."""
     parser = argparse.ArgumentParser(
-        prog="cryoddm",
-        description="CryoDDM cryo-EM denoising: pick noise, forward, train, predict, cs2star.",
+        prog="cryoddm", description="CryoDDM cryo-EM denoising: pick noise, forward, train, predict, cs2star."
     )
     parser.add_argument("--version", action="version", version=f"napari-cryoddm {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug messages and tracebacks")
@@ -65,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
@@ -81,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Cancelled as exc:  # Ctrl-C or SIGTERM reached a step that cannot save a partial result
         token = getattr(exc, "token", None)
-        print(f"cryoddm {args.command}: stopped (outputs are written whole or not at all)",
-              file=sys.stderr)
+        print(f"cryoddm {args.command}: stopped (outputs are written whole or not at all)", file=sys.stderr)
         return token.exit_code if token is not None else 130
     except KeyboardInterrupt:
         print(f"cryoddm {args.command}: interrupted", file=sys.stderr)

@@ -33,25 +33,44 @@ bottom-left; RELION's first row is the top of the image), rounded as pyem rounds
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "cs2star", help="convert cryoSPARC .cs particles to RELION STAR (pyem's mapping) for the raw micrographs",
-        description=wrap("Convert cryoSPARC particle files (.cs, numpy or compressed) to RELION 3.1 STAR, "
-                    "field by field as pyem's csparc2star.py, and carry the particles back to the "
-                    "raw micrographs (binning scale, raw names, raw CTF and optics)."),
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="*", metavar="FILE.cs",
-                   help="the particle file (e.g. J102_008_particles.cs), then passthrough files "
-                        "(e.g. J102_passthrough_particles.cs) joined on uid")
-    p.add_argument("-o", "--output", required=True, type=Path,
-                   help="output .star (or, with --job-dir, the output folder for class0 …)")
-    p.add_argument("--job-dir", type=Path, default=None,
-                   help="a cryoSPARC job folder J<N>: its highest J<N>_NNN_particles.cs and "
-                        "J<N>_passthrough_particles.cs")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="with --job-dir: convert K consecutive jobs J<N> … J<N+K-1> into "
-                        "class0 … class{K-1} (default: 1)")
+        "cs2star",
+        help="convert cryoSPARC .cs particles to RELION STAR (pyem's mapping) for the raw micrographs",
+        description=wrap(
+            "Convert cryoSPARC particle files (.cs, numpy or compressed) to RELION 3.1 STAR, "
+            "field by field as pyem's csparc2star.py, and carry the particles back to the "
+            "raw micrographs (binning scale, raw names, raw CTF and optics)."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="FILE.cs",
+        help="the particle file (e.g. J102_008_particles.cs), then passthrough files "
+        "(e.g. J102_passthrough_particles.cs) joined on uid",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        type=Path,
+        help="output .star (or, with --job-dir, the output folder for class0 …)",
+    )
+    p.add_argument(
+        "--job-dir",
+        type=Path,
+        default=None,
+        help="a cryoSPARC job folder J<N>: its highest J<N>_NNN_particles.cs and J<N>_passthrough_particles.cs",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="with --job-dir: convert K consecutive jobs J<N> … J<N+K-1> into class0 … class{K-1} (default: 1)",
+    )
     add_config_arguments(p, Cs2StarConfig)
-    p.add_argument("--noswapxy", dest="swap_xy", action="store_false",
-                   help="pyem's spelling of --no-swap-xy")
+    p.add_argument("--noswapxy", dest="swap_xy", action="store_false", help="pyem's spelling of --no-swap-xy")
     p.set_defaults(func=run)
 
 
@@ -61,23 +80,29 @@ def run(args: argparse.Namespace) -> int:
     if args.job_dir is not None:
         if args.inputs:
             raise CryoDDMError("give .cs files or --job-dir, not both")
-        results = run_job(convert_job_dirs(args.job_dir, args.output, args.jobs, config, cancel),
-                          desc="cs2star", cancel=cancel)
+        results = run_job(
+            convert_job_dirs(args.job_dir, args.output, args.jobs, config, cancel), desc="cs2star", cancel=cancel
+        )
         for res in results:
             _print_notes(res.notes)
-            print(f"{res.outputs[0].parent}: {res.n_particles} particles on {res.n_micrographs} "
-                  f"micrographs → {', '.join(o.name for o in res.outputs)}")
+            print(
+                f"{res.outputs[0].parent}: {res.n_particles} particles on {res.n_micrographs} "
+                f"micrographs → {', '.join(o.name for o in res.outputs)}"
+            )
         return 0
     if not args.inputs:
         raise CryoDDMError("give a particle .cs file (and passthrough files), or --job-dir J<N>")
     if args.jobs != 1:
         raise CryoDDMError("--jobs needs --job-dir")
-    result = run_job(convert(args.inputs[0], args.inputs[1:], args.output, config, cancel),
-                     desc="cs2star", cancel=cancel)
+    result = run_job(
+        convert(args.inputs[0], args.inputs[1:], args.output, config, cancel), desc="cs2star", cancel=cancel
+    )
     _print_notes(result.notes)
     scale = f" (coordinates × {result.scale:g})" if result.scale != 1 else ""
-    print(f"{', '.join(str(o) for o in result.outputs)}: {result.n_particles} particles on "
-          f"{result.n_micrographs} micrographs{scale}")
+    print(
+        f"{', '.join(str(o) for o in result.outputs)}: {result.n_particles} particles on "
+        f"{result.n_micrographs} micrographs{scale}"
+    )
     return 0
 
 

@@ -27,21 +27,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         "pick-noise",
         help="pick pure-background boxes (noise) away from particles, or the emptiest boxes",
         description="Pick noise boxes of the forward window W on micrographs. With --particles, "
-                    "boxes avoid every particle disc and, unless --no-screen, contamination. With --no-particles, "
-                    "boxes are ranked by how little structure they hold; review them in napari. "
-                    "One of --diameter (px) or --diameter-A (Å) is required.",
+        "boxes avoid every particle disc and, unless --no-screen, contamination. With --no-particles, "
+        "boxes are ranked by how little structure they hold; review them in napari. "
+        "One of --diameter (px) or --diameter-A (Å) is required.",
     )
     p.add_argument("micrographs", nargs="+", help="MRC files, folders or globs")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--particles", nargs="+", type=Path, metavar="STAR",
-                     help="particle coordinates: one STAR file, or RELION per-micrograph files")
-    src.add_argument("--no-particles", action="store_true",
-                     help="no coordinates: propose the emptiest boxes (reads pixels)")
-    p.add_argument("-o", "--output", type=Path, required=True,
-                   help="noise coordinates: .txt (the original `name x y` format) or .star")
+    src.add_argument(
+        "--particles",
+        nargs="+",
+        type=Path,
+        metavar="STAR",
+        help="particle coordinates: one STAR file, or RELION per-micrograph files",
+    )
+    src.add_argument(
+        "--no-particles", action="store_true", help="no coordinates: propose the emptiest boxes (reads pixels)"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="noise coordinates: .txt (the original `name x y` format) or .star",
+    )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--merge", action="store_true",
-                      help="keep the boxes already in OUTPUT and add the new ones")
+    mode.add_argument("--merge", action="store_true", help="keep the boxes already in OUTPUT and add the new ones")
     mode.add_argument("--overwrite", action="store_true", help="replace OUTPUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no per-micrograph table")
     add_config_arguments(p, PickConfig)
@@ -56,8 +66,7 @@ def read_particles(paths: list[Path]) -> pd.DataFrame:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(PickConfig, args)
     out: Path = args.output
-    existing = check_boxes_output(out, [args.micrographs, args.particles or []], args.merge,
-                                  args.overwrite)
+    existing = check_boxes_output(out, [args.micrographs, args.particles or []], args.merge, args.overwrite)
     paths = list_micrographs(args.micrographs)
     particles = None
     source = "particle coordinates"
@@ -65,8 +74,12 @@ def run(args: argparse.Namespace) -> int:
         particles = read_particles(args.particles)
         source = str(args.particles[0]) if len(args.particles) == 1 else f"{len(args.particles)} STAR files"
     cancel = CancelToken()
-    result = run_job(pick_noise(paths, config, particles, existing, cancel, source),
-                     desc="pick-noise", cancel=cancel, quiet=args.quiet)
+    result = run_job(
+        pick_noise(paths, config, particles, existing, cancel, source),
+        desc="pick-noise",
+        cancel=cancel,
+        quiet=args.quiet,
+    )
     write_boxes(out, result.boxes, overwrite=True)
     if args.quiet:
         for w in result.warnings:

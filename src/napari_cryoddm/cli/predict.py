@@ -27,13 +27,22 @@ examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="denoise micrographs with a trained model (tiled, seam-free)",
-                       description=wrap("Denoise whole micrographs with a trained CryoDDM model: tiles "
-                                   "with margins covering the network's receptive field, batched, "
-                                   "on a CPU, a GPU, several GPUs or a dask cluster."),
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="checkpoint: napari-cryoddm .pt, the original's N.pth / checkpoint.pth, "
-                                 "or a built-in model's name (sample)")
+    p = sub.add_parser(
+        "predict",
+        help="denoise micrographs with a trained model (tiled, seam-free)",
+        description=wrap(
+            "Denoise whole micrographs with a trained CryoDDM model: tiles "
+            "with margins covering the network's receptive field, batched, "
+            "on a CPU, a GPU, several GPUs or a dask cluster."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "model",
+        help="checkpoint: napari-cryoddm .pt, the original's N.pth / checkpoint.pth, "
+        "or a built-in model's name (sample)",
+    )
     p.add_argument("inputs", nargs="+", help="micrographs: files, folders or quoted globs")
     p.add_argument("-o", "--out", required=True, help="output folder (created if missing)")
     add_config_arguments(p, PredictConfig)

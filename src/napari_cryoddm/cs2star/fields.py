@@ -36,7 +36,7 @@ def strip_name_suffix(path: str, suffix: str) -> str:
     folder, _, name = path.replace("\\", "/").rpartition("/")
     stem = micrograph_stem(name)
     if stem.endswith(suffix) and len(stem) > len(suffix) and name.startswith(stem):
-        name = stem[: -len(suffix)] + name[len(stem):]
+        name = stem[: -len(suffix)] + name[len(stem) :]
     return f"{folder}/{name}" if folder else name
 
 
@@ -51,8 +51,14 @@ def join_passthroughs(primary: CsTable, passthroughs: Sequence[CsTable], notes: 
     keep = np.arange(len(primary))  # primary rows still in the result
     extra: dict[str, np.ndarray] = {}  # passthrough columns, aligned with `keep`
     for pt in passthroughs:
-        new = [f for f in pt.fields() if f != "uid" and f not in primary and f not in extra
-               and not f.startswith(("alignments2D/", "alignments3D/", "alignments_class_"))]
+        new = [
+            f
+            for f in pt.fields()
+            if f != "uid"
+            and f not in primary
+            and f not in extra
+            and not f.startswith(("alignments2D/", "alignments3D/", "alignments_class_"))
+        ]
         if not new:
             notes.append(f"{pt.path.name}: no fields that {primary.path.name} lacks; ignored")
             continue
@@ -66,12 +72,17 @@ def join_passthroughs(primary: CsTable, passthroughs: Sequence[CsTable], notes: 
             pos = np.zeros(len(wanted), dtype=np.int64)
             found = np.zeros(len(wanted), dtype=bool)
         if len(wanted) and not found.any():
-            raise InputError(pt.path, f"none of its {len(pt)} particle uids matches the "
-                                      f"{len(wanted)} in {primary.path.name}; is it the passthrough "
-                                      "file of the same cryoSPARC job?")
+            raise InputError(
+                pt.path,
+                f"none of its {len(pt)} particle uids matches the "
+                f"{len(wanted)} in {primary.path.name}; is it the passthrough "
+                "file of the same cryoSPARC job?",
+            )
         if not found.all():
-            notes.append(f"{int((~found).sum())} of {len(wanted)} particles of {primary.path.name} "
-                         f"are not in {pt.path.name} and were left out")
+            notes.append(
+                f"{int((~found).sum())} of {len(wanted)} particles of {primary.path.name} "
+                f"are not in {pt.path.name} and were left out"
+            )
         keep = keep[found]
         extra = {k: v[found] for k, v in extra.items()}
         rows = order[pos[found]]
@@ -91,8 +102,7 @@ def _pose_columns(table: CsTable, cols: dict[str, np.ndarray], notes: list[str])
         pose = np.asarray(table["alignments3D/pose"], dtype=np.float64)
         rot, tilt, psi = matrix_to_relion_euler(rotvec_to_relion_matrix(pose))
         cols["rlnAngleRot"], cols["rlnAngleTilt"], cols["rlnAnglePsi"] = rot, tilt, psi
-        source = {k: table[prefix + k] for k in ("shift", "psize_A", "split", "class")
-                  if prefix + k in table}
+        source = {k: table[prefix + k] for k in ("shift", "psize_A", "split", "class") if prefix + k in table}
     else:
         posts = [f for f in fields if f.startswith("alignments_class_") and f.endswith("/class_posterior")]
         if posts:
@@ -116,14 +126,17 @@ def _pose_columns(table: CsTable, cols: dict[str, np.ndarray], notes: list[str])
         elif "alignments2D/pose" in table:
             prefix = "alignments2D/"
             cols["rlnAnglePsi"] = np.rad2deg(np.asarray(table["alignments2D/pose"], dtype=np.float32))
-            source = {k: table[prefix + k] for k in ("shift", "psize_A", "split", "class")
-                      if prefix + k in table}
+            source = {k: table[prefix + k] for k in ("shift", "psize_A", "split", "class") if prefix + k in table}
         else:
             return
     if "shift" in source:
         shift = np.asarray(source["shift"], dtype=np.float32).reshape(-1, 2)
-        apix = np.asarray(source.get("psize_A", table["blob/psize_A"] if "blob/psize_A" in table
-                                     else np.ones(len(table), np.float32)), dtype=np.float32)
+        apix = np.asarray(
+            source.get(
+                "psize_A", table["blob/psize_A"] if "blob/psize_A" in table else np.ones(len(table), np.float32)
+            ),
+            dtype=np.float32,
+        )
         if "blob/psize_A" in table:
             # pyem: shift to pixels at the particle-image pixel size, then × that pixel size
             bpix = np.asarray(table["blob/psize_A"], dtype=np.float32)
@@ -151,32 +164,38 @@ def _check_locations(table: CsTable, fx: np.ndarray, fy: np.ndarray) -> None:
         ("location/center_y_frac", ~np.isfinite(fy), "NaN or infinite"),
         ("location/center_x_frac", np.isfinite(fx) & ((fx < 0) | (fx > 1)), "outside 0…1"),
         ("location/center_y_frac", np.isfinite(fy) & ((fy < 0) | (fy > 1)), "outside 0…1"),
-        ("location/micrograph_shape", ~(np.isfinite(shape) & (shape >= 1)).all(axis=1),
-         "0 (or not a size)"),
+        ("location/micrograph_shape", ~(np.isfinite(shape) & (shape >= 1)).all(axis=1), "0 (or not a size)"),
     ):
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
             value = table[name][first]
-            raise InputError(table.path, f"{int(bad.sum())} of {len(fx)} particles have {name} "
-                                         f"{what} (first: row {first + 1}, {np.asarray(value).tolist()}); "
-                                         "their coordinates cannot be computed — is the file damaged, "
-                                         "or from another tool?")
+            raise InputError(
+                table.path,
+                f"{int(bad.sum())} of {len(fx)} particles have {name} "
+                f"{what} (first: row {first + 1}, {np.asarray(value).tolist()}); "
+                "their coordinates cannot be computed — is the file damaged, "
+                "or from another tool?",
+            )
 
 
-def map_fields(table: CsTable, config: Cs2StarConfig, scale: float, notes: list[str]
-               ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+def map_fields(
+    table: CsTable, config: Cs2StarConfig, scale: float, notes: list[str]
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """cryoSPARC columns → RELION columns (arrays), and the micrograph height per particle."""
     n = len(table)
     cols: dict[str, np.ndarray] = {}
     if "blob/path" in table and "blob/idx" in table:
         paths = [clean_path(p, config.strip_uid) for p in table["blob/path"]]
         idx = np.asarray(table["blob/idx"], dtype=np.int64) + 1
-        cols["rlnImageName"] = np.array([f"{i:06d}@{p}" for i, p in zip(idx.tolist(), paths)],
-                                        dtype=object)
+        cols["rlnImageName"] = np.array([f"{i:06d}@{p}" for i, p in zip(idx.tolist(), paths)], dtype=object)
     if "location/micrograph_path" in table:
         cols["rlnMicrographName"] = np.array(
-            [strip_name_suffix(clean_path(p, config.strip_uid), config.denoised_suffix)
-             for p in table["location/micrograph_path"]], dtype=object)
+            [
+                strip_name_suffix(clean_path(p, config.strip_uid), config.denoised_suffix)
+                for p in table["location/micrograph_path"]
+            ],
+            dtype=object,
+        )
     heights = None
     missing = [f for f in LOCATION_FIELDS if f not in table]
     if not missing:
@@ -197,8 +216,11 @@ def map_fields(table: CsTable, config: Cs2StarConfig, scale: float, notes: list[
         cols["rlnCoordinateY"] = np.round(y).astype(np.int64)
         heights = np.round(sy * scale).astype(np.int64)
     elif n:
-        notes.append("no particle coordinates: this file lacks " + ", ".join(missing)
-                     + " (pass the job's passthrough file, e.g. J<N>_passthrough_particles.cs)")
+        notes.append(
+            "no particle coordinates: this file lacks "
+            + ", ".join(missing)
+            + " (pass the job's passthrough file, e.g. J<N>_passthrough_particles.cs)"
+        )
     if "location/micrograph_path" not in table and n:
         notes.append("no micrograph names: location/micrograph_path is missing")
 

@@ -48,10 +48,12 @@ def find_job_files(job_dir: str | os.PathLike[str]) -> JobFiles:
             candidates.append((int(fm.group(2)), f))
     if not candidates:
         others = sorted(f.name for f in job_dir.glob("*.cs"))[:5]
-        raise InputError(job_dir, f"holds no J{number}_NNN_particles.cs (the particles of a "
-                                  "refinement or classification iteration)"
-                                  + (f"; .cs files found: {', '.join(others)}" if others else
-                                     "; it holds no .cs files at all"))
+        raise InputError(
+            job_dir,
+            f"holds no J{number}_NNN_particles.cs (the particles of a "
+            "refinement or classification iteration)"
+            + (f"; .cs files found: {', '.join(others)}" if others else "; it holds no .cs files at all"),
+        )
     particles = max(candidates)[1]
     passthrough = job_dir / f"J{number}_passthrough_particles.cs"
     return JobFiles(job_dir, particles, passthrough if passthrough.is_file() else None)
@@ -69,9 +71,13 @@ def job_dirs(job_dir: str | os.PathLike[str], n_jobs: int = 1) -> list[Path]:
     return [job_dir.parent / f"J{first + k}" for k in range(n_jobs)]
 
 
-def convert_job_dirs(job_dir: str | os.PathLike[str], output_dir: str | os.PathLike[str],
-                     n_jobs: int = 1, config: Cs2StarConfig | None = None,
-                     cancel: CancelToken | None = None) -> Job[list[Cs2StarResult]]:
+def convert_job_dirs(
+    job_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    n_jobs: int = 1,
+    config: Cs2StarConfig | None = None,
+    cancel: CancelToken | None = None,
+) -> Job[list[Cs2StarResult]]:
     """Job: K consecutive cryoSPARC jobs → OUT/class0 … class{K−1}, each with
     `particles_relion.star` (as configured) and `cleaned_particles_relion.star` (UIDs stripped);
     `invert.star` too with `legacy_invert`. Every file is checked before anything is written."""
@@ -92,8 +98,11 @@ def convert_job_dirs(job_dir: str | os.PathLike[str], output_dir: str | os.PathL
         plain = build_tables(primary, pts, replace(config, strip_uid=False))
         cleaned = build_tables(primary, pts, replace(config, strip_uid=True))
         if jf.passthrough is None:
-            plain.notes.insert(0, f"{jf.job_dir.name}: no J{jf.job_dir.name[1:]}_passthrough_particles.cs; "
-                                  "converted the particle file alone")
+            plain.notes.insert(
+                0,
+                f"{jf.job_dir.name}: no J{jf.job_dir.name[1:]}_passthrough_particles.cs; "
+                "converted the particle file alone",
+            )
         built.append((plain, cleaned, jf))
     results: list[Cs2StarResult] = []
     with atomic_dir(output_dir, overwrite=config.overwrite, kind="cs2star", inputs=inputs) as tmp:
@@ -101,17 +110,19 @@ def convert_job_dirs(job_dir: str | os.PathLike[str], output_dir: str | os.PathL
             cancel.raise_if_cancelled()
             yield Progress(len(jobs) + k, total, f"writing class{k}")
             folder = tmp / f"class{k}"
-            outs = [write_star(folder / "particles_relion.star", plain, True),
-                    write_star(folder / "cleaned_particles_relion.star", cleaned, True)]
+            outs = [
+                write_star(folder / "particles_relion.star", plain, True),
+                write_star(folder / "cleaned_particles_relion.star", cleaned, True),
+            ]
             if config.legacy_invert:
-                write_star(folder / "invert.star", replace(cleaned, particles=legacy_invert_table(cleaned)),
-                       True)
+                write_star(folder / "invert.star", replace(cleaned, particles=legacy_invert_table(cleaned)), True)
                 outs.append(folder / "invert.star")
                 plain.notes.append(LEGACY_WARNING)
             final = [output_dir / o.relative_to(tmp) for o in outs]
             res = result_of(final, plain)
-            res.notes.insert(0, f"class{k} ← {jf.particles.name}"
-                             + (f" + {jf.passthrough.name}" if jf.passthrough else ""))
+            res.notes.insert(
+                0, f"class{k} ← {jf.particles.name}" + (f" + {jf.passthrough.name}" if jf.passthrough else "")
+            )
             results.append(res)
     yield Progress(total, total, "done", {"results": results})
     return results

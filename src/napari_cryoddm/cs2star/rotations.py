@@ -16,9 +16,7 @@ def rotvec_to_relion_matrix(rotvec: np.ndarray) -> np.ndarray:
     k = v / safe[:, None]
     kx, ky, kz = k[:, 0], k[:, 1], k[:, 2]
     zero = np.zeros_like(kx)
-    kmat = np.stack([np.stack([zero, -kz, ky], -1),
-                     np.stack([kz, zero, -kx], -1),
-                     np.stack([-ky, kx, zero], -1)], -2)
+    kmat = np.stack([np.stack([zero, -kz, ky], -1), np.stack([kz, zero, -kx], -1), np.stack([-ky, kx, zero], -1)], -2)
     s = np.sin(theta)[:, None, None]
     c = (1.0 - np.cos(theta))[:, None, None]
     r = np.eye(3)[None] + s * kmat + c * (kmat @ kmat)
@@ -31,9 +29,14 @@ def relion_euler_to_matrix(rot: np.ndarray, tilt: np.ndarray, psi: np.ndarray) -
     a, b, g = (np.deg2rad(np.asarray(x, dtype=np.float64)) for x in (rot, tilt, psi))
     ca, cb, cg, sa, sb, sg = np.cos(a), np.cos(b), np.cos(g), np.sin(a), np.sin(b), np.sin(g)
     cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa
-    return np.stack([np.stack([cg * cc - sg * sa, cg * cs + sg * ca, -cg * sb], -1),
-                     np.stack([-sg * cc - cg * sa, -sg * cs + cg * ca, sg * sb], -1),
-                     np.stack([sc, ss, cb], -1)], -2)
+    return np.stack(
+        [
+            np.stack([cg * cc - sg * sa, cg * cs + sg * ca, -cg * sb], -1),
+            np.stack([-sg * cc - cg * sa, -sg * cs + cg * ca, sg * sb], -1),
+            np.stack([sc, ss, cb], -1),
+        ],
+        -2,
+    )
 
 
 def matrix_to_relion_euler(r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

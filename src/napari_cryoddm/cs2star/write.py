@@ -37,21 +37,25 @@ def check_star_output(path: Path, inputs: Sequence[object], overwrite: bool) -> 
     check_location(path, inputs, what="the STAR output")
     if os.path.lexists(path):
         if path.is_dir():
-            raise InputError(path, "is a folder; give a file name ending in .star (or use "
-                                   "--job-dir for a folder of class0 … outputs)")
+            raise InputError(
+                path,
+                "is a folder; give a file name ending in .star (or use --job-dir for a folder of class0 … outputs)",
+            )
         if not overwrite:
             raise OutputExistsError(path)
         if not _ours(path):
-            raise InputError(path, "was not written by cryoddm cs2star (no "
-                                   f"'# {STAR_HEADER}' first line); refusing to replace it")
+            raise InputError(
+                path, f"was not written by cryoddm cs2star (no '# {STAR_HEADER}' first line); refusing to replace it"
+            )
     check_writable(path.parent)
 
 
 def write_star(path: Path, tables: StarTables, overwrite: bool) -> Path:
     if overwrite and path.exists() and not _ours(path):
         raise InputError(path, "was not written by cryoddm cs2star; refusing to replace it")
-    return write_particles_star(path, tables.particles, tables.optics, overwrite=overwrite,
-                                header=f"{STAR_HEADER} {__version__}")
+    return write_particles_star(
+        path, tables.particles, tables.optics, overwrite=overwrite, header=f"{STAR_HEADER} {__version__}"
+    )
 
 
 def legacy_invert_table(tables: StarTables) -> pd.DataFrame:
@@ -64,14 +68,20 @@ def legacy_invert_table(tables: StarTables) -> pd.DataFrame:
     return out
 
 
-LEGACY_WARNING = ("the legacy invert.star flips Y back (Y' = height − Y), undoing the conversion's own Y "
-                   "inversion: its particles sit at mirrored rows unless your micrographs are "
-                   "Y-flipped against cryoSPARC's. Check it with an overlay before using it.")
+LEGACY_WARNING = (
+    "the legacy invert.star flips Y back (Y' = height − Y), undoing the conversion's own Y "
+    "inversion: its particles sit at mirrored rows unless your micrographs are "
+    "Y-flipped against cryoSPARC's. Check it with an overlay before using it."
+)
 
 
-def convert(particles: str | os.PathLike[str], passthroughs: Sequence[str | os.PathLike[str]] = (),
-            output: str | os.PathLike[str] = "particles.star", config: Cs2StarConfig | None = None,
-            cancel: CancelToken | None = None) -> Job[Cs2StarResult]:
+def convert(
+    particles: str | os.PathLike[str],
+    passthroughs: Sequence[str | os.PathLike[str]] = (),
+    output: str | os.PathLike[str] = "particles.star",
+    config: Cs2StarConfig | None = None,
+    cancel: CancelToken | None = None,
+) -> Job[Cs2StarResult]:
     """Job: convert PARTICLES.cs (+ passthroughs) into one STAR file (and `*_invert.star`)."""
     config = config or Cs2StarConfig()
     cancel = cancel or CancelToken()

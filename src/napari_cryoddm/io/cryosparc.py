@@ -63,8 +63,10 @@ def _decode(column: np.ndarray) -> np.ndarray:
     if column.dtype.kind == "U":
         return column.astype(object)
     if column.dtype.kind == "O":
-        return np.array([b.decode("utf-8", errors="replace") if isinstance(b, bytes) else str(b)
-                         for b in column.tolist()], dtype=object)
+        return np.array(
+            [b.decode("utf-8", errors="replace") if isinstance(b, bytes) else str(b) for b in column.tolist()],
+            dtype=object,
+        )
     return column
 
 
@@ -96,8 +98,9 @@ def _load_with_tools(path: Path) -> CsTable | None:
         return None
     stored = [f[0] for f in header.get("dtype", [])]
     if "uid" not in stored:  # Dataset.load invents random uids; a particle file has its own
-        raise InputError(path, "has no 'uid' field, so it is not a cryoSPARC particle file "
-                               f"(fields: {', '.join(stored[:8])})")
+        raise InputError(
+            path, f"has no 'uid' field, so it is not a cryoSPARC particle file (fields: {', '.join(stored[:8])})"
+        )
     cols = {name: _decode(np.asarray(ds[name])) for name in ds.fields()}
     return CsTable(path, cols, int(len(ds)))
 
@@ -112,19 +115,27 @@ def load_cs(path: str | os.PathLike[str]) -> CsTable:
     magic = _sniff(path)
     if not (magic.startswith(_NUMPY_MAGIC) or magic.startswith(_CSDAT_MAGIC)):
         kind = "an empty file" if not magic else "neither a numpy .cs nor a compressed CSDAT .cs file"
-        raise InputError(path, f"is {kind}; expected a cryoSPARC particle file such as "
-                               "J12_005_particles.cs or J12_passthrough_particles.cs")
+        raise InputError(
+            path,
+            f"is {kind}; expected a cryoSPARC particle file such as "
+            "J12_005_particles.cs or J12_passthrough_particles.cs",
+        )
     table = _load_with_tools(path)
     if table is None:
         if magic.startswith(_CSDAT_MAGIC):
-            raise InputError(path, "is a compressed CSDAT .cs file and could not be read; "
-                                   "install cryosparc-tools (pip install cryosparc-tools) to read it")
+            raise InputError(
+                path,
+                "is a compressed CSDAT .cs file and could not be read; "
+                "install cryosparc-tools (pip install cryosparc-tools) to read it",
+            )
         try:
             arr = np.load(path, allow_pickle=False, mmap_mode="r")
         except Exception as exc:  # ValueError, OSError, EOFError on damaged files
             raise InputError(path, f"is not a readable cryoSPARC .cs file ({exc})") from None
         table = _from_records(path, arr)
     if "uid" not in table.columns:
-        raise InputError(path, "has no 'uid' field, so it is not a cryoSPARC particle file "
-                               f"(fields: {', '.join(table.fields()[:8])})")
+        raise InputError(
+            path,
+            f"has no 'uid' field, so it is not a cryoSPARC particle file (fields: {', '.join(table.fields()[:8])})",
+        )
     return table

@@ -62,9 +62,16 @@ class MrcInfo:
         return self.shape[0] if len(self.shape) == 3 else 1
 
     def summary(self) -> dict:
-        return {"path": str(self.path), "shape": list(self.shape), "dtype": self.dtype,
-                "mode": self.mode, "voxel_size": self.voxel_size, "exttyp": self.exttyp,
-                "is_stack": self.is_stack, "compressed": self.compressed}
+        return {
+            "path": str(self.path),
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "mode": self.mode,
+            "voxel_size": self.voxel_size,
+            "exttyp": self.exttyp,
+            "is_stack": self.is_stack,
+            "compressed": self.compressed,
+        }
 
 
 class _HeaderReader(MrcInterpreter):
@@ -115,8 +122,7 @@ def read_header(path: str | os.PathLike[str]) -> MrcInfo:
         try:
             dtype = np.dtype(np.uint8) if mode == 101 else np.dtype(data_dtype_from_header(h))
         except ValueError:
-            raise InputError(path, f"not an MRC file (unknown data mode {mode}; "
-                                   f"is it really an MRC image?)") from None
+            raise InputError(path, f"not an MRC file (unknown data mode {mode}; is it really an MRC image?)") from None
         if mode == 0:
             dtype = _mode0_dtype(h) or dtype
         if min(nx, ny, nz) < 1 or nx * ny > 2**36 or nz > 2**24:
@@ -127,8 +133,7 @@ def read_header(path: str | os.PathLike[str]) -> MrcInfo:
         if nsymbt < 0:
             raise InputError(path, f"not an MRC file (extended header size {nsymbt})")
         nlabl = max(0, min(10, int(h.nlabl)))
-        labels = tuple(bytes(h.label[i]).decode("ascii", "replace").strip("\x00 ")
-                       for i in range(nlabl))
+        labels = tuple(bytes(h.label[i]).decode("ascii", "replace").strip("\x00 ") for i in range(nlabl))
         ispg = int(h.ispg)
     except InputError:
         raise
@@ -141,13 +146,24 @@ def read_header(path: str | os.PathLike[str]) -> MrcInfo:
         expected = 1024 + nsymbt + _data_bytes(nx, ny, nz, mode, dtype)
         size = path.stat().st_size
         if size < expected:
-            raise InputError(path, f"truncated: the header promises {expected} bytes "
-                                   f"({nz}×{ny}×{nx} {dtype}), the file has {size}")
+            raise InputError(
+                path, f"truncated: the header promises {expected} bytes ({nz}×{ny}×{nx} {dtype}), the file has {size}"
+            )
     name = path.name.lower()
     is_stack = nz > 1 and (ispg == 0 or name.endswith(_STACK_SUFFIXES))
     shape = (ny, nx) if nz == 1 else (nz, ny, nx)
-    return MrcInfo(path, shape, dtype.str, mode, vs if np.isfinite(vs) and vs > 0 else 0.0,
-                   exttyp, nsymbt, is_stack, compressed, labels)
+    return MrcInfo(
+        path,
+        shape,
+        dtype.str,
+        mode,
+        vs if np.isfinite(vs) and vs > 0 else 0.0,
+        exttyp,
+        nsymbt,
+        is_stack,
+        compressed,
+        labels,
+    )
 
 
 def _data_bytes(nx: int, ny: int, nz: int, mode: int, dtype: np.dtype) -> int:
@@ -204,16 +220,16 @@ def decompressed_path(info: MrcInfo) -> Path:
             return hit
         target = _cache_dir() / f"{len(_gz_cache):06d}_{micrograph_stem_safe(info.path)}.mrc"
         ny, nx = info.image_shape
-        expected = 1024 + info.nsymbt + _data_bytes(nx, ny, info.n_images, info.mode,
-                                                    np.dtype(info.dtype))
+        expected = 1024 + info.nsymbt + _data_bytes(nx, ny, info.n_images, info.mode, np.dtype(info.dtype))
         try:
             with _open_stream(info.path) as src, atomic_write(target, overwrite=True) as tmp:
                 with open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 22)
                 size = Path(tmp).stat().st_size
                 if size < expected:
-                    raise InputError(info.path, f"truncated: decompressed it holds {size} bytes, "
-                                                f"the header promises {expected}")
+                    raise InputError(
+                        info.path, f"truncated: decompressed it holds {size} bytes, the header promises {expected}"
+                    )
         except InputError:
             raise
         except (OSError, EOFError, zlib.error) as exc:
@@ -232,11 +248,11 @@ def memmap(info: MrcInfo) -> np.ndarray:
     try:
         if info.mode == 101:  # unpacked into memory: 4-bit files are small
             ny, nx = info.image_shape
-            packed = np.memmap(source, dtype=np.uint8, mode="r", offset=1024 + info.nsymbt,
-                               shape=(*info.shape[:-1], (nx + 1) // 2))
+            packed = np.memmap(
+                source, dtype=np.uint8, mode="r", offset=1024 + info.nsymbt, shape=(*info.shape[:-1], (nx + 1) // 2)
+            )
             return _unpack_4bit(np.asarray(packed), nx)
-        return np.memmap(source, dtype=np.dtype(info.dtype), mode="r",
-                         offset=1024 + info.nsymbt, shape=info.shape)
+        return np.memmap(source, dtype=np.dtype(info.dtype), mode="r", offset=1024 + info.nsymbt, shape=info.shape)
     except (ValueError, OSError) as exc:
         raise InputError(info.path, f"cannot read the pixels ({exc})") from None
 
@@ -263,8 +279,7 @@ def read_slice(info: MrcInfo, index: int | None = None) -> np.ndarray:
         raise InputError(info.path, f"cannot read the pixels ({exc})") from None
 
 
-def read_image(path: str | os.PathLike[str], index: int | None = None,
-               info: MrcInfo | None = None) -> np.ndarray:
+def read_image(path: str | os.PathLike[str], index: int | None = None, info: MrcInfo | None = None) -> np.ndarray:
     """One 2-D image as float32: the file's only image, or slice `index` of a stack."""
     info = info or read_header(path)
     return read_slice(info, index)
@@ -284,9 +299,15 @@ def ascii_label(text: str) -> str:
     return "".join(c if " " <= c <= "~" else "?" for c in str(text))[:80]
 
 
-def write_mrc(path: str | os.PathLike[str], data: np.ndarray, voxel_size: float | None = None,
-              overwrite: bool = False, labels: Sequence[str] = (), dtype=np.float32,
-              stamp: bool = True) -> Path:
+def write_mrc(
+    path: str | os.PathLike[str],
+    data: np.ndarray,
+    voxel_size: float | None = None,
+    overwrite: bool = False,
+    labels: Sequence[str] = (),
+    dtype=np.float32,
+    stamp: bool = True,
+) -> Path:
     """Write `data` atomically (temporary file, then rename) as float32 unless told otherwise.
 
     `stamp=False` drops mrcfile's "Created by mrcfile.py <time>" label, so seeded outputs (the
@@ -334,9 +355,15 @@ def list_micrographs(spec: str | os.PathLike[str] | Sequence[str | os.PathLike[s
     return list(dict.fromkeys(found))
 
 
-def write_mrc_slices(path: str | os.PathLike[str], shape: tuple[int, ...], slices,
-                     voxel_size: float | None = None, overwrite: bool = False,
-                     labels: Sequence[str] = (), volume: bool = False) -> Path:
+def write_mrc_slices(
+    path: str | os.PathLike[str],
+    shape: tuple[int, ...],
+    slices,
+    voxel_size: float | None = None,
+    overwrite: bool = False,
+    labels: Sequence[str] = (),
+    volume: bool = False,
+) -> Path:
     """Write a float32 MRC image or stack slice by slice (`slices` yields 2-D arrays), through a
     memory map, atomically: a 100-micrograph lazy stack never has to fit in memory."""
     path = Path(path)

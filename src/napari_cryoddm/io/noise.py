@@ -19,8 +19,9 @@ COLUMNS = ("micrograph", "x", "y")
 
 
 def empty_noise_table() -> pd.DataFrame:
-    return pd.DataFrame({"micrograph": pd.Series([], dtype=str),
-                         "x": pd.Series([], dtype=np.int64), "y": pd.Series([], dtype=np.int64)})
+    return pd.DataFrame(
+        {"micrograph": pd.Series([], dtype=str), "x": pd.Series([], dtype=np.int64), "y": pd.Series([], dtype=np.int64)}
+    )
 
 
 def read_noise_txt(path: str | os.PathLike[str], allow_empty: bool = False) -> pd.DataFrame:
@@ -53,8 +54,7 @@ def read_noise_txt(path: str | os.PathLike[str], allow_empty: bool = False) -> p
         raise InputError(path, "holds no noise boxes")
     if not names:
         return empty_noise_table()
-    return pd.DataFrame({"micrograph": names, "x": np.array(xs, dtype=np.int64),
-                         "y": np.array(ys, dtype=np.int64)})
+    return pd.DataFrame({"micrograph": names, "x": np.array(xs, dtype=np.int64), "y": np.array(ys, dtype=np.int64)})
 
 
 def write_noise_txt(path: str | os.PathLike[str], df: pd.DataFrame, overwrite: bool = True) -> Path:

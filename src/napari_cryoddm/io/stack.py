@@ -50,10 +50,16 @@ class StackSlice:
 
     def metadata(self) -> dict:
         """The per-slice entry of `layer.metadata["cryoddm"]["micrographs"]`."""
-        d = {"path": str(self.info.path), "name": self.name, "shape": list(self.shape),
-             "voxel_size": float(self.info.voxel_size), "mode": self.info.mode,
-             "dtype": self.info.dtype, "exttyp": self.info.exttyp,
-             "compressed": self.info.compressed}
+        d = {
+            "path": str(self.info.path),
+            "name": self.name,
+            "shape": list(self.shape),
+            "voxel_size": float(self.info.voxel_size),
+            "mode": self.info.mode,
+            "dtype": self.info.dtype,
+            "exttyp": self.info.exttyp,
+            "compressed": self.info.compressed,
+        }
         if self.index is not None:
             d["index"] = self.index
         return d
@@ -108,8 +114,9 @@ def _slices(infos: Sequence[MrcInfo]) -> list[StackSlice]:
     return out
 
 
-def level_shapes(shape: tuple[int, int], pyramid_min: int = PYRAMID_MIN_SIZE,
-                 smallest: int = PYRAMID_SMALLEST) -> list[tuple[int, int]]:
+def level_shapes(
+    shape: tuple[int, int], pyramid_min: int = PYRAMID_MIN_SIZE, smallest: int = PYRAMID_SMALLEST
+) -> list[tuple[int, int]]:
     """Level k is shape // 2**k; the coarsest level's longer side lies in [smallest, 2·smallest)."""
     ny, nx = shape
     shapes = [(ny, nx)]
@@ -141,10 +148,10 @@ def _halve(image: np.ndarray) -> np.ndarray:
     """2×2 block mean as four strided adds (several times faster than reshape + mean), straight
     from the file's dtype to float32, so a 4k uint16 map is never converted whole first."""
     ny, nx = image.shape[0] // 2, image.shape[1] // 2
-    out = image[0: 2 * ny: 2, 0: 2 * nx: 2].astype(np.float32)
-    out += image[1: 2 * ny: 2, 0: 2 * nx: 2]
-    out += image[0: 2 * ny: 2, 1: 2 * nx: 2]
-    out += image[1: 2 * ny: 2, 1: 2 * nx: 2]
+    out = image[0 : 2 * ny : 2, 0 : 2 * nx : 2].astype(np.float32)
+    out += image[1 : 2 * ny : 2, 0 : 2 * nx : 2]
+    out += image[0 : 2 * ny : 2, 1 : 2 * nx : 2]
+    out += image[1 : 2 * ny : 2, 1 : 2 * nx : 2]
     out *= np.float32(0.25)
     return out
 
@@ -179,9 +186,13 @@ def _level_array(slices: list[StackSlice], shape: tuple[int, int], factor: int) 
         i = block_info[None]["chunk-location"][0]
         return _render(slices[i], shape, factor)[None]
 
-    return da.map_blocks(chunk, chunks=((1,) * len(slices), (shape[0],), (shape[1],)),
-                         dtype=np.float32, meta=np.empty((0, 0, 0), dtype=np.float32),
-                         name=f"cryoddm-level{factor}-{id(slices):x}-{shape[0]}x{shape[1]}")
+    return da.map_blocks(
+        chunk,
+        chunks=((1,) * len(slices), (shape[0],), (shape[1],)),
+        dtype=np.float32,
+        meta=np.empty((0, 0, 0), dtype=np.float32),
+        name=f"cryoddm-level{factor}-{id(slices):x}-{shape[0]}x{shape[1]}",
+    )
 
 
 def read_rows(sl: StackSlice, rows: int) -> np.ndarray:
@@ -193,8 +204,7 @@ def read_rows(sl: StackSlice, rows: int) -> np.ndarray:
     if info.compressed or info.mode == 101:
         return read_slice(info, sl.index)[np.linspace(0, ny - 1, min(rows, ny)).astype(int)]
     start = 1024 + info.nsymbt + (sl.index or 0) * ny * nx * dtype.itemsize
-    picks = np.unique(np.linspace(0, ny - 1, min(rows, ny) + 2).astype(int)[1:-1] if ny > 2
-                      else np.arange(ny))
+    picks = np.unique(np.linspace(0, ny - 1, min(rows, ny) + 2).astype(int)[1:-1] if ny > 2 else np.arange(ny))
     out = np.empty((len(picks), nx), dtype=np.float32)
     row_bytes = nx * dtype.itemsize
     with open(info.path, "rb", buffering=0) as f:
@@ -208,9 +218,12 @@ def read_rows(sl: StackSlice, rows: int) -> np.ndarray:
     return out
 
 
-def contrast_limits(slices: Sequence[StackSlice], n_slices: int = CONTRAST_SLICES,
-                    rows: int = CONTRAST_ROWS,
-                    percentiles: tuple[float, float] = CONTRAST_PERCENTILES) -> tuple[float, float]:
+def contrast_limits(
+    slices: Sequence[StackSlice],
+    n_slices: int = CONTRAST_SLICES,
+    rows: int = CONTRAST_ROWS,
+    percentiles: tuple[float, float] = CONTRAST_PERCENTILES,
+) -> tuple[float, float]:
     """Display limits from a bounded sample: ≤ `n_slices` images spread over the stack, `rows`
     rows each, whatever the stack's size (napari would otherwise scan every pixel)."""
     if not slices:
@@ -228,9 +241,12 @@ def contrast_limits(slices: Sequence[StackSlice], n_slices: int = CONTRAST_SLICE
     return (lo, hi)
 
 
-def open_stack(spec: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-               pyramid: bool = True, contrast: bool = True,
-               pyramid_min: int = PYRAMID_MIN_SIZE) -> MicrographStack:
+def open_stack(
+    spec: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    pyramid: bool = True,
+    contrast: bool = True,
+    pyramid_min: int = PYRAMID_MIN_SIZE,
+) -> MicrographStack:
     """Headers of every file, a lazy stack (plus pyramid levels for large micrographs) and
     contrast limits from a bounded subsample; no pixel is read beyond that sample."""
     paths = list_micrographs(spec)
@@ -257,9 +273,18 @@ def read_entry(entry: dict) -> np.ndarray:
 def voxel_sizes_differ(stack: MicrographStack, rtol: float = 1e-3) -> list[str]:
     """Names of slices whose voxel size differs from the stack's (the layer has one scale)."""
     ref = stack.voxel_size
-    return [s.name for s in stack.slices
-            if s.info.voxel_size > 0 and ref > 0 and abs(s.info.voxel_size - ref) > rtol * ref]
+    return [
+        s.name for s in stack.slices if s.info.voxel_size > 0 and ref > 0 and abs(s.info.voxel_size - ref) > rtol * ref
+    ]
 
 
-__all__ = ["MicrographStack", "StackSlice", "open_stack", "contrast_limits", "level_shapes",
-           "block_mean", "read_entry", "voxel_sizes_differ"]
+__all__ = [
+    "MicrographStack",
+    "StackSlice",
+    "open_stack",
+    "contrast_limits",
+    "level_shapes",
+    "block_mean",
+    "read_entry",
+    "voxel_sizes_differ",
+]

@@ -69,10 +69,8 @@ def _bad_row(path: Path) -> str | None:
             except ValueError:
                 values = line.split()
             if len(values) != columns:
-                hint = (" (a name with a space must be quoted: \"my mic.mrc\")"
-                        if len(values) > columns else "")
-                return (f"line {number}: {len(values)} values for {columns} columns{hint}: "
-                        f"{line[:120]!r}")
+                hint = ' (a name with a space must be quoted: "my mic.mrc")' if len(values) > columns else ""
+                return f"line {number}: {len(values)} values for {columns} columns{hint}: {line[:120]!r}"
     return None
 
 
@@ -91,12 +89,16 @@ def read_coordinates(path: str | os.PathLike[str]) -> pd.DataFrame:
             chosen = block
             break
     if chosen is None:
-        found = "; ".join(f"data_{n}: " + ", ".join(map(str, list(b.columns)[:6]))
-                          + (" …" if len(b.columns) > 6 else "") for n, b in blocks.items())
-        hint = (" (a list of particle images, not coordinates)"
-                if any("rlnImageName" in b.columns for b in blocks.values()) else "")
-        raise InputError(path, f"no coordinate columns (rlnCoordinateX and rlnCoordinateY){hint}; "
-                               f"it holds {found}")
+        found = "; ".join(
+            f"data_{n}: " + ", ".join(map(str, list(b.columns)[:6])) + (" …" if len(b.columns) > 6 else "")
+            for n, b in blocks.items()
+        )
+        hint = (
+            " (a list of particle images, not coordinates)"
+            if any("rlnImageName" in b.columns for b in blocks.values())
+            else ""
+        )
+        raise InputError(path, f"no coordinate columns (rlnCoordinateX and rlnCoordinateY){hint}; it holds {found}")
     df = chosen.copy()
     xcol, ycol = _first(df.columns, _X), _first(df.columns, _Y)
     x = pd.to_numeric(df[xcol], errors="coerce").to_numpy(np.float64)
@@ -114,25 +116,38 @@ def read_coordinates(path: str | os.PathLike[str]) -> pd.DataFrame:
     else:
         mic = pd.Series([path.stem] * len(df), index=df.index)
     rest = df.drop(columns=[c for c in (xcol, ycol) if c in df.columns])
-    out = pd.concat([pd.DataFrame({"micrograph": mic.to_numpy(), "x": x, "y": y}, index=df.index),
-                     rest.drop(columns=["rlnMicrographName"], errors="ignore")], axis=1)
+    out = pd.concat(
+        [
+            pd.DataFrame({"micrograph": mic.to_numpy(), "x": x, "y": y}, index=df.index),
+            rest.drop(columns=["rlnMicrographName"], errors="ignore"),
+        ],
+        axis=1,
+    )
     return out.reset_index(drop=True)
 
 
 def write_coordinates_star(path: str | os.PathLike[str], df: pd.DataFrame, overwrite: bool = False) -> Path:
     """A RELION coordinate/particle table (`micrograph`, `x`, `y`, extra rln columns kept)."""
-    table = pd.DataFrame({"rlnMicrographName": df["micrograph"].astype(str).to_numpy(),
-                          "rlnCoordinateX": np.asarray(df["x"], dtype=np.float64),
-                          "rlnCoordinateY": np.asarray(df["y"], dtype=np.float64)})
+    table = pd.DataFrame(
+        {
+            "rlnMicrographName": df["micrograph"].astype(str).to_numpy(),
+            "rlnCoordinateX": np.asarray(df["x"], dtype=np.float64),
+            "rlnCoordinateY": np.asarray(df["y"], dtype=np.float64),
+        }
+    )
     for col in df.columns:
         if col.startswith("rln") and col not in table.columns:
             table[col] = df[col].to_numpy()
     return write_particles_star(path, table, None, overwrite=overwrite)
 
 
-def write_particles_star(path: str | os.PathLike[str], particles: pd.DataFrame,
-                         optics: pd.DataFrame | None = None, overwrite: bool = False,
-                         header: str | None = None) -> Path:
+def write_particles_star(
+    path: str | os.PathLike[str],
+    particles: pd.DataFrame,
+    optics: pd.DataFrame | None = None,
+    overwrite: bool = False,
+    header: str | None = None,
+) -> Path:
     """RELION 3.1 (`data_optics` + `data_particles`), or one `data_particles` block without optics.
 
     `header` replaces starfile's first line (a comment with the time of writing) by `# <header>`,

@@ -24,15 +24,16 @@ def builtin_path(name: str) -> Path:
         raise CryoDDMError(f"no built-in model {name!r} (built in: {', '.join(BUILTIN)})")
     path = Path(str(resources.files(__name__).joinpath(BUILTIN[name])))
     if not path.is_file():
-        raise CryoDDMError(f"the built-in model {name!r} is missing from this install ({path}); "
-                           "reinstall napari-cryoddm, or give a checkpoint file instead")
+        raise CryoDDMError(
+            f"the built-in model {name!r} is missing from this install ({path}); "
+            "reinstall napari-cryoddm, or give a checkpoint file instead"
+        )
     return path
 
 
 def available() -> list[str]:
     """The built-in models whose files this install holds."""
-    return [name for name, file in BUILTIN.items()
-            if Path(str(resources.files(__name__).joinpath(file))).is_file()]
+    return [name for name, file in BUILTIN.items() if Path(str(resources.files(__name__).joinpath(file))).is_file()]
 
 
 def resolve_model(spec: str | os.PathLike[str]) -> Path:

@@ -38,36 +38,41 @@ STEPS = ("sample", "pick noise", "forward", "train", "predict", "cs2star", "repo
 class DemoConfig:
     """Sizes of the demo; `quick` picks CPU-friendly values for every field left unset."""
 
-    quick: bool = field(default=False, metadata={
-        "help": "a few CPU minutes: 3 Å/px (45-px particles, W = 128), fewer micrographs and epochs"})
-    micrographs: int | None = field(default=None, metadata={
-        "help": "number of sample micrographs (default 6 with --quick, else 16)"})
-    size: int | None = field(default=None, metadata={
-        "help": "micrograph side (default 768 with --quick, else 1024)", "unit": "px"})
-    particles: int | None = field(default=None, metadata={
-        "help": "particles per micrograph (default 8 with --quick, else 12)"})
-    pixel_size: float | None = field(default=None, metadata={
-        "help": "pixel size (default 3.0 with --quick, else 1.5: 90-px particles, W = 256)",
-        "unit": "Å/px"})
-    snr: float = field(default=0.05, metadata={
-        "help": "SNR over the particle envelopes (the quality note's definition)"})
-    epochs: int | None = field(default=None, metadata={
-        "help": "training epochs (default 4 with --quick, else 20)"})
+    quick: bool = field(
+        default=False,
+        metadata={"help": "a few CPU minutes: 3 Å/px (45-px particles, W = 128), fewer micrographs and epochs"},
+    )
+    micrographs: int | None = field(
+        default=None, metadata={"help": "number of sample micrographs (default 6 with --quick, else 16)"}
+    )
+    size: int | None = field(
+        default=None, metadata={"help": "micrograph side (default 768 with --quick, else 1024)", "unit": "px"}
+    )
+    particles: int | None = field(
+        default=None, metadata={"help": "particles per micrograph (default 8 with --quick, else 12)"}
+    )
+    pixel_size: float | None = field(
+        default=None,
+        metadata={"help": "pixel size (default 3.0 with --quick, else 1.5: 90-px particles, W = 256)", "unit": "Å/px"},
+    )
+    snr: float = field(
+        default=0.05, metadata={"help": "SNR over the particle envelopes (the quality note's definition)"}
+    )
+    epochs: int | None = field(default=None, metadata={"help": "training epochs (default 4 with --quick, else 20)"})
     batch_size: int = field(default=16, metadata={"help": "training batch size"})
-    window: int | None = field(default=None, metadata={
-        "help": "forward/training window W (default: the rule (⌊1.5·d⌋ // 128 + 1)·128)", "unit": "px"})
-    max_noise: int = field(default=40, metadata={
-        "help": "noise boxes picked per micrograph at most"})
-    init: Path | None = field(default=None, metadata={
-        "help": "start training from these weights (ours or the original's .pth) instead of "
-                "random ones"})
-    device: str = field(default="auto", metadata={
-        "help": "training/prediction device: auto, cpu, cuda, cuda:N, mps"})
+    window: int | None = field(
+        default=None,
+        metadata={"help": "forward/training window W (default: the rule (⌊1.5·d⌋ // 128 + 1)·128)", "unit": "px"},
+    )
+    max_noise: int = field(default=40, metadata={"help": "noise boxes picked per micrograph at most"})
+    init: Path | None = field(
+        default=None,
+        metadata={"help": "start training from these weights (ours or the original's .pth) instead of random ones"},
+    )
+    device: str = field(default="auto", metadata={"help": "training/prediction device: auto, cpu, cuda, cuda:N, mps"})
     seed: int = field(default=0, metadata={"help": "seed of the sample, picking, forward and training"})
-    report_micrographs: int = field(default=3, metadata={
-        "help": "micrographs shown in the montage"})
-    overwrite: bool = field(default=False, metadata={
-        "help": "replace an existing demo folder's outputs"})
+    report_micrographs: int = field(default=3, metadata={"help": "micrographs shown in the montage"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing demo folder's outputs"})
 
     def resolved(self) -> DemoConfig:
         """Fill the fields left unset from `quick`."""
@@ -130,13 +135,25 @@ def _stage(job: Job[Any], index: int, name: str, timings: dict[str, float]) -> J
             return stop.value
         frac = min(1.0, ev.done / ev.total) if ev.total else 0.0
         count = f" {ev.done}/{ev.total}" if ev.total else ""
-        yield Progress(round(index + frac, 3), len(STEPS), f"{prefix}{count} {ev.message}".strip(),
-                       dict(ev.payload, step=name, step_done=ev.done, step_total=ev.total))
+        yield Progress(
+            round(index + frac, 3),
+            len(STEPS),
+            f"{prefix}{count} {ev.message}".strip(),
+            dict(ev.payload, step=name, step_done=ev.done, step_total=ev.total),
+        )
 
 
 # what a demo folder holds: every step's output, each of which has its own --overwrite guard too
-DEMO_LAYOUT = ("sample/*", "noise_coordinates.txt", "forward/*", "train/*", "denoised/*",
-               "cs2star/*", "report/*", "demo.json")
+DEMO_LAYOUT = (
+    "sample/*",
+    "noise_coordinates.txt",
+    "forward/*",
+    "train/*",
+    "denoised/*",
+    "cs2star/*",
+    "report/*",
+    "demo.json",
+)
 
 
 def _check_out(out: Path, overwrite: bool, inputs: Any = ()) -> None:
@@ -147,16 +164,42 @@ def _check_out(out: Path, overwrite: bool, inputs: Any = ()) -> None:
     if out.is_dir() and not any(out.iterdir()):
         check_output_folder(out, "demo", True, inputs)  # an empty folder: just the location rules
     else:
-        check_output_folder(out, "demo", overwrite, inputs, DEMO_LAYOUT,
-                            lambda folder: (folder / "demo.json").is_file(),
-                            "pass --overwrite to run the demo again in it, or choose another --out")
+        check_output_folder(
+            out,
+            "demo",
+            overwrite,
+            inputs,
+            DEMO_LAYOUT,
+            lambda folder: (folder / "demo.json").is_file(),
+            "pass --overwrite to run the demo again in it, or choose another --out",
+        )
     check_writable(out)
 
 
-def run_demo(out: str | Path = "cryoddm-demo", config: DemoConfig | None = None,
-             cancel: CancelToken | None = None) -> Job[DemoResult]:
-    """The demo job: every workflow step in order, then the quality report."""
+def _prepare_out(out: Path, cfg: DemoConfig) -> None:
+    """The output rule, the folder and its marker, before any work."""
+    from ..safety import output_error, write_marker
+
+    _check_out(out, cfg.overwrite, [cfg.init if cfg.init and Path(cfg.init).exists() else None])
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(out, exc) from None
+    write_marker(out, "demo", files=(), layout=DEMO_LAYOUT)
+
+
+def _cs2star(sample: Any, out: Path, overwrite: bool, cancel: CancelToken) -> Job[Any]:
+    """cs2star of the sample's cryoSPARC particles back onto its raw micrographs."""
     from ..cs2star import Cs2StarConfig, convert
+
+    config = Cs2StarConfig(strip_uid=True, micrograph_folder=str(sample.micrographs[0].parent), overwrite=overwrite)
+    return convert(sample.particles_cs, [sample.passthrough_cs], out / "cs2star" / "particles.star", config, cancel)
+
+
+def run_demo(
+    out: str | Path = "cryoddm-demo", config: DemoConfig | None = None, cancel: CancelToken | None = None
+) -> Job[DemoResult]:
+    """The demo job: every workflow step in order, then the quality report."""
     from ..io.star import read_star_blocks
     from ..train import TrainConfig
     from .sample import SampleConfig
@@ -164,70 +207,96 @@ def run_demo(out: str | Path = "cryoddm-demo", config: DemoConfig | None = None,
     cfg = (config or DemoConfig()).resolved()
     cancel = cancel or CancelToken()
     out = Path(out)
-    _check_out(out, cfg.overwrite, [cfg.init if cfg.init and Path(cfg.init).exists() else None])
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        from ..safety import output_error
-
-        raise output_error(out, exc) from None
-    from ..safety import write_marker
-
-    write_marker(out, "demo", files=(), layout=DEMO_LAYOUT)
+    _prepare_out(out, cfg)
     timings: dict[str, float] = {}
     ow = cfg.overwrite
-    scfg = SampleConfig(n_micrographs=cfg.micrographs, width=cfg.size, height=cfg.size,
-                        pixel_size=cfg.pixel_size, particles=cfg.particles, snr=cfg.snr,
-                        seed=cfg.seed)
-    trained = yield from train_on_sample(out, scfg, TrainConfig(
-        epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
-        init=cfg.init, overwrite=ow),
-        window=cfg.window, max_noise=cfg.max_noise, seed=cfg.seed, overwrite=ow, timings=timings,
-        cancel=cancel)
-    sample, noise_txt, fwd, checkpoint = (trained.sample, trained.noise_txt, trained.forward,
-                                          trained.checkpoint)
+    scfg = SampleConfig(
+        n_micrographs=cfg.micrographs,
+        width=cfg.size,
+        height=cfg.size,
+        pixel_size=cfg.pixel_size,
+        particles=cfg.particles,
+        snr=cfg.snr,
+        seed=cfg.seed,
+    )
+    trained = yield from train_on_sample(
+        out,
+        scfg,
+        TrainConfig(
+            epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, init=cfg.init, overwrite=ow
+        ),
+        window=cfg.window,
+        max_noise=cfg.max_noise,
+        seed=cfg.seed,
+        overwrite=ow,
+        timings=timings,
+        cancel=cancel,
+    )
+    sample, noise_txt, fwd, checkpoint = (trained.sample, trained.noise_txt, trained.forward, trained.checkpoint)
 
     # 5. predict every micrograph
-    denoised = yield from _stage(_predict(sample.micrographs, checkpoint, out / "denoised", cfg, cancel),
-                                 4, STEPS[4], timings)
+    denoised = yield from _stage(
+        _predict(sample.micrographs, checkpoint, out / "denoised", cfg, cancel), 4, STEPS[4], timings
+    )
 
     # 6. cs2star: the cryoSPARC particles back onto the raw micrographs
-    star = out / "cs2star" / "particles.star"
-    c2s = yield from _stage(convert(sample.particles_cs, [sample.passthrough_cs], star, Cs2StarConfig(
-        strip_uid=True, micrograph_folder=str(sample.micrographs[0].parent), overwrite=ow), cancel),
-        5, STEPS[5], timings)
+    c2s = yield from _stage(_cs2star(sample, out, ow, cancel), 5, STEPS[5], timings)
     err = cs2star_error(c2s.outputs[0], sample.particles_star, read_star_blocks)
 
     # 7. report against the truth
     t0 = time.perf_counter()
-    yield Progress(len(STEPS) - 1, len(STEPS), f"[7/7 report] scoring {len(denoised)} micrographs "
-                   "against the truth")
+    yield Progress(len(STEPS) - 1, len(STEPS), f"[7/7 report] scoring {len(denoised)} micrographs against the truth")
     rep = write_demo_report(out / "report", sample, denoised, cfg, timings, err, checkpoint)
     timings["report"] = round(time.perf_counter() - t0, 2)
-    summary = {"config": to_jsonable(cfg), "timings_s": timings, "rows": rep.rows,
-               "cs2star_max_error_px": err, "checkpoint": str(checkpoint)}
+    summary = {
+        "config": to_jsonable(cfg),
+        "timings_s": timings,
+        "rows": rep.rows,
+        "cs2star_max_error_px": err,
+        "checkpoint": str(checkpoint),
+    }
     with atomic_write(out / "demo.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(to_jsonable(json_finite(summary)), indent=1) + "\n", encoding="utf-8")
     yield Progress(len(STEPS), len(STEPS), f"[7/7 report] {rep.files['report']}")
-    return DemoResult(out, sample.out_dir, noise_txt, fwd.out, out / "train", checkpoint, denoised,
-                      c2s.outputs[0], rep.folder, rep.files, rep.rows, err, timings)
+    return DemoResult(
+        out,
+        sample.out_dir,
+        noise_txt,
+        fwd.out,
+        out / "train",
+        checkpoint,
+        denoised,
+        c2s.outputs[0],
+        rep.folder,
+        rep.files,
+        rep.rows,
+        err,
+        timings,
+    )
 
 
 @dataclass
 class Trained:
     """Steps 1–4 of the workflow on a sample set: what they wrote."""
 
-    sample: Any          # sample.SampleSet
+    sample: Any  # sample.SampleSet
     noise_txt: Path
-    forward: Any         # forward.ForwardResult
-    train: Any           # train.TrainResult
+    forward: Any  # forward.ForwardResult
+    train: Any  # train.TrainResult
     checkpoint: Path
 
 
-def train_on_sample(out: Path, sample_config: Any, train_config: Any, window: int | None = None,
-                    max_noise: int = 40, seed: int = 0, overwrite: bool = False,
-                    timings: dict[str, float] | None = None,
-                    cancel: CancelToken | None = None) -> Job[Trained]:
+def train_on_sample(
+    out: Path,
+    sample_config: Any,
+    train_config: Any,
+    window: int | None = None,
+    max_noise: int = 40,
+    seed: int = 0,
+    overwrite: bool = False,
+    timings: dict[str, float] | None = None,
+    cancel: CancelToken | None = None,
+) -> Job[Trained]:
     """sample → pick noise (away from the known particles) → forward → train, in `out/`.
 
     Shared by the demo and `benchmarks/bench_quality.py`, so both train exactly as a user would.
@@ -242,19 +311,37 @@ def train_on_sample(out: Path, sample_config: Any, train_config: Any, window: in
     cancel = cancel or CancelToken()
     timings = timings if timings is not None else {}
     out = Path(out)
-    sample = yield from _stage(generate_sample(out / "sample", sample_config, cancel,
-                                               overwrite=overwrite), 0, STEPS[0], timings)
+    sample = yield from _stage(
+        generate_sample(out / "sample", sample_config, cancel, overwrite=overwrite), 0, STEPS[0], timings
+    )
     d_px = float(sample_config.diameter_px)
     particles = read_coordinates(sample.particles_star)
-    pick = yield from _stage(pick_noise(sample.micrographs, PickConfig(
-        diameter=d_px, box=window, max_per_micrograph=max_noise, seed=seed), particles=particles,
-        cancel=cancel, particles_source=str(sample.particles_star)), 1, STEPS[1], timings)
+    pick = yield from _stage(
+        pick_noise(
+            sample.micrographs,
+            PickConfig(diameter=d_px, box=window, max_per_micrograph=max_noise, seed=seed),
+            particles=particles,
+            cancel=cancel,
+            particles_source=str(sample.particles_star),
+        ),
+        1,
+        STEPS[1],
+        timings,
+    )
     noise_txt = write_boxes(out / "noise_coordinates.txt", pick.boxes, overwrite=overwrite)
-    fwd = yield from _stage(run_forward(sample.micrographs, sample.particles_star, noise_txt,
-                                        out / "forward", ForwardConfig(
-                                            diameter=d_px, window=window, seed=seed,
-                                            overwrite=overwrite), cancel),
-                            2, STEPS[2], timings)
+    fwd = yield from _stage(
+        run_forward(
+            sample.micrographs,
+            sample.particles_star,
+            noise_txt,
+            out / "forward",
+            ForwardConfig(diameter=d_px, window=window, seed=seed, overwrite=overwrite),
+            cancel,
+        ),
+        2,
+        STEPS[2],
+        timings,
+    )
     tres = yield from _stage(train(fwd.out, out / "train", train_config, cancel), 3, STEPS[3], timings)
     if tres.stopped:
         raise CryoDDMError(f"training was stopped; its resumable checkpoint is in {out / 'train'}")
@@ -264,12 +351,14 @@ def train_on_sample(out: Path, sample_config: Any, train_config: Any, window: in
     return Trained(sample, noise_txt, fwd, tres, Path(checkpoint))
 
 
-def _predict(micrographs: list[Path], checkpoint: Path, out: Path, cfg: DemoConfig,
-             cancel: CancelToken) -> Job[list[Path]]:
+def _predict(
+    micrographs: list[Path], checkpoint: Path, out: Path, cfg: DemoConfig, cancel: CancelToken
+) -> Job[list[Path]]:
     from ..predict import PredictConfig, predict_files
 
-    result = yield from predict_files(checkpoint, list(micrographs), out, PredictConfig(
-        device=cfg.device, overwrite=cfg.overwrite), cancel=cancel)
+    result = yield from predict_files(
+        checkpoint, list(micrographs), out, PredictConfig(device=cfg.device, overwrite=cfg.overwrite), cancel=cancel
+    )
     if result.failed:
         raise CryoDDMError("predict failed on " + "; ".join(f"{p}: {why}" for p, why in result.failed[:3]))
     return sorted([*result.written, *result.skipped])
@@ -285,8 +374,7 @@ def cs2star_error(star: Path, truth_star: Path, read_star_blocks: Any) -> float:
     name = lambda df: df["rlnMicrographName"].map(lambda s: Path(str(s)).name).to_numpy()  # noqa: E731
     gn, tn = name(got), name(truth)
     if set(gn) != set(tn):
-        raise CryoDDMError(f"cs2star names micrographs {sorted(set(gn))[:3]}, the raw ones are "
-                           f"{sorted(set(tn))[:3]}")
+        raise CryoDDMError(f"cs2star names micrographs {sorted(set(gn))[:3]}, the raw ones are {sorted(set(tn))[:3]}")
     xy = lambda df: df[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(float)  # noqa: E731
     gxy, txy = xy(got), xy(truth)
     worst = 0.0
@@ -306,8 +394,15 @@ def _particles_block(blocks: dict[str, Any]) -> Any:
     return list(blocks.values())[-1]
 
 
-def write_demo_report(folder: Path, sample: Any, denoised: list[Path], cfg: DemoConfig,
-                      timings: dict[str, float], cs2star_err: float, checkpoint: Path):
+def write_demo_report(
+    folder: Path,
+    sample: Any,
+    denoised: list[Path],
+    cfg: DemoConfig,
+    timings: dict[str, float],
+    cs2star_err: float,
+    checkpoint: Path,
+):
     """Raw, Gaussian σ = 1.5 px, the radial Wiener-like filter and the trained model, scored
     against the clean signal; conformation evidence on the sample's particles."""
     from ..io.mrc import read_image
@@ -334,8 +429,7 @@ def write_demo_report(folder: Path, sample: Any, denoised: list[Path], cfg: Demo
     right_raw = q.conformation_correct(raw, clean, table, refs, box)
     accuracy = {"raw": q.conformation_accuracy(right_raw, right_raw)}
     for name, images in methods.items():
-        accuracy[name] = q.conformation_accuracy(q.conformation_correct(images, clean, table, refs, box),
-                                                 right_raw)
+        accuracy[name] = q.conformation_accuracy(q.conformation_correct(images, clean, table, refs, box), right_raw)
     particles = [table.loc[table["index"] == i, ["y", "x"]].to_numpy(float) for i in range(len(names))]
     notes = [
         f"sample: {len(names)} micrographs {cfg.size}² px, {cfg.pixel_size} Å/px, "

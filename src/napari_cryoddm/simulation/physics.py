@@ -17,19 +17,19 @@ from scipy.spatial.transform import Rotation
 
 from ..errors import CryoDDMError
 
-ICE_K = 3.0                 # ice: Fourier support |k| ≤ 3 cycles per image
+ICE_K = 3.0  # ice: Fourier support |k| ≤ 3 cycles per image
 
 
-ENVELOPE_BLUR_PX = 3.0      # envelope: CTF-free projection blurred by 3 px …
+ENVELOPE_BLUR_PX = 3.0  # envelope: CTF-free projection blurred by 3 px …
 
 
-ENVELOPE_FRACTION = 0.05    # … above 5 % of its maximum
+ENVELOPE_FRACTION = 0.05  # … above 5 % of its maximum
 
 
-ATOM_SIGMA_A = 2.0          # Gaussian atom width (Å)
+ATOM_SIGMA_A = 2.0  # Gaussian atom width (Å)
 
 
-DOMAIN_FRACTION = 0.2       # conformation B turns a rigid domain holding 20 % of the atoms
+DOMAIN_FRACTION = 0.2  # conformation B turns a rigid domain holding 20 % of the atoms
 
 
 def stream(seed: int, *key: int) -> np.random.Generator:
@@ -46,14 +46,14 @@ class Molecule:
     identical to A when the hinge angle is 0). Both share one frame: the body does not move.
     """
 
-    coords: np.ndarray          # (2, N, 3) Å, x y z
-    weights: np.ndarray         # (N,)
-    sigma: float                # atom Gaussian σ, Å
-    domain: np.ndarray          # (N,) bool: atoms that turn in conformation B
-    hinge_point: np.ndarray     # (3,) Å
-    hinge_axis: np.ndarray      # (3,) unit vector
-    hinge_angle: float          # degrees
-    diameter: float             # Å (no atom centre lies further than diameter/2 from the origin)
+    coords: np.ndarray  # (2, N, 3) Å, x y z
+    weights: np.ndarray  # (N,)
+    sigma: float  # atom Gaussian σ, Å
+    domain: np.ndarray  # (N,) bool: atoms that turn in conformation B
+    hinge_point: np.ndarray  # (3,) Å
+    hinge_axis: np.ndarray  # (3,) unit vector
+    hinge_angle: float  # degrees
+    diameter: float  # Å (no atom centre lies further than diameter/2 from the origin)
 
     def conformation(self, k: int) -> np.ndarray:
         """Atom coordinates (N, 3) of conformation k = 1 (A) or 2 (B)."""
@@ -62,14 +62,20 @@ class Molecule:
         return self.coords[k - 1]
 
     def summary(self) -> dict:
-        return {"atoms": int(self.weights.size), "diameter_A": self.diameter,
-                "atom_sigma_A": self.sigma, "domain_atoms": int(self.domain.sum()),
-                "hinge_point_A": self.hinge_point.tolist(), "hinge_axis": self.hinge_axis.tolist(),
-                "hinge_angle_deg": self.hinge_angle}
+        return {
+            "atoms": int(self.weights.size),
+            "diameter_A": self.diameter,
+            "atom_sigma_A": self.sigma,
+            "domain_atoms": int(self.domain.sum()),
+            "hinge_point_A": self.hinge_point.tolist(),
+            "hinge_axis": self.hinge_axis.tolist(),
+            "hinge_angle_deg": self.hinge_angle,
+        }
 
 
-def build_molecule(diameter: float = 135.0, atoms: int = 2000, hinge_angle: float = 12.0,
-                   seed: int = 0, sigma: float = ATOM_SIGMA_A) -> Molecule:
+def build_molecule(
+    diameter: float = 135.0, atoms: int = 2000, hinge_angle: float = 12.0, seed: int = 0, sigma: float = ATOM_SIGMA_A
+) -> Molecule:
     """An asymmetric multi-lobe pseudo-atomic molecule and its hinged second conformation.
 
     Atoms fill the union of a core and four random ellipsoidal lobes touching it (uniform density,
@@ -84,17 +90,17 @@ def build_molecule(diameter: float = 135.0, atoms: int = 2000, hinge_angle: floa
     dirs = rng.standard_normal((n_lobes, 3))
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     centres = dirs * rng.uniform(0.35, 0.55, (n_lobes, 1)) * radius
-    centres[0] = 0.0                                     # a core that every lobe touches
+    centres[0] = 0.0  # a core that every lobe touches
     axes = rng.uniform(0.2, 0.36, (n_lobes, 3)) * radius
     axes[0] = rng.uniform(0.36, 0.45, 3) * radius
-    frames = Rotation.random(n_lobes, rng).as_matrix()     # (L, 3, 3)
+    frames = Rotation.random(n_lobes, rng).as_matrix()  # (L, 3, 3)
     pts: list[np.ndarray] = []
     have = 0
     while have < atoms:
         cand = rng.uniform(-radius, radius, (4 * atoms, 3))
         inside = np.zeros(len(cand), dtype=bool)
         for c, a, f in zip(centres, axes, frames):
-            local = (cand - c) @ f                       # coordinates in the lobe's frame
+            local = (cand - c) @ f  # coordinates in the lobe's frame
             inside |= np.sum((local / a) ** 2, axis=1) <= 1.0
         got = cand[inside]
         pts.append(got)
@@ -112,7 +118,7 @@ def build_molecule(diameter: float = 135.0, atoms: int = 2000, hinge_angle: floa
     order = np.argsort(dist, kind="stable")
     domain = np.zeros(atoms, dtype=bool)
     domain[order[:n_dom]] = True
-    inner = order[max(0, n_dom - max(1, n_dom // 10)):n_dom]          # the domain's inner boundary
+    inner = order[max(0, n_dom - max(1, n_dom // 10)) : n_dom]  # the domain's inner boundary
     pivot = xyz[inner].mean(axis=0)
     lever = xyz[domain].mean(axis=0) - pivot
     lever /= max(np.linalg.norm(lever), 1e-9)
@@ -127,9 +133,16 @@ def build_molecule(diameter: float = 135.0, atoms: int = 2000, hinge_angle: floa
     # scale so every atom centre of both conformations lies within radius − σ of the origin
     reach = max(np.linalg.norm(xyz, axis=1).max(), np.linalg.norm(xyz_b, axis=1).max())
     scale = (radius - sigma) / reach
-    return Molecule(coords=np.stack([xyz * scale, xyz_b * scale]), weights=weights, sigma=float(sigma),
-                    domain=domain, hinge_point=pivot * scale, hinge_axis=axis,
-                    hinge_angle=float(hinge_angle), diameter=float(diameter))
+    return Molecule(
+        coords=np.stack([xyz * scale, xyz_b * scale]),
+        weights=weights,
+        sigma=float(sigma),
+        domain=domain,
+        hinge_point=pivot * scale,
+        hinge_axis=axis,
+        hinge_angle=float(hinge_angle),
+        diameter=float(diameter),
+    )
 
 
 def relion_angles(rotation: Rotation) -> np.ndarray:
@@ -149,7 +162,7 @@ def cryosparc_pose(rotation: Rotation) -> np.ndarray:
 
 def image_positions(coords: np.ndarray, rotation: Rotation, pixel_size: float) -> np.ndarray:
     """(N, 2) image-plane offsets (x, y) in pixels of atoms (N, 3 Å) under `rotation`: Rᵀ·p."""
-    rotated = np.einsum("nk,kj->nj", coords, rotation.as_matrix())   # row-vector form of Rᵀ·p (no BLAS threads)
+    rotated = np.einsum("nk,kj->nj", coords, rotation.as_matrix())  # row-vector form of Rᵀ·p (no BLAS threads)
     return rotated[:, :2] / pixel_size
 
 
@@ -171,11 +184,11 @@ def splat(image: np.ndarray, x: np.ndarray, y: np.ndarray, weights: np.ndarray, 
     if x1 <= x0 or y1 <= y0:
         return image
     bw = x1 - x0
-    edges = np.arange(-r, r + 2) - 0.5                         # 2r+2 pixel edges around the centre
+    edges = np.arange(-r, r + 2) - 0.5  # 2r+2 pixel edges around the centre
     s = 1.0 / (sigma_px * math.sqrt(2.0))
     ex = special.erf(((cx - x)[:, None] + edges[None, :]) * s)
     ey = special.erf(((cy - y)[:, None] + edges[None, :]) * s)
-    wx = 0.5 * np.diff(ex, axis=1)                             # (N, 2r+1)
+    wx = 0.5 * np.diff(ex, axis=1)  # (N, 2r+1)
     wy = 0.5 * (np.diff(ey, axis=1) * weights[:, None])
     contrib = wy[:, :, None] * wx[:, None, :]
     offs = np.arange(-r, r + 1)
@@ -192,8 +205,14 @@ def splat(image: np.ndarray, x: np.ndarray, y: np.ndarray, weights: np.ndarray, 
     return image
 
 
-def project(molecule: Molecule, rotation: Rotation, pixel_size: float, box: int | tuple[int, int],
-            conformation: int = 1, center: tuple[float, float] | None = None) -> np.ndarray:
+def project(
+    molecule: Molecule,
+    rotation: Rotation,
+    pixel_size: float,
+    box: int | tuple[int, int],
+    conformation: int = 1,
+    center: tuple[float, float] | None = None,
+) -> np.ndarray:
     """CTF-free projection of one conformation at `rotation`, its centre at `center` (x, y) —
     by default (box//2, box//2), where a box cut around a STAR coordinate puts the particle."""
     shape = (box, box) if isinstance(box, int) else tuple(box)
@@ -209,10 +228,20 @@ def electron_wavelength(voltage_kv: float) -> float:
     return 12.2642598 / math.sqrt(v * (1.0 + 0.978475e-6 * v))
 
 
-def ctf(shape: tuple[int, int], pixel_size: float, defocus_u: float, defocus_v: float | None = None,
-        defocus_angle: float = 0.0, voltage: float = 300.0, cs: float = 2.7,
-        amplitude_contrast: float = 0.07, phase_shift: float = 0.0, bfactor: float = 0.0,
-        half: bool = True, dtype: type = np.float64) -> np.ndarray:
+def ctf(
+    shape: tuple[int, int],
+    pixel_size: float,
+    defocus_u: float,
+    defocus_v: float | None = None,
+    defocus_angle: float = 0.0,
+    voltage: float = 300.0,
+    cs: float = 2.7,
+    amplitude_contrast: float = 0.07,
+    phase_shift: float = 0.0,
+    bfactor: float = 0.0,
+    half: bool = True,
+    dtype: type = np.float64,
+) -> np.ndarray:
     """The CTF on the rfft2 grid of `shape` (the full fft2 grid with `half=False`).
 
     Defocus in Å (positive = underfocus, RELION's rlnDefocusU/V), angle and phase shift in
@@ -230,10 +259,11 @@ def ctf(shape: tuple[int, int], pixel_size: float, defocus_u: float, defocus_v: 
     else:
         theta = np.arctan2(ky, kx)
         df = 0.5 * (defocus_u + defocus_v) + 0.5 * (defocus_u - defocus_v) * np.cos(
-            2.0 * (theta - np.deg2rad(defocus_angle)))
+            2.0 * (theta - np.deg2rad(defocus_angle))
+        )
     q = amplitude_contrast
     # √(1−Q²)·sin χ + Q·cos χ = sin(χ + asin Q): one transcendental per pixel
-    chi = k2 * (dtype(np.pi * lam) * df - dtype(0.5 * np.pi * (cs * 1e7) * lam ** 3) * k2)
+    chi = k2 * (dtype(np.pi * lam) * df - dtype(0.5 * np.pi * (cs * 1e7) * lam**3) * k2)
     chi += dtype(np.deg2rad(phase_shift) + math.asin(q))
     out = np.sin(chi, out=chi)
     np.negative(out, out=out)
@@ -247,14 +277,14 @@ def gaussian_transfer(shape: tuple[int, int], sigma_px: float, dtype: type = np.
     ny, nx = shape
     ky = np.fft.fftfreq(ny).astype(dtype)[:, None]
     kx = np.fft.rfftfreq(nx).astype(dtype)[None, :]
-    return np.exp(dtype(-2.0 * np.pi ** 2 * sigma_px ** 2) * (kx * kx + ky * ky))
+    return np.exp(dtype(-2.0 * np.pi**2 * sigma_px**2) * (kx * kx + ky * ky))
 
 
 def delocalisation_px(pixel_size: float, defocus: float, voltage: float = 300.0, cs: float = 2.7) -> int:
     """How far (px) the CTF spreads signal at Nyquist: λΔf·k + Cs·λ³·k³, k = 1/(2·pixel size)."""
     lam = electron_wavelength(voltage)
     k = 0.5 / pixel_size
-    return int(math.ceil((lam * defocus * k + cs * 1e7 * lam ** 3 * k ** 3) / pixel_size))
+    return int(math.ceil((lam * defocus * k + cs * 1e7 * lam**3 * k**3) / pixel_size))
 
 
 def padded_spectrum(image: np.ndarray, pad: int, dtype: type) -> tuple[np.ndarray, tuple[int, int]]:
@@ -271,20 +301,27 @@ def padded_spectrum(image: np.ndarray, pad: int, dtype: type) -> tuple[np.ndarra
     return sfft.rfft2(buf, workers=-1), shape
 
 
-def filtered(spec: np.ndarray, transfer: np.ndarray, shape: tuple[int, int],
-              crop: tuple[int, int]) -> np.ndarray:
-    return sfft.irfft2(spec * transfer, s=shape, workers=-1)[:crop[0], :crop[1]]
+def filtered(spec: np.ndarray, transfer: np.ndarray, shape: tuple[int, int], crop: tuple[int, int]) -> np.ndarray:
+    return sfft.irfft2(spec * transfer, s=shape, workers=-1)[: crop[0], : crop[1]]
 
 
-def apply_ctf(image: np.ndarray, pixel_size: float, defocus: float, voltage: float = 300.0,
-              cs: float = 2.7, amplitude_contrast: float = 0.07, pad: int | None = None,
-              dtype: type = np.float64) -> np.ndarray:
+def apply_ctf(
+    image: np.ndarray,
+    pixel_size: float,
+    defocus: float,
+    voltage: float = 300.0,
+    cs: float = 2.7,
+    amplitude_contrast: float = 0.07,
+    pad: int | None = None,
+    dtype: type = np.float64,
+) -> np.ndarray:
     """Convolve with the CTF (constant defocus), zero-padded so signal does not wrap around."""
     if pad is None:
         pad = delocalisation_px(pixel_size, defocus, voltage, cs) + 8
     spec, shape = padded_spectrum(image, pad, dtype)
-    transfer = ctf(shape, pixel_size, defocus, voltage=voltage, cs=cs,
-                   amplitude_contrast=amplitude_contrast, dtype=dtype)
+    transfer = ctf(
+        shape, pixel_size, defocus, voltage=voltage, cs=cs, amplitude_contrast=amplitude_contrast, dtype=dtype
+    )
     return filtered(spec, transfer, shape, image.shape)
 
 
@@ -295,8 +332,9 @@ def above_fraction(blurred: np.ndarray, fraction: float) -> np.ndarray:
     return blurred > fraction * peak
 
 
-def envelope(ctf_free: np.ndarray, blur_px: float = ENVELOPE_BLUR_PX,
-             fraction: float = ENVELOPE_FRACTION) -> np.ndarray:
+def envelope(
+    ctf_free: np.ndarray, blur_px: float = ENVELOPE_BLUR_PX, fraction: float = ENVELOPE_FRACTION
+) -> np.ndarray:
     """Where the particles are: the CTF-free projection blurred by a Gaussian of `blur_px` (zero
     outside the image) above `fraction` of its maximum — the SNR definition's mask."""
     image = np.asarray(ctf_free, dtype=np.float64)
@@ -319,8 +357,9 @@ def ice_field(rng: np.random.Generator, shape: tuple[int, int], k_max: float = I
     kx = np.fft.rfftfreq(nx, 1.0 / nx)
     rows = np.flatnonzero(np.abs(ky) <= k_max)
     cols = np.flatnonzero(kx <= k_max)
-    support = (ky[rows, None] ** 2 + kx[None, cols] ** 2 <= k_max ** 2 + 1e-9) & \
-        ((ky[rows, None] != 0) | (kx[None, cols] != 0))
+    support = (ky[rows, None] ** 2 + kx[None, cols] ** 2 <= k_max**2 + 1e-9) & (
+        (ky[rows, None] != 0) | (kx[None, cols] != 0)
+    )
     n = int(support.sum())
     coef = np.zeros(support.shape, dtype=np.complex128)
     coef[support] = rng.standard_normal(n) + 1j * rng.standard_normal(n)
@@ -329,7 +368,7 @@ def ice_field(rng: np.random.Generator, shape: tuple[int, int], k_max: float = I
     ey = np.exp(2j * np.pi * np.outer(np.arange(ny), ky[rows]) / ny)
     ex = np.exp(2j * np.pi * np.outer(kx[cols], np.arange(nx)) / nx)
     # einsum, not @: with an inner dimension of 4, BLAS threads only add overhead (measured 30×)
-    left = np.einsum("ik,kj->ij", ey, coef)              # (ny, modes) complex, small
+    left = np.einsum("ik,kj->ij", ey, coef)  # (ny, modes) complex, small
     field_ = np.einsum("ik,kj->ij", left.real.astype(np.float32), ex.real.astype(np.float32))
     field_ -= np.einsum("ik,kj->ij", left.imag.astype(np.float32), ex.imag.astype(np.float32))
     field_ /= np.float32(field_.std(dtype=np.float64))

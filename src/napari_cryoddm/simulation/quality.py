@@ -32,15 +32,16 @@ from ..errors import CryoDDMError
 from .physics import rotation_from_relion
 from .sample import particle_reference
 
-ICE_K = 3.0            # cycles per image: the ice band the fit absorbs and the FRC ignores
-TAPER_PX = 32          # cosine edge taper before the Fourier transform (FRC, T)
+ICE_K = 3.0  # cycles per image: the ice band the fit absorbs and the FRC ignores
+TAPER_PX = 32  # cosine edge taper before the Fourier transform (FRC, T)
 BANDS: dict[str, tuple[float, float]] = {"low": (0.0, 0.1), "mid": (0.1, 0.3), "high": (0.3, 0.5)}
-BOX_FACTOR = 1.5       # conformation boxes are 1.5 × the particle diameter
+BOX_FACTOR = 1.5  # conformation boxes are 1.5 × the particle diameter
 
 
 # ----------------------------------------------------------------------------------------------
 # Fourier helpers
 # ----------------------------------------------------------------------------------------------
+
 
 def _freq_grids(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Integer frequencies (cycles per image) on the rfft2 grid: ky (column vector), kx (row)."""
@@ -53,7 +54,7 @@ def _freq_grids(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
 def ice_mask(shape: tuple[int, int], k_max: float = ICE_K) -> np.ndarray:
     """True on the rfft2 grid where |k| ≤ k_max cycles per image (DC included)."""
     ky, kx = _freq_grids(shape)
-    return ky ** 2 + kx ** 2 <= k_max ** 2 + 1e-9
+    return ky**2 + kx**2 <= k_max**2 + 1e-9
 
 
 def ice_component(image: np.ndarray, k_max: float = ICE_K) -> np.ndarray:
@@ -72,6 +73,7 @@ def remove_ice(image: np.ndarray, k_max: float = ICE_K) -> np.ndarray:
 
 def cosine_taper(shape: tuple[int, int], width: int = TAPER_PX) -> np.ndarray:
     """A separable window: 1 inside, a raised-cosine fall to 0 over `width` px at every edge."""
+
     def ramp(n: int) -> np.ndarray:
         w = np.ones(n)
         m = min(width, n // 2)
@@ -79,8 +81,9 @@ def cosine_taper(shape: tuple[int, int], width: int = TAPER_PX) -> np.ndarray:
             t = (np.arange(m) + 0.5) / m
             edge = 0.5 - 0.5 * np.cos(np.pi * t)
             w[:m] = edge
-            w[n - m:] = edge[::-1]
+            w[n - m :] = edge[::-1]
         return w
+
     return ramp(shape[0])[:, None] * ramp(shape[1])[None, :]
 
 
@@ -109,6 +112,7 @@ def _rfft_weights(shape: tuple[int, int]) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # r: the fit with the ice band
 # ----------------------------------------------------------------------------------------------
+
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, dtype=np.float64).ravel()
@@ -152,6 +156,7 @@ def plain_correlation(denoised: np.ndarray, clean: np.ndarray) -> float:
 # FRC and signal transfer per band
 # ----------------------------------------------------------------------------------------------
 
+
 @dataclass
 class RingSums:
     """Per-ring sums Σ Re(F·C*), Σ|F|², Σ|C|² (addable across micrographs of one shape)."""
@@ -165,8 +170,7 @@ class RingSums:
     def __add__(self, other: RingSums) -> RingSums:
         if self.cross.shape != other.cross.shape:
             raise CryoDDMError("ring sums of micrographs with different shapes cannot be pooled")
-        return RingSums(self.cross + other.cross, self.ff + other.ff, self.cc + other.cc,
-                        self.q, self.ice_ring)
+        return RingSums(self.cross + other.cross, self.ff + other.ff, self.cc + other.cc, self.q, self.ice_ring)
 
     def frc(self) -> np.ndarray:
         den = np.sqrt(self.ff * self.cc)
@@ -227,6 +231,7 @@ def radial_power(image: np.ndarray, taper: int = TAPER_PX) -> tuple[np.ndarray, 
 # Scores of a set of micrographs
 # ----------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Scores:
     """The image metrics of one method over a set of micrographs."""
@@ -245,8 +250,9 @@ class Scores:
         return row
 
 
-def score(denoised: Sequence[np.ndarray] | np.ndarray, clean: Sequence[np.ndarray] | np.ndarray,
-          k_max: float = ICE_K) -> Scores:
+def score(
+    denoised: Sequence[np.ndarray] | np.ndarray, clean: Sequence[np.ndarray] | np.ndarray, k_max: float = ICE_K
+) -> Scores:
     """Score denoised micrographs against their clean signal.
 
     r is fitted per micrograph (each has its own ice, scale and offset) and averaged; the ring
@@ -266,15 +272,19 @@ def score(denoised: Sequence[np.ndarray] | np.ndarray, clean: Sequence[np.ndarra
         sums = rsum if sums is None else sums + rsum
     assert sums is not None
     return Scores(
-        r=float(np.mean(rs)), r_plain=float(np.mean(rps)),
+        r=float(np.mean(rs)),
+        r_plain=float(np.mean(rps)),
         frc={b: sums.band_frc(b) for b in BANDS},
         transfer={b: sums.transfer(b) for b in BANDS},
-        r_each=[float(v) for v in rs], rings=sums)
+        r_each=[float(v) for v in rs],
+        rings=sums,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Conformation evidence
 # ----------------------------------------------------------------------------------------------
+
 
 def ncc(a: np.ndarray, b: np.ndarray) -> float:
     """Normalised cross-correlation at zero shift (Pearson over the box)."""
@@ -290,7 +300,7 @@ def cut_box(image: np.ndarray, y: float, x: float, size: int) -> np.ndarray | No
     y0, x0 = cy - size // 2, cx - size // 2
     if y0 < 0 or x0 < 0 or y0 + size > image.shape[0] or x0 + size > image.shape[1]:
         return None
-    return np.asarray(image[y0:y0 + size, x0:x0 + size])
+    return np.asarray(image[y0 : y0 + size, x0 : x0 + size])
 
 
 def box_size_for(diameter_px: float) -> int:
@@ -298,8 +308,12 @@ def box_size_for(diameter_px: float) -> int:
     return int(2 * round(BOX_FACTOR * diameter_px / 2))
 
 
-def conformation_calls(image: np.ndarray, centres: Iterable[tuple[float, float]],
-                       references: Iterable[tuple[np.ndarray, np.ndarray]], box: int) -> np.ndarray:
+def conformation_calls(
+    image: np.ndarray,
+    centres: Iterable[tuple[float, float]],
+    references: Iterable[tuple[np.ndarray, np.ndarray]],
+    box: int,
+) -> np.ndarray:
     """For each particle: +1 when its box matches reference B better than A, 0 when A wins,
     -1 when the box leaves the image (not scored). References are box×box clean projections."""
     calls = []
@@ -321,12 +335,18 @@ class Accuracy:
     se: float
     acc_raw: float
     se_raw: float
-    diff: float      # acc − acc_raw
-    se_diff: float   # standard error of the paired difference
+    diff: float  # acc − acc_raw
+    se_diff: float  # standard error of the paired difference
 
     def as_row(self) -> dict[str, float]:
-        return {"acc": self.acc, "acc_se": self.se, "acc_raw": self.acc_raw,
-                "acc_diff": self.diff, "acc_diff_se": self.se_diff, "n_particles": self.n}
+        return {
+            "acc": self.acc,
+            "acc_se": self.se,
+            "acc_raw": self.acc_raw,
+            "acc_diff": self.diff,
+            "acc_diff_se": self.se_diff,
+            "n_particles": self.n,
+        }
 
 
 def paired_accuracy(correct: np.ndarray, correct_raw: np.ndarray) -> Accuracy:
@@ -341,21 +361,24 @@ def paired_accuracy(correct: np.ndarray, correct_raw: np.ndarray) -> Accuracy:
     return Accuracy(n, float(c.mean()), se(c), float(r.mean()), se(r), float(d.mean()), se(d))
 
 
-def sample_references(table: Any, molecule: Any, config: Any, box: int
-                      ) -> list[tuple[np.ndarray, np.ndarray]]:
+def sample_references(table: Any, molecule: Any, config: Any, box: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Both conformations' clean CTF-modulated projections at each particle's true pose and
     defocus, from the sample generator (`sample.particle_reference`): computed once, reused for
     every method scored on the same particles."""
     refs = []
     for row in table.itertuples(index=False):
         rot = rotation_from_relion(float(row.rot), float(row.tilt), float(row.psi))
-        refs.append(tuple(particle_reference(molecule, rot, float(row.defocus), config, box, k)
-                          for k in (1, 2)))
+        refs.append(tuple(particle_reference(molecule, rot, float(row.defocus), config, box, k) for k in (1, 2)))
     return refs  # type: ignore[return-value]
 
 
-def conformation_correct(denoised: Sequence[np.ndarray], clean: Sequence[np.ndarray], table: Any,
-                         references: Sequence[tuple[np.ndarray, np.ndarray]], box: int) -> np.ndarray:
+def conformation_correct(
+    denoised: Sequence[np.ndarray],
+    clean: Sequence[np.ndarray],
+    table: Any,
+    references: Sequence[tuple[np.ndarray, np.ndarray]],
+    box: int,
+) -> np.ndarray:
     """Per particle of `table` (columns index, x, y, conformation ∈ {1, 2}): 1 when the call from
     F (the ice-band fit of the denoised micrograph to its clean signal) is right, 0 when wrong,
     -1 when the box leaves the micrograph."""
@@ -382,13 +405,15 @@ def conformation_accuracy(correct: np.ndarray, correct_raw: np.ndarray) -> Accur
 # Peers that need no training
 # ----------------------------------------------------------------------------------------------
 
+
 def gaussian_lowpass(image: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian low-pass, σ in pixels (the peers of docs/quality.md: σ = 1.5 and 3 px)."""
     return ndimage.gaussian_filter(np.asarray(image, dtype=np.float32), sigma, mode="reflect")
 
 
-def wiener_lowpass(image: np.ndarray, noise_band: tuple[float, float] = (0.8, 1.0),
-                   smooth_rings: float = 2.0) -> np.ndarray:
+def wiener_lowpass(
+    image: np.ndarray, noise_band: tuple[float, float] = (0.8, 1.0), smooth_rings: float = 2.0
+) -> np.ndarray:
     """A radial Wiener-like low-pass that needs no truth: H(q) = max(P(q) − N, 0) / P(q).
 
     P is the rotationally averaged power of the image, N the white-noise floor read from the rings
@@ -440,8 +465,7 @@ PEERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 COLUMNS = ("r", "r_plain", "frc_low", "frc_mid", "frc_high", "T_mid", "T_high")
 
 
-def markdown_table(rows: dict[str, dict[str, Any]], columns: Sequence[str] = COLUMNS,
-                   digits: int = 3) -> str:
+def markdown_table(rows: dict[str, dict[str, Any]], columns: Sequence[str] = COLUMNS, digits: int = 3) -> str:
     """A Markdown table: one row per method, the given metric columns (missing → '–')."""
     head = "| method | " + " | ".join(columns) + " |"
     sep = "|---|" + "---:|" * len(columns)

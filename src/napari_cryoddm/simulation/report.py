@@ -37,7 +37,7 @@ class ReportInput:
     names: list[str]
     raw: list[np.ndarray]
     clean: list[np.ndarray]
-    methods: dict[str, list[np.ndarray]]          # e.g. {"CryoDDM (this run)": [...]}
+    methods: dict[str, list[np.ndarray]]  # e.g. {"CryoDDM (this run)": [...]}
     particles: list[np.ndarray] = field(default_factory=list)  # per micrograph: (n, 2) rows (y, x)
     notes: list[str] = field(default_factory=list)
     extra_rows: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -71,6 +71,7 @@ def _zoom_window(shape: tuple[int, int], particles: np.ndarray, size: int) -> tu
 def montage(path: Path, data: ReportInput, max_micrographs: int = 3, zoom: int = 192) -> None:
     """Rows: a few micrographs, then a zoom on one particle; columns: raw, methods, clean."""
     import matplotlib
+
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
@@ -98,8 +99,9 @@ def montage(path: Path, data: ReportInput, max_micrographs: int = 3, zoom: int =
                 ax.set_title(col, fontsize=9)
             if j == 0:
                 ax.set_ylabel(data.names[mi] if i < n else f"zoom {zoom}² px", fontsize=8)
-    fig.suptitle("raw / denoised / clean (ice band |k| ≤ 3 cycles/image removed from each, 1–99 % contrast)",
-                 fontsize=9)
+    fig.suptitle(
+        "raw / denoised / clean (ice band |k| ≤ 3 cycles/image removed from each, 1–99 % contrast)", fontsize=9
+    )
     fig.tight_layout()
     _save(fig, path)
 
@@ -107,6 +109,7 @@ def montage(path: Path, data: ReportInput, max_micrographs: int = 3, zoom: int =
 def spectra(path: Path, data: ReportInput) -> None:
     """Rotationally averaged power spectra before and after, with the truth's for reference."""
     import matplotlib
+
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
@@ -114,8 +117,11 @@ def spectra(path: Path, data: ReportInput) -> None:
     curves = {"raw": data.raw, **data.methods, "clean": data.clean}
     for name, images in curves.items():
         # each method on the truth's scale, so the curves are comparable
-        fitted = images if name == "clean" else [q.ice_fit(d, c)[1] * np.asarray(d, np.float64)
-                                                 for d, c in zip(images, data.clean)]
+        fitted = (
+            images
+            if name == "clean"
+            else [q.ice_fit(d, c)[1] * np.asarray(d, np.float64) for d, c in zip(images, data.clean)]
+        )
         fq, p = None, None
         for im in fitted:
             f, pw = q.radial_power(im)
@@ -133,6 +139,7 @@ def spectra(path: Path, data: ReportInput) -> None:
 def frc_plot(path: Path, scores: dict[str, q.Scores]) -> None:
     """FRC against the clean signal (ice band removed), with the bands marked."""
     import matplotlib
+
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
@@ -167,13 +174,13 @@ def frc_plot(path: Path, scores: dict[str, q.Scores]) -> None:
 
 def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
+
     with atomic_write(path, overwrite=True) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
 
 
-def write_report(folder: str | Path, data: ReportInput,
-                 accuracy: dict[str, q.Accuracy] | None = None) -> ReportResult:
+def write_report(folder: str | Path, data: ReportInput, accuracy: dict[str, q.Accuracy] | None = None) -> ReportResult:
     """Score every method (and the raw data) against the truth and write the report's files."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -200,26 +207,46 @@ def write_report(folder: str | Path, data: ReportInput,
     montage(files["montage"], data)
     spectra(files["spectra"], data)
     frc_plot(files["frc"], scores)
-    payload = {"definitions": "docs/quality.md (napari_cryoddm.simulation.quality)",
-               "micrographs": data.names, "rows": rows, "notes": data.notes,
-               "r_each": {name: s.r_each for name, s in scores.items()}}
+    payload = {
+        "definitions": "docs/quality.md (napari_cryoddm.simulation.quality)",
+        "micrographs": data.names,
+        "rows": rows,
+        "notes": data.notes,
+        "r_each": {name: s.r_each for name, s in scores.items()},
+    }
     with atomic_write(files["metrics_json"], overwrite=True) as tmp:
         tmp.write_text(json.dumps(to_jsonable(json_finite(payload)), indent=1) + "\n", encoding="utf-8")
     with atomic_write(files["metrics_md"], overwrite=True) as tmp:
         tmp.write_text(table + "\n", encoding="utf-8")
-    lines = ["# CryoDDM demo report", "",
-             f"{len(data.raw)} micrographs ({', '.join(data.names)}), scored against their clean signal.",
-             "", table, "",
-             "r: Pearson with the truth after the fit a·D + b + ice band (|k| ≤ 3 cycles/image); "
-             "r_plain: plain a·D + b fit; FRC and T per band (fractions of Nyquist: low 0–0.1, "
-             "mid 0.1–0.3, high 0.3–0.5); T = signal transfer relative to the low band "
-             "(a blur drives T_high to 0).", ""]
+    lines = [
+        "# CryoDDM demo report",
+        "",
+        f"{len(data.raw)} micrographs ({', '.join(data.names)}), scored against their clean signal.",
+        "",
+        table,
+        "",
+        "r: Pearson with the truth after the fit a·D + b + ice band (|k| ≤ 3 cycles/image); "
+        "r_plain: plain a·D + b fit; FRC and T per band (fractions of Nyquist: low 0–0.1, "
+        "mid 0.1–0.3, high 0.3–0.5); T = signal transfer relative to the low band "
+        "(a blur drives T_high to 0).",
+        "",
+    ]
     if accuracy:
-        lines += ["acc: conformation calls (NCC against both conformations' clean projections at "
-                  "the true pose), acc_diff: paired difference to the raw data, with standard errors.", ""]
-    lines += [*(f"- {n}" for n in data.notes), "",
-              "![montage](montage.png)", "", "![power spectra](power_spectra.png)", "",
-              "![FRC](frc.png)", ""]
+        lines += [
+            "acc: conformation calls (NCC against both conformations' clean projections at "
+            "the true pose), acc_diff: paired difference to the raw data, with standard errors.",
+            "",
+        ]
+    lines += [
+        *(f"- {n}" for n in data.notes),
+        "",
+        "![montage](montage.png)",
+        "",
+        "![power spectra](power_spectra.png)",
+        "",
+        "![FRC](frc.png)",
+        "",
+    ]
     with atomic_write(files["report"], overwrite=True) as tmp:
         tmp.write_text("\n".join(lines), encoding="utf-8")
     return ReportResult(folder, files, rows, table)

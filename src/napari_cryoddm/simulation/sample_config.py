@@ -31,8 +31,11 @@ class SampleConfig:
     particles: int = _f(7, "particles per micrograph (placed without overlap, ≥ 1.2 diameters apart)")
     diameter: float = _f(135.0, "molecule diameter", "Å", flag="--diameter-A")
     snr: float = _f(0.05, "SNR = var(clean signal over the particle envelopes) / var(noise)")
-    conformations: int = _f(2, "1: one conformation; 2: half the particles have a domain turned "
-                               "by the hinge angle (rlnClassNumber 1/2)", choices=(1, 2))
+    conformations: int = _f(
+        2,
+        "1: one conformation; 2: half the particles have a domain turned by the hinge angle (rlnClassNumber 1/2)",
+        choices=(1, 2),
+    )
     hinge_angle: float = _f(12.0, "rotation of the hinged domain (a fifth of the atoms) in conformation 2", "°")
     defocus_min: float = _f(1.0, "smallest defocus (underfocus, one per micrograph)", "µm")
     defocus_max: float = _f(2.5, "largest defocus", "µm")
@@ -58,29 +61,54 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         """Refuse the first impossible setting, keyed by its field."""
-        for name in ("pixel_size", "diameter", "snr", "hinge_angle", "defocus_min", "defocus_max",
-                     "voltage", "cs", "amplitude_contrast", "ice"):
+        for name in (
+            "pixel_size",
+            "diameter",
+            "snr",
+            "hinge_angle",
+            "defocus_min",
+            "defocus_max",
+            "voltage",
+            "cs",
+            "amplitude_contrast",
+            "ice",
+        ):
             value = getattr(self, name)
             if not math.isfinite(value):
                 raise ConfigError(self, name, f"must be a finite number, got {value}")
         checks = [
             ("n_micrographs", self.n_micrographs >= 1, f"must be at least 1, got {self.n_micrographs}"),
-            ("width", self.width >= 64 and self.height >= 64,
-             f"and --height must be at least 64 px, got {self.width}×{self.height}"),
+            (
+                "width",
+                self.width >= 64 and self.height >= 64,
+                f"and --height must be at least 64 px, got {self.width}×{self.height}",
+            ),
             ("pixel_size", self.pixel_size > 0, f"must be positive, got {self.pixel_size} Å/px"),
             ("particles", self.particles >= 0, f"must be ≥ 0, got {self.particles}"),
             ("diameter", self.diameter > 0, f"must be positive, got {self.diameter} Å"),
             # a callable: the diameter in pixels divides by the pixel size checked just above
-            ("pixel_size", lambda: self.diameter_px >= 8,
-             lambda: f"{self.pixel_size}: the molecule would be {self.diameter_px:.1f} px across (diameter "
-                     f"{self.diameter} Å); use a smaller pixel size or a larger diameter (≥ 8 px)"),
+            (
+                "pixel_size",
+                lambda: self.diameter_px >= 8,
+                lambda: (
+                    f"{self.pixel_size}: the molecule would be {self.diameter_px:.1f} px across (diameter "
+                    f"{self.diameter} Å); use a smaller pixel size or a larger diameter (≥ 8 px)"
+                ),
+            ),
             ("snr", self.snr > 0, f"must be positive (SNR), got {self.snr}"),
             ("conformations", self.conformations in (1, 2), f"must be 1 or 2, got {self.conformations}"),
-            ("defocus_min", 0 < self.defocus_min <= self.defocus_max,
-             f"needs 0 < defocus_min ≤ defocus_max, got {self.defocus_min}–{self.defocus_max} µm"),
+            (
+                "defocus_min",
+                0 < self.defocus_min <= self.defocus_max,
+                f"needs 0 < defocus_min ≤ defocus_max, got {self.defocus_min}–{self.defocus_max} µm",
+            ),
             ("voltage", self.voltage > 0, f"must be positive, got {self.voltage} kV"),
             ("cs", self.cs >= 0, f"must be ≥ 0, got {self.cs} mm"),
-            ("amplitude_contrast", 0 <= self.amplitude_contrast < 1, f"must be in [0, 1), got {self.amplitude_contrast}"),
+            (
+                "amplitude_contrast",
+                0 <= self.amplitude_contrast < 1,
+                f"must be in [0, 1), got {self.amplitude_contrast}",
+            ),
             ("ice", self.ice >= 0, f"must be ≥ 0, got {self.ice}"),
             ("atoms", self.atoms >= 10, f"must be at least 10, got {self.atoms}"),
             ("seed", self.seed >= 0, f"must be ≥ 0, got {self.seed}"),

@@ -13,13 +13,7 @@ from scipy.spatial.transform import Rotation
 from .. import __version__
 from ..config import to_jsonable
 from ..errors import CryoDDMError
-from .physics import (
-    ENVELOPE_BLUR_PX,
-    ENVELOPE_FRACTION,
-    Molecule,
-    cryosparc_pose,
-    stream,
-)
+from .physics import ENVELOPE_BLUR_PX, ENVELOPE_FRACTION, Molecule, cryosparc_pose, stream
 
 if TYPE_CHECKING:
     from .sample_config import SampleConfig
@@ -30,36 +24,47 @@ FORMAT_VERSION = 1
 
 def particles_star_tables(table: pd.DataFrame, config: SampleConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """RELION 3.1 optics and particles tables for a truth table."""
-    optics = pd.DataFrame({
-        "rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
-        "rlnMicrographPixelSize": [config.pixel_size], "rlnVoltage": [config.voltage],
-        "rlnSphericalAberration": [config.cs], "rlnAmplitudeContrast": [config.amplitude_contrast],
-        "rlnImagePixelSize": [config.pixel_size], "rlnImageSize": [config.window],
-        "rlnImageDimensionality": [2],
-    })
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroup": [1],
+            "rlnOpticsGroupName": ["opticsGroup1"],
+            "rlnMicrographPixelSize": [config.pixel_size],
+            "rlnVoltage": [config.voltage],
+            "rlnSphericalAberration": [config.cs],
+            "rlnAmplitudeContrast": [config.amplitude_contrast],
+            "rlnImagePixelSize": [config.pixel_size],
+            "rlnImageSize": [config.window],
+            "rlnImageDimensionality": [2],
+        }
+    )
     n = len(table)
-    particles = pd.DataFrame({
-        "rlnMicrographName": table["micrograph"].astype(str).to_numpy(),
-        "rlnCoordinateX": table["x"].to_numpy(np.float64),
-        "rlnCoordinateY": table["y"].to_numpy(np.float64),
-        "rlnAngleRot": table["rot"].to_numpy(np.float64),
-        "rlnAngleTilt": table["tilt"].to_numpy(np.float64),
-        "rlnAnglePsi": table["psi"].to_numpy(np.float64),
-        "rlnOriginXAngst": np.zeros(n), "rlnOriginYAngst": np.zeros(n),
-        "rlnDefocusU": table["defocus"].to_numpy(np.float64),
-        "rlnDefocusV": table["defocus"].to_numpy(np.float64),
-        "rlnDefocusAngle": np.zeros(n), "rlnPhaseShift": np.zeros(n), "rlnCtfBfactor": np.zeros(n),
-        "rlnOpticsGroup": np.ones(n, dtype=np.int64),
-        "rlnClassNumber": table["conformation"].to_numpy(np.int64),
-        "rlnRandomSubset": table["subset"].to_numpy(np.int64),
-    })
+    particles = pd.DataFrame(
+        {
+            "rlnMicrographName": table["micrograph"].astype(str).to_numpy(),
+            "rlnCoordinateX": table["x"].to_numpy(np.float64),
+            "rlnCoordinateY": table["y"].to_numpy(np.float64),
+            "rlnAngleRot": table["rot"].to_numpy(np.float64),
+            "rlnAngleTilt": table["tilt"].to_numpy(np.float64),
+            "rlnAnglePsi": table["psi"].to_numpy(np.float64),
+            "rlnOriginXAngst": np.zeros(n),
+            "rlnOriginYAngst": np.zeros(n),
+            "rlnDefocusU": table["defocus"].to_numpy(np.float64),
+            "rlnDefocusV": table["defocus"].to_numpy(np.float64),
+            "rlnDefocusAngle": np.zeros(n),
+            "rlnPhaseShift": np.zeros(n),
+            "rlnCtfBfactor": np.zeros(n),
+            "rlnOpticsGroup": np.ones(n, dtype=np.int64),
+            "rlnClassNumber": table["conformation"].to_numpy(np.int64),
+            "rlnRandomSubset": table["subset"].to_numpy(np.int64),
+        }
+    )
     return optics, particles
 
 
 def micrograph_uids(config: SampleConfig) -> np.ndarray:
     """cryoSPARC-style uint64 uids of the micrographs (their 21-digit path prefixes)."""
     rng = stream(config.seed, 2)
-    return rng.integers(1, 2 ** 63, config.n_micrographs, dtype=np.uint64)
+    return rng.integers(1, 2**63, config.n_micrographs, dtype=np.uint64)
 
 
 def cs_datasets(table: pd.DataFrame, config: SampleConfig):
@@ -76,7 +81,7 @@ def cs_datasets(table: pd.DataFrame, config: SampleConfig):
     ny, nx = config.shape
     mic_uids = micrograph_uids(config)
     uid_rng = stream(config.seed, 3)
-    uids = np.unique(uid_rng.integers(1, 2 ** 63, n + 16, dtype=np.uint64))[:n]
+    uids = np.unique(uid_rng.integers(1, 2**63, n + 16, dtype=np.uint64))[:n]
     uids = uid_rng.permutation(uids)
     if len(uids) < n:  # pragma: no cover - 2⁶³ makes collisions practically impossible
         raise CryoDDMError("uid collision; choose another seed")
@@ -84,8 +89,9 @@ def cs_datasets(table: pd.DataFrame, config: SampleConfig):
     stems = [Path(m).stem for m in table["micrograph"]]
     prefix = [f"{int(mic_uids[i]):021d}_{s}" for i, s in zip(index, stems)]
     blob_idx = table.groupby("index").cumcount().to_numpy(np.uint32)
-    rotations = Rotation.from_euler("ZYZ", table[["rot", "tilt", "psi"]].to_numpy(np.float64), degrees=True) \
-        if n else None
+    rotations = (
+        Rotation.from_euler("ZYZ", table[["rot", "tilt", "psi"]].to_numpy(np.float64), degrees=True) if n else None
+    )
     defocus = table["defocus"].to_numpy(np.float32)
 
     ctf_fields = {
@@ -94,10 +100,12 @@ def cs_datasets(table: pd.DataFrame, config: SampleConfig):
         "ctf/accel_kv": np.full(n, config.voltage, np.float32),
         "ctf/cs_mm": np.full(n, config.cs, np.float32),
         "ctf/amp_contrast": np.full(n, config.amplitude_contrast, np.float32),
-        "ctf/df1_A": defocus, "ctf/df2_A": defocus.copy(),
+        "ctf/df1_A": defocus,
+        "ctf/df2_A": defocus.copy(),
         "ctf/df_angle_rad": np.zeros(n, np.float32),
         "ctf/phase_shift_rad": np.zeros(n, np.float32),
-        "ctf/scale": np.ones(n, np.float32), "ctf/scale_const": np.zeros(n, np.float32),
+        "ctf/scale": np.ones(n, np.float32),
+        "ctf/scale_const": np.zeros(n, np.float32),
         "ctf/bfactor": np.zeros(n, np.float32),
     }
     location_fields = {
@@ -133,28 +141,40 @@ def cs_datasets(table: pd.DataFrame, config: SampleConfig):
     return build(particle_fields), build({**location_fields, **ctf_fields})
 
 
-def truth_document(table: pd.DataFrame, config: SampleConfig, molecule: Molecule,
-                   micrographs: list[dict]) -> dict:
+def truth_document(table: pd.DataFrame, config: SampleConfig, molecule: Molecule, micrographs: list[dict]) -> dict:
     """The truth JSON: configuration, molecule, per micrograph and per particle facts."""
     rows = table.to_dict(orient="records")
     return {
-        "format": FORMAT, "version": FORMAT_VERSION, "package_version": __version__,
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "package_version": __version__,
         "conventions": {
             "coordinates": "x = column, y = row, pixels, origin at data[0, 0] (RELION)",
             "angles": "RELION ZYZ (rot, tilt, psi), degrees; particle rotation R with A = R^T; "
-                      "cryoSPARC pose = rotvec(R)",
+            "cryoSPARC pose = rotvec(R)",
             "defocus": "Å, underfocus positive, no astigmatism",
             "noise": "white Gaussian, sigma 1 in the micrograph's units",
             "snr": "var(clean over envelope) / var(noise); envelope: CTF-free projection blurred "
-                   f"{ENVELOPE_BLUR_PX} px > {ENVELOPE_FRACTION} of its maximum",
+            f"{ENVELOPE_BLUR_PX} px > {ENVELOPE_FRACTION} of its maximum",
         },
         "config": to_jsonable(config),
-        "window": config.window, "diameter_px": config.diameter_px,
+        "window": config.window,
+        "diameter_px": config.diameter_px,
         "molecule": molecule.summary(),
         "micrographs": to_jsonable(micrographs),
-        "particles": [{"micrograph": r["micrograph"], "index": int(r["index"]),
-                       "x": int(r["x"]), "y": int(r["y"]),
-                       "rot": float(r["rot"]), "tilt": float(r["tilt"]), "psi": float(r["psi"]),
-                       "defocus": float(r["defocus"]), "conformation": int(r["conformation"]),
-                       "subset": int(r["subset"])} for r in rows],
+        "particles": [
+            {
+                "micrograph": r["micrograph"],
+                "index": int(r["index"]),
+                "x": int(r["x"]),
+                "y": int(r["y"]),
+                "rot": float(r["rot"]),
+                "tilt": float(r["tilt"]),
+                "psi": float(r["psi"]),
+                "defocus": float(r["defocus"]),
+                "conformation": int(r["conformation"]),
+                "subset": int(r["subset"]),
+            }
+            for r in rows
+        ],
     }

@@ -23,9 +23,15 @@ class ConfigForm(Container):
     `labels` overrides a field's label.
     """
 
-    def __init__(self, cls: type, skip: tuple[str, ...] = (), advanced: tuple[str, ...] = (),
-                 labels: dict[str, str] | None = None, special: dict[str, str] | None = None,
-                 **overrides: Any) -> None:
+    def __init__(
+        self,
+        cls: type,
+        skip: tuple[str, ...] = (),
+        advanced: tuple[str, ...] = (),
+        labels: dict[str, str] | None = None,
+        special: dict[str, str] | None = None,
+        **overrides: Any,
+    ) -> None:
         super().__init__(labels=True)
         self._cls = cls
         self._controls: dict[str, Any] = {}
@@ -38,9 +44,12 @@ class ConfigForm(Container):
             if f.name in skip or f.metadata.get("widget", True) is False:
                 continue
             typ, optional = field_type(cls, f)
-            default = overrides.get(f.name, f.default if f.default is not dataclasses.MISSING else
-                                    (f.default_factory() if f.default_factory is not dataclasses.MISSING
-                                     else None))
+            default = overrides.get(
+                f.name,
+                f.default
+                if f.default is not dataclasses.MISSING
+                else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None),
+            )
             options: dict[str, Any] = {}
             if f.metadata.get("choices"):
                 options["choices"] = list(f.metadata["choices"])
@@ -64,8 +73,7 @@ class ConfigForm(Container):
             unit = f.metadata.get("unit")
             if unit and unit not in label:
                 label += f" ({unit})"
-            kwargs = dict(value=default, annotation=annotation, label=label, options=options,
-                          name=f.name)
+            kwargs = dict(value=default, annotation=annotation, label=label, options=options, name=f.name)
             if widget_type:
                 kwargs["widget_type"] = widget_type
             w = create_widget(**kwargs)

@@ -48,8 +48,7 @@ def flush_forms(host: Any, *forms: Any) -> None:
         if wrapper is not None:
             wrapper._label_widget.native.hide()
         form.margins = (0, 0, 0, 0)
-    rows = [w for c in (host, *forms) for w in c if not isinstance(w, ButtonWidget)
-            and w not in forms and w.label]
+    rows = [w for c in (host, *forms) for w in c if not isinstance(w, ButtonWidget) and w not in forms and w.label]
     rows += [w for form in forms for w in getattr(form, "advanced_controls", ())]
     if not rows:
         return

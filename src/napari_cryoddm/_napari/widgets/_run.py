@@ -10,7 +10,6 @@ from typing import Any
 from ...jobs import CancelToken, Job, Progress
 from ..workers import JobHandle, start_job
 
-
 EMPTY = ("", ".", "None")  # what magicgui gives for an empty file field (or a None choice)
 
 
@@ -28,8 +27,9 @@ def path_or_none(value: Any) -> Path | list[Path] | None:
 class JobButtons:
     """The Run buttons, the Stop button and the running job of one dock."""
 
-    def __init__(self, run: Any | Sequence[Any], stop: Any, status: Any = None,
-                 stop_message: str | None = None) -> None:
+    def __init__(
+        self, run: Any | Sequence[Any], stop: Any, status: Any = None, stop_message: str | None = None
+    ) -> None:
         self.run_buttons = list(run) if isinstance(run, (list, tuple)) else [run]
         self.stop_button = stop
         self.status = status
@@ -44,11 +44,17 @@ class JobButtons:
     def running(self) -> bool:
         return self._active
 
-    def start(self, make_job: Callable[[CancelToken], Job], description: str, *,
-              on_done: Callable[[Any], None] | None = None,
-              on_error: Callable[[BaseException], None] | None = None,
-              on_progress: Callable[[Progress], None] | None = None,
-              on_finish: Callable[[], None] | None = None, message: str | None = "running…") -> JobHandle | None:
+    def start(
+        self,
+        make_job: Callable[[CancelToken], Job],
+        description: str,
+        *,
+        on_done: Callable[[Any], None] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        on_finish: Callable[[], None] | None = None,
+        message: str | None = "running…",
+    ) -> JobHandle | None:
         """Start `make_job(cancel)` unless a job of this dock is running (then return that one)."""
         if self.running:
             return self.handle
@@ -67,8 +73,9 @@ class JobButtons:
             if on_finish is not None:
                 on_finish()
 
-        self.handle = start_job(job, description, on_progress=on_progress, on_done=on_done,
-                                on_error=on_error, on_finish=finish)
+        self.handle = start_job(
+            job, description, on_progress=on_progress, on_done=on_done, on_error=on_error, on_finish=finish
+        )
         return self.handle
 
     def stop(self) -> None:

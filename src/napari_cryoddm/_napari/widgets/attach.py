@@ -15,8 +15,15 @@ from magicgui.widgets import ComboBox, Container, Label, PushButton, SpinBox
 
 from ...attach import AttachResult, attach_coordinates
 from ...errors import CryoDDMError
-from ..layers import (DEFAULT_BOX_SIZE, boxes_layer_kwargs, cryoddm_metadata, micrograph_layers,
-                      micrograph_names, micrographs, set_feature_defaults)
+from ..layers import (
+    DEFAULT_BOX_SIZE,
+    boxes_layer_kwargs,
+    cryoddm_metadata,
+    micrograph_layers,
+    micrograph_names,
+    micrographs,
+    set_feature_defaults,
+)
 from ..session import session
 from ..workers import notify, report_error
 from ._qt import finish_dock, status_label
@@ -27,10 +34,13 @@ def _table(layer: Any) -> pd.DataFrame:
     data = np.asarray(layer.data, dtype=np.float64).reshape(len(layer.data), -1)
     features = layer.features.reset_index(drop=True)
     if "micrograph" not in features.columns or len(features) != len(data):
-        raise CryoDDMError(f"layer {layer.name!r} has no 'micrograph' feature per point; open "
-                           f"coordinates with the napari-cryoddm reader")
-    table = pd.DataFrame({"micrograph": features["micrograph"].astype(str).to_numpy(),
-                          "x": data[:, -1], "y": data[:, -2]})
+        raise CryoDDMError(
+            f"layer {layer.name!r} has no 'micrograph' feature per point; open "
+            f"coordinates with the napari-cryoddm reader"
+        )
+    table = pd.DataFrame(
+        {"micrograph": features["micrograph"].astype(str).to_numpy(), "x": data[:, -1], "y": data[:, -2]}
+    )
     if "source_micrograph" in features.columns:  # re-attaching: match on the file's own names
         table["micrograph"] = features["source_micrograph"].astype(str).to_numpy()
     rest = features.drop(columns=["micrograph", "source_micrograph"], errors="ignore")
@@ -44,9 +54,16 @@ def attach_layer(points_layer: Any, image_layer: Any, box_size: int) -> AttachRe
     result = attach_coordinates(_table(points_layer), names, [m.get("shape") for m in entries])
     meta = cryoddm_metadata(points_layer)
     kind = meta.get("kind") or "particles"
-    kw = boxes_layer_kwargs(kind, box_size, meta.get("source"), tuple(image_layer.scale),
-                            points_layer.name, None, attached_to=image_layer.name,
-                            micrograph_names=names)
+    kw = boxes_layer_kwargs(
+        kind,
+        box_size,
+        meta.get("source"),
+        tuple(image_layer.scale),
+        points_layer.name,
+        None,
+        attached_to=image_layer.name,
+        micrograph_names=names,
+    )
     # data and features replaced together (the row counts change when names are left out)
     points_layer.selected_data = set()
     points_layer.data = result.points
@@ -72,12 +89,21 @@ class AttachWidget(Container):
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=True)
         self.viewer = napari_viewer
-        self.points = ComboBox(label="coordinates", choices=self._points_choices,
-                               tooltip="a Points layer opened from a STAR, CBOX or noise .txt file")
-        self.image = ComboBox(label="micrographs", choices=self._image_choices,
-                              tooltip="a micrograph stack opened with napari-cryoddm")
-        self.box_size = SpinBox(label="box size (px)", value=DEFAULT_BOX_SIZE, min=1, max=4096,
-                                tooltip="side of the square drawn around each coordinate")
+        self.points = ComboBox(
+            label="coordinates",
+            choices=self._points_choices,
+            tooltip="a Points layer opened from a STAR, CBOX or noise .txt file",
+        )
+        self.image = ComboBox(
+            label="micrographs", choices=self._image_choices, tooltip="a micrograph stack opened with napari-cryoddm"
+        )
+        self.box_size = SpinBox(
+            label="box size (px)",
+            value=DEFAULT_BOX_SIZE,
+            min=1,
+            max=4096,
+            tooltip="side of the square drawn around each coordinate",
+        )
         self.button = PushButton(text="Attach")
         self.result = Label(value="")
         status_label(self.result)
@@ -118,8 +144,7 @@ class AttachWidget(Container):
 
         if "micrograph" not in layer.features.columns:
             return None
-        wanted = pd.unique(layer.features.get("source_micrograph", layer.features["micrograph"])
-                           .astype(str))
+        wanted = pd.unique(layer.features.get("source_micrograph", layer.features["micrograph"]).astype(str))
         best, best_n = None, 0
         for stack in micrograph_layers(self.viewer):
             n = len(match_names(wanted, micrograph_names(stack)).mapping)

@@ -20,13 +20,12 @@ from ...cs2star.fields import UID_PATTERN
 from ...errors import CryoDDMError
 from ...io.star import read_coordinates, read_star_blocks
 from ...jobs import Cancelled
-from ..layers import DEFAULT_BOX_SIZE, add_boxes_layer, micrograph_layers, micrographs
-from ..layers import cryoddm_metadata
+from ..layers import DEFAULT_BOX_SIZE, add_boxes_layer, cryoddm_metadata, micrograph_layers, micrographs
 from ..session import particle_stack, particles_of, session
 from ..workers import JobHandle, notify, report_error
 from ._form import ConfigForm
-from ._run import JobButtons, path_or_none
 from ._qt import finish_dock, status_label
+from ._run import JobButtons, path_or_none
 
 INPUT_MODES = ("particle files", "job folder")
 _OPTIONAL_NUMBERS = ("scale", "denoised_apix", "raw_apix")
@@ -55,45 +54,93 @@ class Cs2StarWidget(Container):
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=True)
         self.viewer = napari_viewer
-        self._mode = ComboBox(label="input", choices=INPUT_MODES, value=INPUT_MODES[0],
-                              tooltip="particle files, or cryoSPARC job folder(s) as the original")
-        self._particles = FileEdit(label="particles .cs", mode="r", filter="*.cs",
-                                   tooltip="e.g. J102/J102_008_particles.cs (numpy or compressed)")
-        self._passthrough = FileEdit(label="passthrough .cs", mode="rm", filter="*.cs",
-                                     tooltip="e.g. J102/J102_passthrough_particles.cs; joined on uid "
-                                             "(it holds the coordinates of refinement outputs)")
-        self._job_dir = FileEdit(label="job folder J<N>", mode="d",
-                                 tooltip="its highest J<N>_NNN_particles.cs + J<N>_passthrough_particles.cs")
-        self._jobs = SpinBox(label="consecutive jobs", value=1, min=1, max=999,
-                             tooltip="J<N> … J<N+K−1> → class0 … class{K−1}")
-        self._output = FileEdit(label="output", mode="w", filter="*.star",
-                                tooltip="a .star file (particle files) or a folder (job folder)")
-        self.form = ConfigForm(Cs2StarConfig, advanced=(
-            "swap_xy", "invert_y", "invert_x", "scale", "denoised_apix", "raw_apix",
-            "keep_image_names"))
+        self._build_controls()
+        self.extend(
+            [
+                self._mode,
+                self._particles,
+                self._passthrough,
+                self._job_dir,
+                self._jobs,
+                self._output,
+                self.form,
+                self._image,
+                self._box,
+                self._run_button,
+                self._stop_button,
+                self._status,
+            ]
+        )
+        finish_dock(self, self.form)
+        self._runner = JobButtons(self._run_button, self._stop_button, self._status)
+        self.results: list[Cs2StarResult] = []
+        self.layers: list[Any] = []
+        self._connect()
+
+    def _build_controls(self) -> None:
+        """The dock's fields and buttons (laid out by __init__)."""
+        self._mode = ComboBox(
+            label="input",
+            choices=INPUT_MODES,
+            value=INPUT_MODES[0],
+            tooltip="particle files, or cryoSPARC job folder(s) as the original",
+        )
+        self._particles = FileEdit(
+            label="particles .cs",
+            mode="r",
+            filter="*.cs",
+            tooltip="e.g. J102/J102_008_particles.cs (numpy or compressed)",
+        )
+        self._passthrough = FileEdit(
+            label="passthrough .cs",
+            mode="rm",
+            filter="*.cs",
+            tooltip="e.g. J102/J102_passthrough_particles.cs; joined on uid "
+            "(it holds the coordinates of refinement outputs)",
+        )
+        self._job_dir = FileEdit(
+            label="job folder J<N>",
+            mode="d",
+            tooltip="its highest J<N>_NNN_particles.cs + J<N>_passthrough_particles.cs",
+        )
+        self._jobs = SpinBox(
+            label="consecutive jobs", value=1, min=1, max=999, tooltip="J<N> … J<N+K−1> → class0 … class{K−1}"
+        )
+        self._output = FileEdit(
+            label="output", mode="w", filter="*.star", tooltip="a .star file (particle files) or a folder (job folder)"
+        )
+        self.form = ConfigForm(
+            Cs2StarConfig,
+            advanced=("swap_xy", "invert_y", "invert_x", "scale", "denoised_apix", "raw_apix", "keep_image_names"),
+        )
         self.form["micrograph_folder"].value = ""
         self.form["raw_micrographs"].filter = "*.star"
         for name in _OPTIONAL_NUMBERS:  # 0 in the form reads back as None (ConfigForm)
             self.form[name].max = 1e6
-        self._image = ComboBox(label="show on", nullable=True,
-                               choices=lambda _w: [(lay.name, lay) for lay in micrograph_layers(self.viewer)],
-                               tooltip="the raw micrograph stack to draw the particles on (optional)")
-        self._box = FloatSpinBox(label="box size (px)", value=0, min=0, max=4096, step=1,
-                            tooltip="side of the boxes drawn; 'from the STAR': the particle box "
-                                    "of the output (its rlnImageSize), else that of the particles "
-                                    "already on the stack")
+        self._image = ComboBox(
+            label="show on",
+            nullable=True,
+            choices=lambda _w: [(lay.name, lay) for lay in micrograph_layers(self.viewer)],
+            tooltip="the raw micrograph stack to draw the particles on (optional)",
+        )
+        self._box = FloatSpinBox(
+            label="box size (px)",
+            value=0,
+            min=0,
+            max=4096,
+            step=1,
+            tooltip="side of the boxes drawn; 'from the STAR': the particle box "
+            "of the output (its rlnImageSize), else that of the particles "
+            "already on the stack",
+        )
         self._box.native.setDecimals(0)  # a whole number; QDoubleSpinBox for the text at 0
         self._box.native.setSpecialValueText("from the STAR")
         self._run_button = PushButton(text="Convert")
         self._stop_button = PushButton(text="Stop", enabled=False)
         self._status = status_label(Label(value=""))
-        self.extend([self._mode, self._particles, self._passthrough, self._job_dir, self._jobs,
-                     self._output, self.form, self._image, self._box, self._run_button,
-                     self._stop_button, self._status])
-        finish_dock(self, self.form)
-        self._runner = JobButtons(self._run_button, self._stop_button, self._status)
-        self.results: list[Cs2StarResult] = []
-        self.layers: list[Any] = []
+
+    def _connect(self) -> None:
+        """The dock's reactions: its buttons and fields, the viewer's layers and slider."""
         self._mode.changed.connect(self._on_mode)
         self._run_button.changed.connect(self.run)
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
@@ -144,7 +191,9 @@ class Cs2StarWidget(Container):
                 raise CryoDDMError("choose the cryoSPARC particle file (.cs)")
             if out.suffix.lower() != ".star":
                 out = out.with_suffix(".star")
-            passthroughs = path_or_none(list(v) if isinstance(v := self._passthrough.value, (list, tuple)) else [v]) or []
+            passthroughs = (
+                path_or_none(list(v) if isinstance(v := self._passthrough.value, (list, tuple)) else [v]) or []
+            )
             return lambda cancel: convert(particles, passthroughs, out, config, cancel)
         job_dir = path_or_none(self._job_dir.value)
         if job_dir is None:
@@ -163,8 +212,7 @@ class Cs2StarWidget(Container):
         except CryoDDMError as exc:
             self._failed(exc)
             return None
-        return self._runner.start(make_job, "cs2star", on_done=self._done, on_error=self._failed,
-                                message="converting…")
+        return self._runner.start(make_job, "cs2star", on_done=self._done, on_error=self._failed, message="converting…")
 
     def stop(self, *_: Any) -> None:
         self._runner.stop()
@@ -190,11 +238,9 @@ class Cs2StarWidget(Container):
         image = self._image.value
         if image is not None:
             for k, res in enumerate(results):
-                star = next((o for o in res.outputs if o.name == "cleaned_particles_relion.star"),
-                            res.outputs[0])
+                star = next((o for o in res.outputs if o.name == "cleaned_particles_relion.star"), res.outputs[0])
                 try:
-                    layer, attached = self._show(star, image, f"cs2star class{k}" if batch
-                                                 else f"cs2star {star.stem}")
+                    layer, attached = self._show(star, image, f"cs2star class{k}" if batch else f"cs2star {star.stem}")
                 except CryoDDMError as exc:
                     lines.append(f"  not shown: {exc}")
                     continue
@@ -210,6 +256,14 @@ class Cs2StarWidget(Container):
         attached, box = particles_on_micrographs(star, image)
         if int(self._box.value):
             box = int(self._box.value)
-        layer = add_boxes_layer(self.viewer, attached.points, "particles", box, source=str(star),
-                                image_layer=image, name=name, features=attached.features)
+        layer = add_boxes_layer(
+            self.viewer,
+            attached.points,
+            "particles",
+            box,
+            source=str(star),
+            image_layer=image,
+            name=name,
+            features=attached.features,
+        )
         return layer, attached

@@ -23,8 +23,8 @@ from ..layers import cryoddm_metadata, micrograph_layers, micrograph_paths, poin
 from ..session import particle_stack, particles_of, session
 from ..workers import JobHandle, notify, report_error, start_job
 from ._form import ConfigForm
-from ._run import JobButtons, path_or_none
 from ._qt import finish_dock, status_label
+from ._run import JobButtons, path_or_none
 
 _SCHEDULE = ("beta", "steps", "start")
 
@@ -62,51 +62,102 @@ class ForwardWidget(Container):
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=True)
         self.viewer = napari_viewer
-        self._micrographs = ComboBox(label="micrographs", nullable=True,
-                                     choices=lambda _w: [(lay.name, lay) for lay in micrograph_layers(self.viewer)],
-                                     tooltip="a micrograph stack opened with napari-cryoddm")
-        self._micrograph_files = FileEdit(label="or micrograph files", mode="rm",
-                                          filter="*.mrc *.mrcs *.mrc.gz *.st *.map *.rec",
-                                          tooltip="used when no micrograph layer is chosen")
-        self._particles = ComboBox(label="particles", nullable=True,
-                                   choices=lambda _w: self._points_choices("particles"),
-                                   tooltip="a particles boxes layer (x = column, y = row)")
-        self._particles_file = FileEdit(label="or particle STAR", mode="r", filter="*.star *.cbox",
-                                        tooltip="used when no particles layer is chosen")
-        self._noise = ComboBox(label="noise boxes", nullable=True,
-                               choices=lambda _w: self._points_choices("noise"),
-                               tooltip="a noise boxes layer (from the noise picker)")
-        self._noise_file = FileEdit(label="or noise file", mode="r", filter="*.txt *.star",
-                                    tooltip="`name x y` text or STAR; used when no noise layer is chosen")
-        self.form = ConfigForm(ForwardConfig, advanced=("normalise", "seed", "jitter", "max_crops"),
-                               special={"diameter": "not given", "diameter_A": "not given"})
+        self._build_controls()
+        self.extend(
+            [
+                self._micrographs,
+                self._micrograph_files,
+                self._particles,
+                self._particles_file,
+                self._noise,
+                self._noise_file,
+                self.form,
+                self._output,
+                self._preview_crop,
+                self._preview_button,
+                self._run_button,
+                self._stop_button,
+                self._status,
+            ]
+        )
+        self.chain_plot = ChainStrip()
+        self.native.layout().addWidget(self.chain_plot.canvas)
+        finish_dock(self, self.form)
+        self._runner = JobButtons(
+            self._run_button,
+            self._stop_button,
+            self._status,
+            stop_message="stopping after the current micrograph or block of crops…",
+        )
+        self.result: ForwardResult | None = None
+        self.preview: np.ndarray | None = None
+        self.preview_info: dict[str, Any] = {}
+        self._connect()
+
+    def _build_controls(self) -> None:
+        """The dock's fields and buttons (laid out by __init__)."""
+        self._micrographs = ComboBox(
+            label="micrographs",
+            nullable=True,
+            choices=lambda _w: [(lay.name, lay) for lay in micrograph_layers(self.viewer)],
+            tooltip="a micrograph stack opened with napari-cryoddm",
+        )
+        self._micrograph_files = FileEdit(
+            label="or micrograph files",
+            mode="rm",
+            filter="*.mrc *.mrcs *.mrc.gz *.st *.map *.rec",
+            tooltip="used when no micrograph layer is chosen",
+        )
+        self._particles = ComboBox(
+            label="particles",
+            nullable=True,
+            choices=lambda _w: self._points_choices("particles"),
+            tooltip="a particles boxes layer (x = column, y = row)",
+        )
+        self._particles_file = FileEdit(
+            label="or particle STAR", mode="r", filter="*.star *.cbox", tooltip="used when no particles layer is chosen"
+        )
+        self._noise = ComboBox(
+            label="noise boxes",
+            nullable=True,
+            choices=lambda _w: self._points_choices("noise"),
+            tooltip="a noise boxes layer (from the noise picker)",
+        )
+        self._noise_file = FileEdit(
+            label="or noise file",
+            mode="r",
+            filter="*.txt *.star",
+            tooltip="`name x y` text or STAR; used when no noise layer is chosen",
+        )
+        self.form = ConfigForm(
+            ForwardConfig,
+            advanced=("normalise", "seed", "jitter", "max_crops"),
+            special={"diameter": "not given", "diameter_A": "not given"},
+        )
         self.form["beta"].step = 0.0001  # four decimals: Config 1's β is 0.1288
-        self._output = FileEdit(label="output folder", mode="d",
-                                tooltip="written as OUT.partial/ and renamed when complete")
-        self._preview_crop = SpinBox(label="preview crop", value=0, min=0, max=100000,
-                                     tooltip="which planned crop the preview shows")
+        self._output = FileEdit(
+            label="output folder", mode="d", tooltip="written as OUT.partial/ and renamed when complete"
+        )
+        self._preview_crop = SpinBox(
+            label="preview crop", value=0, min=0, max=100000, tooltip="which planned crop the preview shows"
+        )
         self._preview_button = PushButton(text="Preview one chain")
         self._run_button = PushButton(text="Run")
         self._stop_button = PushButton(text="Stop", enabled=False)
         self._status = status_label(Label(value=""))  # long results must not widen the dock
-        self.extend([self._micrographs, self._micrograph_files, self._particles, self._particles_file,
-                     self._noise, self._noise_file, self.form, self._output, self._preview_crop,
-                     self._preview_button, self._run_button, self._stop_button, self._status])
-        self.chain_plot = ChainStrip()
-        self.native.layout().addWidget(self.chain_plot.canvas)
-        finish_dock(self, self.form)
-        self._runner = JobButtons(self._run_button, self._stop_button, self._status,
-                                stop_message="stopping after the current micrograph or block of crops…")
-        self.result: ForwardResult | None = None
-        self.preview: np.ndarray | None = None
-        self.preview_info: dict[str, Any] = {}
+
+    def _connect(self) -> None:
+        """The dock's reactions: its buttons and fields, the viewer's layers and slider."""
         self._preview_button.changed.connect(self.run_preview)
         self._run_button.changed.connect(self.run)
         self.form["preset"].changed.connect(self._on_preset)
         self._on_preset(self.form["preset"].value)
         self._particles.changed.connect(self._particles_changed)
-        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
-                      self.viewer.layers.events.moved):
+        for event in (
+            self.viewer.layers.events.inserted,
+            self.viewer.layers.events.removed,
+            self.viewer.layers.events.moved,
+        ):
             event.connect(self._refresh)
         self._refresh()
         self._session = session(self.viewer)
@@ -119,8 +170,7 @@ class ForwardWidget(Container):
         """The picker's stack, particles, noise boxes and diameter become the defaults."""
         if key in ("particles", "noise"):
             self._refresh(prefer=True)
-        elif key == "diameter_px" and value and not self.form["diameter"].value \
-                and not self.form["diameter_A"].value:
+        elif key == "diameter_px" and value and not self.form["diameter"].value and not self.form["diameter_A"].value:
             self.form["diameter"].value = float(value)
 
     # ------------------------------------------------------------------ inputs
@@ -139,8 +189,7 @@ class ForwardWidget(Container):
         if stack is not None and (prefer or self._micrographs.value is None):
             self._micrographs.value = stack
         stack = self._micrographs.value
-        for combo, layer in ((self._particles, particles_of(self.viewer, stack)),
-                             (self._noise, self._noise_of(stack))):
+        for combo, layer in ((self._particles, particles_of(self.viewer, stack)), (self._noise, self._noise_of(stack))):
             if layer is not None and (prefer or combo.value is None):
                 combo.value = layer
             elif combo.value is None and combo.choices[1:]:
@@ -180,8 +229,7 @@ class ForwardWidget(Container):
             mics = [str(p) for p in files]
         else:
             raise CryoDDMError("choose a micrograph layer or micrograph files")
-        particles = self._table_or_file(self._particles.value, self._particles_file.value,
-                                        image, "particles")
+        particles = self._table_or_file(self._particles.value, self._particles_file.value, image, "particles")
         noise = self._table_or_file(self._noise.value, self._noise_file.value, image, "noise")
         return mics, particles, noise
 
@@ -227,8 +275,7 @@ class ForwardWidget(Container):
             yield Progress(0, 1, "previewing one chain")
             return preview_chain(mics, particles, noise, config, crop=crop)
 
-        start_job(job, "forward preview", on_done=lambda r: self._show_preview(r, image, crop),
-                  on_error=self._failed)
+        start_job(job, "forward preview", on_done=lambda r: self._show_preview(r, image, crop), on_error=self._failed)
 
     def _show_preview(self, result: tuple[np.ndarray, Any], image: Any = None, crop: int = 0) -> None:
         """Show the chain x_0…x_T as a strip of small images in the dock (one contrast for all,
@@ -239,14 +286,22 @@ class ForwardWidget(Container):
         crop = int(np.clip(crop, 0, len(plan.crops) - 1))
         row = plan.crops.iloc[crop]
         mic = plan.micrographs[int(row.micrograph)].path.name
-        self.preview_info = {"window": plan.window, "crop": crop, "micrograph": mic,
-                             "x": int(row.x), "y": int(row.y), "bin_factor": plan.factor,
-                             "schedule": {"beta": beta, "steps": steps, "start": start}}
+        self.preview_info = {
+            "window": plan.window,
+            "crop": crop,
+            "micrograph": mic,
+            "x": int(row.x),
+            "y": int(row.y),
+            "bin_factor": plan.factor,
+            "schedule": {"beta": beta, "steps": steps, "start": start},
+        }
         self.chain_plot.show(xs, start)
-        self._status.value = (f"preview: crop {crop} of {plan.counts['crops']} "
-                              f"({mic}, x {int(row.x)}, y {int(row.y)}"
-                              f"{'' if plan.factor == 1 else f' binned ×{plan.factor:g}'}), "
-                              f"W = {plan.window} px, steps 0…{steps} (pairs saved from k = {start})")
+        self._status.value = (
+            f"preview: crop {crop} of {plan.counts['crops']} "
+            f"({mic}, x {int(row.x)}, y {int(row.y)}"
+            f"{'' if plan.factor == 1 else f' binned ×{plan.factor:g}'}), "
+            f"W = {plan.window} px, steps 0…{steps} (pairs saved from k = {start})"
+        )
 
     def run(self, *_: Any) -> JobHandle | None:
         """Write the dataset (threaded, with progress; inline under CRYODDM_NAPARI_NOTHREADS)."""
@@ -261,8 +316,12 @@ class ForwardWidget(Container):
             self._status.value = str(exc)
             return None
         self.result = None
-        return self._runner.start(lambda cancel: run_forward(mics, particles, noise, out, config, cancel),
-                                "forward", on_done=self._done, on_error=self._failed)
+        return self._runner.start(
+            lambda cancel: run_forward(mics, particles, noise, out, config, cancel),
+            "forward",
+            on_done=self._done,
+            on_error=self._failed,
+        )
 
     def stop(self, *_: Any) -> None:
         self._runner.stop()
@@ -271,9 +330,11 @@ class ForwardWidget(Container):
         self.result = result
         self._session.publish("forward", result.out)
         c = result.counts
-        msg = (f"{result.out}: {c['crops']} crops, {c['noise']} noise patches, W = {result.window} px, "
-               f"{c['s2_pairs']} s2 + {c['val_pairs']} val pairs"
-               + (f"; {c['skipped_outside']} crops left the image" if c["skipped_outside"] else ""))
+        msg = (
+            f"{result.out}: {c['crops']} crops, {c['noise']} noise patches, W = {result.window} px, "
+            f"{c['s2_pairs']} s2 + {c['val_pairs']} val pairs"
+            + (f"; {c['skipped_outside']} crops left the image" if c["skipped_outside"] else "")
+        )
         for w in result.warnings:
             msg += f"\nwarning: {w}"
         self._status.value = msg
@@ -286,4 +347,3 @@ class ForwardWidget(Container):
             return
         self._status.value = f"{type(exc).__name__}: {exc}" if not isinstance(exc, CryoDDMError) else str(exc)
         report_error(exc)
-

@@ -14,20 +14,20 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label,
-                              PushButton, SpinBox)
+from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
 from napari.utils.notifications import show_info, show_warning
 
 from ...errors import CryoDDMError
 from ...io.star import read_coordinates
 from ...params import window_for_diameter
 from ...picking import Micrograph, PickConfig, PickResult, merge_boxes, pick_noise
-from ..layers import (add_boxes_layer, cryoddm_metadata, current_slice, micrograph_layers, micrographs, points_table)
+from ..layers import add_boxes_layer, cryoddm_metadata, current_slice, micrograph_layers, micrographs, points_table
 from ..session import particle_stack, particles_of, session
 from ..workers import report_error, start_job
 from ._form import ConfigForm
-from .picker_boxes import NO_LAYER, PROPOSAL_COLOUR, NoiseBoxes
 from ._qt import finish_dock, status_label
+from .picker_boxes import NO_LAYER, PROPOSAL_COLOUR, NoiseBoxes
+
 
 class NoisePickerWidget(NoiseBoxes, Container):
     """Pick noise boxes by hand or automatically; load and save `noise_coordinates.txt` / STAR."""
@@ -42,30 +42,86 @@ class NoisePickerWidget(NoiseBoxes, Container):
         self._suppress_add = False
         self.last_result: PickResult | None = None
 
-        self.image = ComboBox(label="micrographs", choices=self._image_choices,
-                              tooltip="a micrograph stack opened with napari-cryoddm")
-        self.diameter = FloatSpinBox(label="particle diameter", value=200.0, min=1.0, max=10000.0,
-                                     step=1.0, tooltip="the particle's diameter")
-        self.unit = ComboBox(label="unit", choices=["px", "Å"], value="px",
-                             tooltip="Å uses the micrographs' pixel size from their headers")
-        self.box = SpinBox(label="box size (px)", value=384, min=2, max=16384,
-                           tooltip="side of each noise box; defaults to the forward window W for "
-                                   "the diameter (what forward crops around each noise centre)")
+        self._build_controls()
+        self.extend(
+            [
+                self.image,
+                self.diameter,
+                self.unit,
+                self.box,
+                self.window_label,
+                self.form,
+                self.particles_layer,
+                self.particles_file,
+                self.scope,
+                self.pick_button,
+                self.propose_button,
+                self.accept_button,
+                self.invalid_button,
+                self.noise_file,
+                self.load_button,
+                self.save_button,
+                self.counts,
+                self.message,
+            ]
+        )
+        finish_dock(self, self.form)
+        if particle_stack(napari_viewer) is not None:
+            self.image.value = particle_stack(napari_viewer)
+        self._connect()
+
+    def _build_controls(self) -> None:
+        """The dock's fields and buttons (laid out by __init__)."""
+        self.image = ComboBox(
+            label="micrographs", choices=self._image_choices, tooltip="a micrograph stack opened with napari-cryoddm"
+        )
+        self.diameter = FloatSpinBox(
+            label="particle diameter", value=200.0, min=1.0, max=10000.0, step=1.0, tooltip="the particle's diameter"
+        )
+        self.unit = ComboBox(
+            label="unit",
+            choices=["px", "Å"],
+            value="px",
+            tooltip="Å uses the micrographs' pixel size from their headers",
+        )
+        self.box = SpinBox(
+            label="box size (px)",
+            value=384,
+            min=2,
+            max=16384,
+            tooltip="side of each noise box; defaults to the forward window W for "
+            "the diameter (what forward crops around each noise centre)",
+        )
         self.window_label = Label(value="")
-        self.form = ConfigForm(PickConfig, labels={
-            "max_per_micrograph": "max per image", "allow_unmatched": "allow unmatched"})
-        self.particles_layer = ComboBox(label="particles layer", choices=self._particle_choices,
-                                        tooltip="attached particle coordinates (a Points layer)")
-        self.particles_file = FileEdit(label="or particles STAR", mode="r", filter="*.star *.cbox",
-                                       value="", tooltip="a particle or coordinate STAR file")
-        self.scope = ComboBox(label="run on", choices=["all micrographs", "current micrograph"],
-                              value="all micrographs")
+        self.form = ConfigForm(
+            PickConfig, labels={"max_per_micrograph": "max per image", "allow_unmatched": "allow unmatched"}
+        )
+        self.particles_layer = ComboBox(
+            label="particles layer",
+            choices=self._particle_choices,
+            tooltip="attached particle coordinates (a Points layer)",
+        )
+        self.particles_file = FileEdit(
+            label="or particles STAR",
+            mode="r",
+            filter="*.star *.cbox",
+            value="",
+            tooltip="a particle or coordinate STAR file",
+        )
+        self.scope = ComboBox(
+            label="run on", choices=["all micrographs", "current micrograph"], value="all micrographs"
+        )
         self.pick_button = PushButton(text="Pick away from particles")
         self.propose_button = PushButton(text="Propose emptiest boxes (no coordinates)")
         self.accept_button = PushButton(text="Accept proposals (selected, or all)")
         self.invalid_button = PushButton(text="Delete boxes that do not fit")
-        self.noise_file = FileEdit(label="noise file", mode="w", filter="*.txt *.star", value="",
-                                   tooltip="noise_coordinates.txt (name x y) or .star")
+        self.noise_file = FileEdit(
+            label="noise file",
+            mode="w",
+            filter="*.txt *.star",
+            value="",
+            tooltip="noise_coordinates.txt (name x y) or .star",
+        )
         self.load_button = PushButton(text="Load")
         self.save_button = PushButton(text="Save")
         self.counts = Label(value="")
@@ -76,14 +132,10 @@ class NoisePickerWidget(NoiseBoxes, Container):
         self._sized: set[int] = set()
         self._settings: dict[str, tuple[float, str]] = {}  # stack name → (diameter, unit)
         self._restoring = False
-        self.extend([self.image, self.diameter, self.unit, self.box, self.window_label, self.form,
-                     self.particles_layer, self.particles_file, self.scope, self.pick_button,
-                     self.propose_button, self.accept_button, self.invalid_button,
-                     self.noise_file, self.load_button, self.save_button, self.counts, self.message])
-        finish_dock(self, self.form)
-        if particle_stack(napari_viewer) is not None:
-            self.image.value = particle_stack(napari_viewer)
-        session(napari_viewer).changed.connect(self._on_session)
+
+    def _connect(self) -> None:
+        """The dock's reactions: its buttons and fields, the viewer's layers and slider."""
+        session(self.viewer).changed.connect(self._on_session)
 
         self.diameter.changed.connect(self._diameter_changed)
         self.unit.changed.connect(self._diameter_changed)
@@ -96,9 +148,9 @@ class NoisePickerWidget(NoiseBoxes, Container):
         self.invalid_button.changed.connect(lambda _=None: self.delete_invalid())
         self.load_button.changed.connect(lambda _=None: self.load())
         self.save_button.changed.connect(lambda _=None: self.save())
-        for ev in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+        for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             ev.connect(self._layers_changed)
-        napari_viewer.dims.events.current_step.connect(self._update_counts)
+        self.viewer.dims.events.current_step.connect(self._update_counts)
         self._image_changed()
 
     # ------------------------------------------------------------------ layers and choices
@@ -110,9 +162,11 @@ class NoisePickerWidget(NoiseBoxes, Container):
         from napari.layers import Points
 
         ours = (self.noise_layer, self.proposals_layer)
-        return [(NO_LAYER, None)] + [(layer.name, layer) for layer in self.viewer.layers
-                                     if isinstance(layer, Points) and layer not in ours
-                                     and cryoddm_metadata(layer).get("kind") != "noise"]
+        return [(NO_LAYER, None)] + [
+            (layer.name, layer)
+            for layer in self.viewer.layers
+            if isinstance(layer, Points) and layer not in ours and cryoddm_metadata(layer).get("kind") != "noise"
+        ]
 
     def _layers_changed(self, event=None) -> None:
         removed = getattr(event, "type", "") == "removed"
@@ -168,8 +222,7 @@ class NoisePickerWidget(NoiseBoxes, Container):
         return [tuple(int(v) for v in m["shape"][-2:]) for m in self.micrograph_entries]
 
     def apix(self) -> float:
-        return next((float(m.get("voxel_size") or 0) for m in self.micrograph_entries
-                     if m.get("voxel_size")), 0.0)
+        return next((float(m.get("voxel_size") or 0) for m in self.micrograph_entries if m.get("voxel_size")), 0.0)
 
     def diameter_px(self) -> float:
         d = float(self.diameter.value)
@@ -224,6 +277,7 @@ class NoisePickerWidget(NoiseBoxes, Container):
                 def _pixels(k=k, shape=shape, data=data):
                     arr = data[k][: shape[0], : shape[1]]
                     return np.asarray(arr.compute() if hasattr(arr, "compute") else arr)
+
                 pixels = _pixels
             refs.append(Micrograph(m["name"], shape, path, float(m.get("voxel_size") or 0), pixels))
         return refs
@@ -247,8 +301,12 @@ class NoisePickerWidget(NoiseBoxes, Container):
         except CryoDDMError as exc:
             self._fail(exc)
             return None
-        return start_job(lambda cancel: pick_noise(mics, config, particles, existing, cancel, source),
-                         "pick noise", on_done=self._picked, on_error=self._fail)
+        return start_job(
+            lambda cancel: pick_noise(mics, config, particles, existing, cancel, source),
+            "pick noise",
+            on_done=self._picked,
+            on_error=self._fail,
+        )
 
     def propose_empty(self):
         try:
@@ -258,12 +316,16 @@ class NoisePickerWidget(NoiseBoxes, Container):
         except CryoDDMError as exc:
             self._fail(exc)
             return None
-        return start_job(lambda cancel: pick_noise(mics, config, None, existing, cancel),
-                         "propose empty boxes", on_done=self._proposed, on_error=self._fail)
+        return start_job(
+            lambda cancel: pick_noise(mics, config, None, existing, cancel),
+            "propose empty boxes",
+            on_done=self._proposed,
+            on_error=self._fail,
+        )
 
     def _report(self, result: PickResult) -> None:
         self.last_result = result
-        text = (f"{len(result.new)} new boxes; {result.total} on {len(result.counts)} micrographs")
+        text = f"{len(result.new)} new boxes; {result.total} on {len(result.counts)} micrographs"
         for w in result.warnings:
             show_warning(w)
         self._say(text)
@@ -287,15 +349,27 @@ class NoisePickerWidget(NoiseBoxes, Container):
         index = {n: i for i, n in enumerate(names)}
         new = result.new
         ii = new["micrograph"].map(index).to_numpy(np.float64)
-        data = np.column_stack([ii, new["y"].to_numpy(float), new["x"].to_numpy(float)]) if len(new) \
-            else np.zeros((0, 3))
-        features = pd.DataFrame({"micrograph": new["micrograph"].to_numpy(),
-                                 "score": new["score"].to_numpy(float) if "score" in new else np.nan})
+        data = (
+            np.column_stack([ii, new["y"].to_numpy(float), new["x"].to_numpy(float)]) if len(new) else np.zeros((0, 3))
+        )
+        features = pd.DataFrame(
+            {
+                "micrograph": new["micrograph"].to_numpy(),
+                "score": new["score"].to_numpy(float) if "score" in new else np.nan,
+            }
+        )
         if self.proposals_layer is not None and self.proposals_layer in self.viewer.layers:
             self.viewer.layers.remove(self.proposals_layer)
-        layer = add_boxes_layer(self.viewer, data, "noise", int(self.box.value),
-                                image_layer=self.image.value, name="noise proposals",
-                                features=features, proposals=True)
+        layer = add_boxes_layer(
+            self.viewer,
+            data,
+            "noise",
+            int(self.box.value),
+            image_layer=self.image.value,
+            name="noise proposals",
+            features=features,
+            proposals=True,
+        )
         layer.border_color = PROPOSAL_COLOUR
         layer.current_border_color = PROPOSAL_COLOUR
         self.proposals_layer = layer
@@ -306,8 +380,7 @@ class NoisePickerWidget(NoiseBoxes, Container):
         for w in result.warnings:
             if "needs a few" not in w:
                 show_warning(w)
-        self._say(f"{len(new)} proposed boxes (cyan): delete the ones that hold particles, "
-                  "then Accept proposals")
+        self._say(f"{len(new)} proposed boxes (cyan): delete the ones that hold particles, then Accept proposals")
 
     def accept_proposals(self) -> int:
         """Move the selected proposals (all when none is selected) into the noise layer."""
@@ -338,8 +411,7 @@ class NoisePickerWidget(NoiseBoxes, Container):
         cur = current_slice(self.viewer, self.image.value)
         n_here = int((idx == cur).sum())
         n_mics = len(set(idx.tolist()))
-        text = (f"this micrograph: {n_here} boxes\nopen micrographs: {len(data)} boxes on "
-                f"{n_mics} micrographs")
+        text = f"this micrograph: {n_here} boxes\nopen micrographs: {len(data)} boxes on {n_mics} micrographs"
         if len(self.other_boxes):
             text += f"\nkept for micrographs not open: {len(self.other_boxes)} boxes"
         self.counts.value = text

@@ -1,7 +1,6 @@
 """The noise picker's boxes: its `noise` Points layer (one per micrograph stack, each box keeping
 the size it was picked with), adding and removing boxes, and the noise files it loads and saves."""
 
-
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +14,7 @@ from ...box_placement import box_inside
 from ...errors import CryoDDMError
 from ...names import match_names
 from ...picking import merge_boxes
-from ..layers import (add_boxes_layer, cryoddm_metadata, is_boxes_layer,
-                      points_table)
+from ..layers import add_boxes_layer, cryoddm_metadata, is_boxes_layer, points_table
 
 VALID_COLOUR = np.array([1.0, 0.0, 0.0, 1.0])  # red, as the original
 INVALID_COLOUR = np.array([1.0, 0.85, 0.0, 1.0])  # yellow: the box no longer fits its micrograph
@@ -29,8 +27,11 @@ class NoiseBoxes:
 
     def ensure_noise_layer(self):
         """The `noise` layer of this widget (created over the chosen stack on first use)."""
-        if self.noise_layer is not None and self.noise_layer in self.viewer.layers \
-                and id(self.noise_layer) in self._sized:
+        if (
+            self.noise_layer is not None
+            and self.noise_layer in self.viewer.layers
+            and id(self.noise_layer) in self._sized
+        ):
             return self.noise_layer
         image = self.image.value
         if image is None:
@@ -38,10 +39,17 @@ class NoiseBoxes:
         layer = self._attached_noise_layer(image)
         if layer is None:
             others = [lay for lay in self.viewer.layers if lay.name == "noise"]
-            layer = add_boxes_layer(self.viewer, None, "noise", int(self.box.value),
-                                    image_layer=image, name=f"noise {image.name}" if others else "noise",
-                                    attached_to=image.name, micrograph_names=self._names(),
-                                    features=pd.DataFrame({"micrograph": pd.Series([], dtype=object)}))
+            layer = add_boxes_layer(
+                self.viewer,
+                None,
+                "noise",
+                int(self.box.value),
+                image_layer=image,
+                name=f"noise {image.name}" if others else "noise",
+                attached_to=image.name,
+                micrograph_names=self._names(),
+                features=pd.DataFrame({"micrograph": pd.Series([], dtype=object)}),
+            )
         elif id(layer) not in self._sized and len(layer.data):
             layer.size = float(self.box.value)  # a noise file carries no box size: W's
         self._sized.add(id(layer))
@@ -55,10 +63,12 @@ class NoiseBoxes:
         """Make `layer` the noise layer this widget edits (hooked once per layer)."""
         if id(layer) not in self._hooked:
             names = layer.features["micrograph"].astype(object).to_numpy() if len(layer.data) else []
-            valid = (layer.features["valid"].to_numpy(bool) if "valid" in layer.features
-                     and len(layer.features) == len(layer.data) else np.ones(len(layer.data), bool))
-            layer.features = pd.DataFrame({"micrograph": pd.Series(names, dtype=object),
-                                           "valid": valid})
+            valid = (
+                layer.features["valid"].to_numpy(bool)
+                if "valid" in layer.features and len(layer.features) == len(layer.data)
+                else np.ones(len(layer.data), bool)
+            )
+            layer.features = pd.DataFrame({"micrograph": pd.Series(names, dtype=object), "valid": valid})
             layer.feature_defaults = {"micrograph": "", "valid": True}
             layer.events.data.connect(self._on_data)
             layer.mouse_drag_callbacks.insert(0, self._ctrl_click)
@@ -70,9 +80,12 @@ class NoiseBoxes:
         and attached): the widget edits it instead of making a second one."""
         for layer in self.viewer.layers:
             meta = cryoddm_metadata(layer)
-            if (is_boxes_layer(layer, "noise") and not meta.get("proposals")
-                    and meta.get("attached_to") == image.name
-                    and "micrograph" in layer.features.columns):
+            if (
+                is_boxes_layer(layer, "noise")
+                and not meta.get("proposals")
+                and meta.get("attached_to") == image.name
+                and "micrograph" in layer.features.columns
+            ):
                 return layer
         return None
 
@@ -149,8 +162,7 @@ class NoiseBoxes:
             bad = [i for i, ok in zip(added, self._valid(data[added])) if not ok]
             if bad:
                 self._remove(bad)
-                self._say(f"box refused: a {self.box.value} px box there would leave the micrograph",
-                          warn=True)
+                self._say(f"box refused: a {self.box.value} px box there would leave the micrograph", warn=True)
                 added = [i for i in added if i not in bad]
                 data = np.delete(data, bad, axis=0)
                 added = [i - sum(b < i for b in bad) for i in added]
@@ -183,8 +195,7 @@ class NoiseBoxes:
             return None
         data = np.asarray(layer.data, dtype=float)
         half = self._sizes() / 2.0
-        hit = (np.round(data[:, 0]) == index) & (np.abs(data[:, 1] - y) <= half) & \
-            (np.abs(data[:, 2] - x) <= half)
+        hit = (np.round(data[:, 0]) == index) & (np.abs(data[:, 1] - y) <= half) & (np.abs(data[:, 2] - x) <= half)
         if not hit.any():
             return None
         cand = np.flatnonzero(hit)
@@ -210,8 +221,7 @@ class NoiseBoxes:
     def delete_invalid(self) -> int:
         if self.noise_layer is None:
             return 0
-        bad = np.flatnonzero(~self._valid(np.asarray(self.noise_layer.data, float).reshape(-1, 3),
-                                          self._sizes()))
+        bad = np.flatnonzero(~self._valid(np.asarray(self.noise_layer.data, float).reshape(-1, 3), self._sizes()))
         self._remove(list(bad))
         self._restyle()
         self._say(f"deleted {len(bad)} boxes that did not fit")
@@ -222,8 +232,13 @@ class NoiseBoxes:
     def boxes_table(self) -> pd.DataFrame:
         """The layer's boxes (`micrograph, x, y`, integer pixels) of the open micrographs."""
         if self.noise_layer is None or not len(self.noise_layer.data):
-            return pd.DataFrame({"micrograph": pd.Series([], dtype=str),
-                                 "x": pd.Series([], dtype=np.int64), "y": pd.Series([], dtype=np.int64)})
+            return pd.DataFrame(
+                {
+                    "micrograph": pd.Series([], dtype=str),
+                    "x": pd.Series([], dtype=np.int64),
+                    "y": pd.Series([], dtype=np.int64),
+                }
+            )
         table = points_table(self.noise_layer, self.image.value)
         return merge_boxes(None, table)
 
@@ -237,24 +252,29 @@ class NoiseBoxes:
         layer = self.ensure_noise_layer()
         names = self._names()
         old = np.asarray(layer.data, dtype=float).reshape(-1, 3)
-        kept = {(int(round(i)), int(round(y)), int(round(x))): size
-                for (i, y, x), size in zip(old, self._sizes())}
+        kept = {(int(round(i)), int(round(y)), int(round(x))): size for (i, y, x), size in zip(old, self._sizes())}
         match = match_names(pd.unique(table["micrograph"].astype(str)), names)
         idx = table["micrograph"].astype(str).map(match.mapping)
         mine = table[idx.notna()]
         self.other_boxes = merge_boxes(None, table[idx.isna()])
         ii = idx[idx.notna()].to_numpy(np.int64)
-        data = np.column_stack([ii.astype(float), mine["y"].to_numpy(float), mine["x"].to_numpy(float)]) \
-            if len(mine) else np.zeros((0, 3))
+        data = (
+            np.column_stack([ii.astype(float), mine["y"].to_numpy(float), mine["x"].to_numpy(float)])
+            if len(mine)
+            else np.zeros((0, 3))
+        )
         self._guard = True
         try:
             layer.selected_data = set()
             layer.data = data
-            layer.size = np.array([kept.get((int(round(i)), int(round(y)), int(round(x))),
-                                            float(self.box.value)) for i, y, x in data]) \
-                if len(data) else float(self.box.value)
-            layer.features = pd.DataFrame({"micrograph": [names[i] for i in ii],
-                                           "valid": np.ones(len(ii), dtype=bool)})
+            layer.size = (
+                np.array(
+                    [kept.get((int(round(i)), int(round(y)), int(round(x))), float(self.box.value)) for i, y, x in data]
+                )
+                if len(data)
+                else float(self.box.value)
+            )
+            layer.features = pd.DataFrame({"micrograph": [names[i] for i in ii], "valid": np.ones(len(ii), dtype=bool)})
         finally:
             self._guard = False
         self._restyle()
@@ -276,8 +296,7 @@ class NoiseBoxes:
             msg = f"loaded {len(table)} boxes from {path.name}"
             if n_other:
                 stems = ", ".join(pd.unique(self.other_boxes["micrograph"])[:3])
-                msg += (f"; {n_other} belong to micrographs that are not open ({stems} …): "
-                        "they are kept and saved back")
+                msg += f"; {n_other} belong to micrographs that are not open ({stems} …): they are kept and saved back"
             self._say(msg)
             return len(table)
         except CryoDDMError as exc:
@@ -291,12 +310,13 @@ class NoiseBoxes:
             if not str(path) or str(path) == "." or path.is_dir():
                 raise CryoDDMError("choose a noise file (.txt or .star) to save to")
             if self.noise_layer is not None:
-                bad = int((~self._valid(np.asarray(self.noise_layer.data, float).reshape(-1, 3),
-                                        self._sizes())).sum())
+                bad = int((~self._valid(np.asarray(self.noise_layer.data, float).reshape(-1, 3), self._sizes())).sum())
                 if bad:
-                    raise CryoDDMError(f"{bad} boxes do not fit inside their micrograph at "
-                                       f"{self.box.value} px (yellow): move them, delete them "
-                                       "(Delete boxes that do not fit) or choose a smaller box")
+                    raise CryoDDMError(
+                        f"{bad} boxes do not fit inside their micrograph at "
+                        f"{self.box.value} px (yellow): move them, delete them "
+                        "(Delete boxes that do not fit) or choose a smaller box"
+                    )
             table = self.all_boxes()
             if path.exists():
                 old = read_boxes(path, allow_empty=True)

@@ -28,8 +28,8 @@ from ..reader import robust_limits
 from ..session import fill_empty, particle_stack, session
 from ..workers import notify, report_error
 from ._form import ConfigForm
-from ._run import JobButtons, path_or_none
 from ._qt import finish_dock, status_label
+from ._run import JobButtons, path_or_none
 
 QUICK_LOOK_KEEP = 8  # quick-look results kept in memory (older ones are dropped)
 
@@ -54,26 +54,57 @@ class PredictWidget(Container):
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=True)
         self.viewer = napari_viewer
-        self.model_choice = ComboBox(label="model", choices=["checkpoint file", *available()],
-                                     value="checkpoint file",
-                                     tooltip="a checkpoint file, or a model shipped with the plugin "
-                                             "(sample: trained on synthetic sample data)")
-        self.model_file = FileEdit(mode="r", label="checkpoint", filter="*.pt *.pth",
-                                   tooltip="checkpoint from Train, or the original's N.pth")
-        self.layer_combo = ComboBox(label="micrographs", choices=self._layer_choices,
-                                    tooltip="an image layer opened with napari-cryoddm")
-        self.form = ConfigForm(PredictConfig, advanced=(
-            "batch_size", "tile", "overlap", "precision", "estimator", "estimator_step",
-            "channels_last", "compile", "threads", "prefetch", "suffix", "overwrite"))
-        self.out_dir = FileEdit(mode="d", label="output folder",
-                                tooltip="where 'Denoise all' writes <name>.mrc (finished ones are skipped)")
+        self.model_choice = ComboBox(
+            label="model",
+            choices=["checkpoint file", *available()],
+            value="checkpoint file",
+            tooltip="a checkpoint file, or a model shipped with the plugin (sample: trained on synthetic sample data)",
+        )
+        self.model_file = FileEdit(
+            mode="r", label="checkpoint", filter="*.pt *.pth", tooltip="checkpoint from Train, or the original's N.pth"
+        )
+        self.layer_combo = ComboBox(
+            label="micrographs", choices=self._layer_choices, tooltip="an image layer opened with napari-cryoddm"
+        )
+        self.form = ConfigForm(
+            PredictConfig,
+            advanced=(
+                "batch_size",
+                "tile",
+                "overlap",
+                "precision",
+                "estimator",
+                "estimator_step",
+                "channels_last",
+                "compile",
+                "threads",
+                "prefetch",
+                "suffix",
+                "overwrite",
+            ),
+        )
+        self.out_dir = FileEdit(
+            mode="d", label="output folder", tooltip="where 'Denoise all' writes <name>.mrc (finished ones are skipped)"
+        )
         self.overlay = CheckBox(value=False, text="overlay on the raw micrograph (else side by side)")
         self.current_button = PushButton(text="Denoise current micrograph")
         self.all_button = PushButton(text="Denoise all to the folder (background)")
         self.stop_button = PushButton(text="Stop", enabled=False)
         self.status = status_label(Label(value=""))
-        self.extend([self.model_choice, self.model_file, self.layer_combo, self.form, self.out_dir, self.overlay,
-                     self.current_button, self.all_button, self.stop_button, self.status])
+        self.extend(
+            [
+                self.model_choice,
+                self.model_file,
+                self.layer_combo,
+                self.form,
+                self.out_dir,
+                self.overlay,
+                self.current_button,
+                self.all_button,
+                self.stop_button,
+                self.status,
+            ]
+        )
         finish_dock(self, self.form)
         self.current_button.changed.connect(self.denoise_current)
         self.all_button.changed.connect(self.denoise_all)
@@ -187,8 +218,10 @@ class PredictWidget(Container):
                 raise CryoDDMError("choose an output folder for 'Denoise all'")
             paths = [m.get("path") for m in micrographs(layer)]
             if not all(paths):
-                raise CryoDDMError(f"layer {layer.name!r} has micrographs without a file; save them "
-                                   "first or use 'Denoise current micrograph'")
+                raise CryoDDMError(
+                    f"layer {layer.name!r} has micrographs without a file; save them "
+                    "first or use 'Denoise current micrograph'"
+                )
         except CryoDDMError as exc:
             report_error(exc)
             return
@@ -251,8 +284,9 @@ class PredictWidget(Container):
     def denoised_name(self, layer: Any) -> str:
         return f"{layer.name} denoised"
 
-    def _slice(self, layer_name: str, index: int, entries: list[dict], suffix: str,
-               shape: tuple[int, int]) -> np.ndarray:
+    def _slice(
+        self, layer_name: str, index: int, entries: list[dict], suffix: str, shape: tuple[int, int]
+    ) -> np.ndarray:
         out = np.zeros(shape, np.float32)
         arr = self._quick.get((layer_name, index))
         folder = self._outputs.get(layer_name)
@@ -281,8 +315,9 @@ class PredictWidget(Container):
         n = len(entries)
         load = dask.delayed(self._slice, pure=False)
         suffix = self.config().suffix
-        stack = da.stack([da.from_delayed(load(layer.name, i, entries, suffix, shape), shape, np.float32)
-                          for i in range(n)])
+        stack = da.stack(
+            [da.from_delayed(load(layer.name, i, entries, suffix, shape), shape, np.float32) for i in range(n)]
+        )
         name = self.denoised_name(layer)
         scale = list(layer.scale)
         scale[-1] *= factor
@@ -292,10 +327,20 @@ class PredictWidget(Container):
             limits = [lo, hi]
         else:
             limits = None
-        meta = {"cryoddm": {"micrographs": [
-            {**m, "voxel_size": float(m.get("voxel_size") or 0) * factor,
-             "shape": list(binned_shape(tuple(m.get("shape") or full), factor))} for m in entries],
-            "denoised_from": layer.name, "bin_factor": factor}}
+        meta = {
+            "cryoddm": {
+                "micrographs": [
+                    {
+                        **m,
+                        "voxel_size": float(m.get("voxel_size") or 0) * factor,
+                        "shape": list(binned_shape(tuple(m.get("shape") or full), factor)),
+                    }
+                    for m in entries
+                ],
+                "denoised_from": layer.name,
+                "bin_factor": factor,
+            }
+        }
         if name in self.viewer.layers:
             target = self.viewer.layers[name]
             target.data = stack
@@ -306,9 +351,15 @@ class PredictWidget(Container):
                 target.contrast_limits_range = _wide(limits)
                 target.contrast_limits = limits
         else:
-            target = self.viewer.add_image(stack, name=name, scale=scale, translate=list(layer.translate),
-                                           colormap="gray", contrast_limits=limits or [-3.0, 3.0],
-                                           metadata=meta)
+            target = self.viewer.add_image(
+                stack,
+                name=name,
+                scale=scale,
+                translate=list(layer.translate),
+                colormap="gray",
+                contrast_limits=limits or [-3.0, 3.0],
+                metadata=meta,
+            )
             target.contrast_limits_range = _wide(limits or [-3.0, 3.0])
             src = self.viewer.layers.index(layer)
             dst = self.viewer.layers.index(target)

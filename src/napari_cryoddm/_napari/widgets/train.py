@@ -20,8 +20,8 @@ from ...train import PHASES, TrainConfig, TrainResult, read_history, train
 from ..session import fill_empty, session
 from ..workers import JobHandle, notify, report_error
 from ._form import ConfigForm
-from ._run import JobButtons, path_or_none
 from ._qt import finish_dock, status_label
+from ._run import JobButtons, path_or_none
 
 COLOURS = {"s1": "#1f77b4", "s2": "#ff7f0e", "s3": "#2ca02c", "val": "#111111"}
 _REDRAW_S = 0.4  # at most ~2 redraws a second while batches stream in
@@ -52,11 +52,11 @@ class LossPlot:
         ax.set_yscale("log")
         ax.set_xlim(0, 1, auto=True)  # until the first batch: one epoch, losses of a normalised image
         ax.set_ylim(1e-2, 10, auto=True)
-        self.batch_lines = {p: ax.plot([], [], "o", ms=3.5, alpha=0.45, mew=0, color=COLOURS[p])[0]
-                            for p in PHASES}
-        self.epoch_lines = {p: ax.plot([], [], "-o", ms=3, lw=1.5, color=COLOURS[p],
-                                       label=p.upper() if p != "val" else "validation")[0]
-                            for p in (*PHASES, "val")}
+        self.batch_lines = {p: ax.plot([], [], "o", ms=3.5, alpha=0.45, mew=0, color=COLOURS[p])[0] for p in PHASES}
+        self.epoch_lines = {
+            p: ax.plot([], [], "-o", ms=3, lw=1.5, color=COLOURS[p], label=p.upper() if p != "val" else "validation")[0]
+            for p in (*PHASES, "val")
+        }
         ax.legend(loc="upper right", fontsize=7, frameon=False)
 
     def clear(self) -> None:
@@ -104,14 +104,29 @@ class TrainWidget(Container):
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=True)
         self.viewer = napari_viewer
-        self._forward = FileEdit(label="forward folder", mode="d",
-                                 tooltip="the forward step's output (s1/, s2/, s3/, val/)")
-        self._out = FileEdit(label="output folder", mode="d",
-                             tooltip="last.pt (every epoch, resumable), best.pt (lowest validation "
-                                     "loss) and history.json go here")
-        self.form = ConfigForm(TrainConfig, skip=("resume", "overwrite"),
-                               advanced=("batch_size", "warmup", "clip", "precision", "workers",
-                                         "seed", "max_shift", "linear_start", "fresh_noise"))
+        self._forward = FileEdit(
+            label="forward folder", mode="d", tooltip="the forward step's output (s1/, s2/, s3/, val/)"
+        )
+        self._out = FileEdit(
+            label="output folder",
+            mode="d",
+            tooltip="last.pt (every epoch, resumable), best.pt (lowest validation loss) and history.json go here",
+        )
+        self.form = ConfigForm(
+            TrainConfig,
+            skip=("resume", "overwrite"),
+            advanced=(
+                "batch_size",
+                "warmup",
+                "clip",
+                "precision",
+                "workers",
+                "seed",
+                "max_shift",
+                "linear_start",
+                "fresh_noise",
+            ),
+        )
         self.form["init"].tooltip += " (empty: random initialisation)"
         self.form["lr"].step = 0.0001  # four decimals: 0.0010, 0.0003 …
         self._overwrite = CheckBox(text="replace checkpoints already in the output folder", value=False)
@@ -119,16 +134,30 @@ class TrainWidget(Container):
         self._stop_button = PushButton(text="Stop", enabled=False)
         self._resume_button = PushButton(text="Resume")
         self._status = status_label(Label(value=""))
-        self.extend([self._forward, self._out, self.form, self._overwrite, self._train_button,
-                     self._stop_button, self._resume_button, self._status])
+        self.extend(
+            [
+                self._forward,
+                self._out,
+                self.form,
+                self._overwrite,
+                self._train_button,
+                self._stop_button,
+                self._resume_button,
+                self._status,
+            ]
+        )
         finish_dock(self, self.form)
         self.plot = LossPlot()
         self.native.layout().addWidget(self.plot.canvas)
         self._train_button.changed.connect(lambda *_: self.start(resume=False))
         self._resume_button.changed.connect(lambda *_: self.start(resume=True))
         self._out.changed.connect(self._show_existing)
-        self._runner = JobButtons([self._train_button, self._resume_button], self._stop_button, self._status,
-                                stop_message="stopping after the current batch (a resumable last.pt is saved)…")
+        self._runner = JobButtons(
+            [self._train_button, self._resume_button],
+            self._stop_button,
+            self._status,
+            stop_message="stopping after the current batch (a resumable last.pt is saved)…",
+        )
         self.result: TrainResult | None = None
         self._session = session(napari_viewer)
         self._session.changed.connect(self._on_session)
@@ -169,9 +198,15 @@ class TrainWidget(Container):
             for h in read_history(out):
                 self.plot.add_epoch(int(h["epoch"]), h)
         self.form.enabled = False
-        return self._runner.start(lambda cancel: train(forward, out, config, cancel), "train",
-                                on_progress=self._on_progress, on_done=self._done, on_error=self._failed,
-                                on_finish=self._finished, message="resuming…" if resume else "starting…")
+        return self._runner.start(
+            lambda cancel: train(forward, out, config, cancel),
+            "train",
+            on_progress=self._on_progress,
+            on_done=self._done,
+            on_error=self._failed,
+            on_finish=self._finished,
+            message="resuming…" if resume else "starting…",
+        )
 
     def stop(self) -> None:
         """Finish the current batch, save a resumable last.pt, stop."""
@@ -194,8 +229,7 @@ class TrainWidget(Container):
         if checkpoint is not None:
             self._session.publish("checkpoint", Path(checkpoint))
         if result.stopped:
-            msg = (f"stopped after {result.epochs_done} full epochs; {result.last} can be resumed "
-                   "(Resume)")
+            msg = f"stopped after {result.epochs_done} full epochs; {result.last} can be resumed (Resume)"
         else:
             msg = f"finished {result.epochs_done} epochs"
         if result.best_epoch is not None:
@@ -220,5 +254,6 @@ class TrainWidget(Container):
             self.plot.clear()
             for h in history:
                 self.plot.add_epoch(int(h["epoch"]), h)
-            self._status.value = (f"{out} holds {len(history)} epochs (last val "
-                                  f"{history[-1]['val']:.4g}); Resume continues them")
+            self._status.value = (
+                f"{out} holds {len(history)} epochs (last val {history[-1]['val']:.4g}); Resume continues them"
+            )
