@@ -262,9 +262,10 @@ def test_propose_empty_then_accept(make_napari_viewer, mics):
     prop = widget.proposals_layer
     assert prop is not None and prop.name == "noise proposals" and 1 <= len(prop.data) <= 12
     assert len(layer.data) == 0
+    proposed = len(prop.data)
     prop.selected_data = {0}
     assert widget.accept_proposals() == 1
-    assert len(layer.data) == 1 and len(prop.data) >= 0
+    assert len(layer.data) == 1 and len(prop.data) == proposed - 1
     n = len(prop.data)
     assert widget.accept_proposals() == n
     assert len(layer.data) == 1 + n and len(prop.data) == 0

@@ -47,7 +47,7 @@ from .errors import CryoDDMError, InputError
 from .forward_layout import ForwardData, open_forward
 from .jobs import CancelToken, Job, Progress
 from .safety import check_location, check_writable
-from .train_config import HISTORY, PLAN_FIELDS, RECIPES, TrainConfig
+from .train_config import CPU_EPOCHS, GPU_EPOCHS, HISTORY, PLAN_FIELDS, RECIPES, TrainConfig
 from .train_data import PHASES
 from .train_loop import Run, _norm
 
@@ -236,6 +236,8 @@ def _checked(
     device = resolve_device(config.device, local_rank if world > 1 else None)
     if world > 1 and config.batch_size < world:
         raise CryoDDMError(f"--batch-size {config.batch_size} is smaller than the {world} processes")
+    if config.epochs is None:
+        config = dataclasses.replace(config, epochs=GPU_EPOCHS if device.type == "cuda" else CPU_EPOCHS)
     if config.s2_target == "auto":
         known = bool(data.schedule and data.schedule.get("beta") is not None)
         config = dataclasses.replace(config, s2_target="signal" if known else "step")

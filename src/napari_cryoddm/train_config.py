@@ -15,11 +15,21 @@ RECIPES = ("default", "original")
 HISTORY = "history.json"
 
 
+# epochs when none are given: a GPU run of the original's length, a CPU run that ends within the hour
+GPU_EPOCHS, CPU_EPOCHS = 60, 10
+
+
 @dataclass
 class TrainConfig:
     """Every parameter of training; the CLI flags and the widget form are built from it."""
 
-    epochs: int = field(default=60, metadata={"help": "number of epochs (S1 + S2 + S3 + validation each)"})
+    epochs: int | None = field(
+        default=None,
+        metadata={
+            "help": "number of epochs (S1 + S2 + S3 + validation each); default: "
+            f"{GPU_EPOCHS} on a GPU, {CPU_EPOCHS} on a CPU"
+        },
+    )
     batch_size: int = field(
         default=32, metadata={"help": "samples per optimiser step (all GPUs together; each of N ranks takes B/N)"}
     )
@@ -111,7 +121,7 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace checkpoints already in OUT", "widget": False})
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
+        if self.epochs is not None and self.epochs < 1:
             raise ConfigError(self, "epochs", f"must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(self, "batch_size", f"must be at least 1, got {self.batch_size}")

@@ -17,6 +17,7 @@ import pandas as pd
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
 from napari.utils.notifications import show_info, show_warning
 
+from ... import params
 from ...errors import CryoDDMError
 from ...io.star import read_coordinates
 from ...params import window_for_diameter
@@ -225,13 +226,12 @@ class NoisePickerWidget(NoiseBoxes, Container):
         return next((float(m.get("voxel_size") or 0) for m in self.micrograph_entries if m.get("voxel_size")), 0.0)
 
     def diameter_px(self) -> float:
-        d = float(self.diameter.value)
+        """The diameter field in pixels, converted as the CLI converts --diameter-A."""
+        value = float(self.diameter.value)
         if self.unit.value == "Å":
             apix = self.apix() if self.image.value is not None else 0.0
-            if apix <= 0:
-                raise CryoDDMError("the micrographs' headers give no pixel size; give the diameter in px")
-            d = d / apix
-        return d
+            return params.diameter_px(diameter_A=value, apix=apix)
+        return params.diameter_px(diameter_px=value)
 
     def _particles_changed(self, _value=None) -> None:
         """A particles layer that knows its particle diameter (the sample data) sets it."""
