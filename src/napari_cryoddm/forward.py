@@ -289,14 +289,7 @@ def _manifest(plan: ForwardPlan, stats: dict[int, list[float]], suspect: Sequenc
             "per_micrograph": c.per_micrograph,
             "max_crops": c.max_crops,
             "noisier_member": "label",
-            "stacks": {
-                "particles": "s1/particles.mrcs",
-                "s2_input": "s2/input.mrcs",
-                "s2_label": "s2/label.mrcs",
-                "val_input": "val/input.mrcs",
-                "val_label": "val/label.mrcs",
-                "noise": "s3/noise.mrcs",
-            },
+            "stacks": dict(STACK_FILES),
             "coordinates": "binned frame, RELION convention: x = column, y = row, origin at data[0, 0]; "
             "the window of a centre (x, y) is rows [y − W/2, y + W/2), "
             "columns [x − W/2, x + W/2)",
