@@ -11,6 +11,7 @@ Run it under Xvfb (a hidden viewer's screenshot is black):
     xvfb-run -a .venv/bin/python scripts/screenshots.py            # writes docs/images/
     xvfb-run -a .venv/bin/python scripts/screenshots.py --out /tmp/shots --work /tmp/walk
     xvfb-run -a .venv/bin/python scripts/screenshots.py --real    # real-*.png from ../shared/data/real
+    xvfb-run -a .venv/bin/python scripts/screenshots.py --sample demo-out/sample   # cryoddm demo's files
 
 `tests/test_demo_viewer.py` runs the same `walk()` (without saving pictures) and checks the
 results against the core functions and the sample's truth.
@@ -53,14 +54,15 @@ def _process(viewer: Any) -> None:
         QApplication.processEvents()
 
 
-def open_sample(viewer: Any, sample_config: Any = None) -> None:
-    """File ▸ Open Sample ▸ CryoDDM stack, or the same layers for a smaller `SampleConfig`."""
-    if sample_config is None:
+def open_sample(viewer: Any, sample_config: Any = None, sample_folder: Path | None = None) -> None:
+    """File ▸ Open Sample ▸ CryoDDM stack, or the same layers for a smaller `SampleConfig`, or for
+    a sample folder already written (`cryoddm demo`'s OUT/sample)."""
+    if sample_config is None and sample_folder is None:
         viewer.open_sample(PLUGIN, "stack")
         return
     from napari_cryoddm._napari.sample_data import sample_layers
 
-    for data, kwargs, kind in sample_layers(sample_config, "CryoDDM sample stack"):
+    for data, kwargs, kind in sample_layers(sample_config, "CryoDDM sample stack", folder=sample_folder):
         getattr(viewer, f"add_{kind}")(data, **kwargs)
 
 
@@ -71,6 +73,7 @@ def walk(
     epochs: int = 1,
     max_noise: int = 8,
     sample_config: Any = None,
+    sample_folder: Path | None = None,
 ) -> dict[str, Any]:
     """Run every step in `viewer` on the sample stack; `shot(name)` after each step."""
     from napari_cryoddm._napari.layers import micrograph_layers, points_layers
@@ -89,7 +92,7 @@ def walk(
         return widget
 
     # 1. sample data: noisy stack, hidden clean signal, true particles as boxes
-    open_sample(viewer, sample_config)
+    open_sample(viewer, sample_config, sample_folder)
     raw_layer = micrograph_layers(viewer)[0]
     particles_layer = points_layers(viewer, "particles")[0]
     sample_meta = raw_layer.metadata["cryoddm"]["sample"]
@@ -403,6 +406,12 @@ def main(argv: list[str] | None = None) -> int:
         help="walk the real data in this folder (default ../shared/data/real) instead "
         "of the sample: pictures real-*.png",
     )
+    p.add_argument(
+        "--sample",
+        type=Path,
+        default=None,
+        help="walk a sample folder already written (cryoddm demo's OUT/sample) instead of the cached sample",
+    )
     args = p.parse_args(argv)
     if os.environ.get("QT_QPA_PLATFORM") == "offscreen":
         print("unset QT_QPA_PLATFORM and run under Xvfb (xvfb-run -a …): offscreen has no OpenGL", file=sys.stderr)
@@ -431,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"window ≤ {widths.window} px"
             )
         else:
-            walk(viewer, work, shot)
+            walk(viewer, work, shot, sample_folder=args.sample)
     finally:
         viewer.close()
     return 0

@@ -1,7 +1,7 @@
 """Dock details from the real-data review: labels that say what they mean, expert options folded
 away under "Advanced", a loss plot that reads before and during training, a Predict status that
 names the job running, mixed voxel sizes shown in the viewer, and the demo's closing command
-(two folders opened with this plugin, side by side)."""
+(`cryoddm view`: two folders opened with this plugin, side by side)."""
 
 from __future__ import annotations
 
@@ -93,21 +93,51 @@ def test_mixed_voxel_sizes_are_shown_in_the_viewer(tmp_path, monkeypatch):
     assert len(shown) == 1 and "another voxel size" in shown[0]
 
 
-def test_demo_closing_command_opens_raw_and_denoised_with_the_plugin(make_napari_viewer, tmp_path):
-    """`napari --plugin napari-cryoddm SAMPLE/micrographs DENOISED` (the demo's last line)."""
+def test_demo_closing_command_opens_raw_and_denoised_side_by_side(make_napari_viewer, tmp_path, monkeypatch):
+    """`cryoddm view SAMPLE/micrographs DENOISED` (the demo's last line): both folders through this
+    plugin's reader, one tile each in the grid, fitted; the denoised stack is binned 2× (its
+    voxel size doubles) and still fills a tile of the same world size."""
+    import napari
+
+    from napari_cryoddm.cli import main
+
     raw, den = tmp_path / "sample" / "micrographs", tmp_path / "denoised"
     raw.mkdir(parents=True)
     den.mkdir()
     rng = np.random.default_rng(1)
     for k in range(2):
         write_mrc(raw / f"mic_{k}.mrc", rng.normal(5, 1, (64, 64)).astype(np.float32), voxel_size=2.0)
-        write_mrc(den / f"mic_{k}.mrc", rng.normal(0, 1, (64, 64)).astype(np.float32), voxel_size=2.0)
-    viewer = make_napari_viewer()
-    viewer.open([str(raw), str(den)], plugin="napari-cryoddm", stack=False)
+        write_mrc(den / f"mic_{k}.mrc", rng.normal(0, 1, (32, 32)).astype(np.float32), voxel_size=4.0)
+    viewer = make_napari_viewer(show=True)
+    ran = []
+    monkeypatch.setattr(napari, "Viewer", lambda **kw: viewer)
+    monkeypatch.setattr(napari, "run", lambda *a, **kw: ran.append(True))
+    monkeypatch.setenv("DISPLAY", ":0")
+    assert main(["view", str(raw), str(den)]) == 0 and ran == [True]
     assert [lay.name for lay in viewer.layers] == ["micrographs", "denoised"]
-    assert all(lay.data.shape[0] == 2 for lay in viewer.layers)
-    viewer.canvas.grid.enabled = True  # Ctrl+G
-    assert viewer.canvas.grid.actual_shape(viewer.layers) == (1, 2)
+    assert all(lay.data.shape[0] == 2 and lay.visible for lay in viewer.layers)
+    assert viewer.canvas.grid.enabled and viewer.canvas.grid.actual_shape(viewer.layers) == (1, 2)
+    extents = [tuple(np.array(lay.data.shape[1:]) * lay.scale[1:]) for lay in viewer.layers]
+    assert extents[0] == extents[1] == (128.0, 128.0)  # Å: the same field of view in both tiles
+
+    viewer.layers.clear()
+    assert main(["view", str(raw), str(den), "--overlay"]) == 0
+    assert not viewer.canvas.grid.enabled and [lay.name for lay in viewer.layers] == ["micrographs", "denoised"]
+
+
+def test_view_names_a_path_it_cannot_open(tmp_path, monkeypatch, capsys):
+    from napari_cryoddm.cli import main
+
+    star = tmp_path / "particles.star"
+    star.write_text("data_\n")
+    assert main(["view", str(tmp_path / "missing")]) == 2
+    assert f"{tmp_path / 'missing'}: no such file or folder" in capsys.readouterr().err
+    assert main(["view", str(star)]) == 2
+    assert f"{star}: not an MRC file" in capsys.readouterr().err
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["view", str(tmp_path)]) == 2
+    assert "no screen to open napari on" in capsys.readouterr().err
 
 
 def test_a_bad_value_is_named_by_its_label_not_its_flag(make_napari_viewer):

@@ -24,7 +24,7 @@ from .. import __version__
 from ..config import to_jsonable
 from ..errors import CryoDDMError
 from ..jobs import collect
-from ..simulation.sample import SampleConfig, generate_sample, read_truth
+from ..simulation.sample import SampleConfig, config_from_truth, generate_sample, read_truth
 from ..simulation.sample_files import FORMAT_VERSION
 from .layers import boxes_layer_kwargs
 from .reader import micrograph_layer_data
@@ -74,10 +74,16 @@ def ensure_sample(config: SampleConfig, root: Path | None = None) -> Path:
     return folder
 
 
-def sample_layers(config: SampleConfig, name: str, root: Path | None = None) -> list[LayerData]:
-    """Noisy micrographs, their clean signal (hidden) and the true particles as boxes."""
-    folder = ensure_sample(config, root)
+def sample_layers(
+    config: SampleConfig | None, name: str, root: Path | None = None, folder: Path | None = None
+) -> list[LayerData]:
+    """Noisy micrographs, their clean signal (hidden) and the true particles as boxes: of the
+    sample `config` (generated into the cache), or of a sample folder already written (`folder`,
+    e.g. `cryoddm demo`'s OUT/sample; its config is read from its truth.json)."""
+    if folder is None:
+        folder = ensure_sample(config, root)
     doc, table = read_truth(folder)
+    config = config_from_truth(doc) if config is None else config
     names = [m["name"] for m in doc["micrographs"]]
     noisy = micrograph_layer_data([str(folder / "micrographs" / n) for n in names])
     clean = micrograph_layer_data([str(folder / "clean" / n) for n in names])

@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("predict", "denoise micrographs with a trained model (tiled, seam-free)"),
     "cs2star": ("cs2star", "convert cryoSPARC .cs particles to RELION STAR for the raw micrographs"),
     "demo": ("demo", "run every step on sample micrographs and write a quality report"),
+    "view": ("view", "open micrographs in napari, side by side (e.g. raw and denoised)"),
 }
 
 

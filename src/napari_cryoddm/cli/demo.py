@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from ..config import add_config_arguments, config_from_args
@@ -44,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"cs2star: {result.star} (within {result.cs2star_max_error_px:.2f} px of the true positions)")
     print("step times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result.timings.items()))
     print(
-        "open raw and denoised side by side in napari (then View ▸ Toggle Grid Mode, Ctrl+G):\n"
-        f"  napari --plugin napari-cryoddm {result.sample_dir / 'micrographs'} "
-        f"{result.denoised[0].parent}"
+        "open raw and denoised side by side in napari:\n"
+        f"  cryoddm view {shlex.quote(str(result.sample_dir / 'micrographs'))} "
+        f"{shlex.quote(str(result.denoised[0].parent))}"
     )
     return 0

@@ -26,6 +26,7 @@ from ...predict import PredictConfig, PredictModel, denoise_job, output_path, pr
 from ..layers import current_slice, micrograph_layers, micrographs
 from ..reader import robust_limits
 from ..session import fill_empty, particle_stack, session
+from ..view import grid_of
 from ..workers import notify, report_error
 from ._form import ConfigForm
 from ._qt import finish_dock, status_label
@@ -386,7 +387,7 @@ class PredictWidget(Container):
     def _apply_view_mode(self, _value: Any = None) -> None:
         """Side by side: napari's grid mode (the visible layers only); overlay: one canvas, the
         denoised layer on top and the layers hidden for the grid shown again."""
-        grid = getattr(getattr(self.viewer, "canvas", None), "grid", None) or self.viewer.grid
+        grid = grid_of(self.viewer)
         grid.enabled = not self.overlay.value
         if self.overlay.value:
             for other in self._hidden:
