@@ -1,6 +1,7 @@
 """The README's "your own data" recipe, run as written on sample data laid out under its names.
 
-The only change to the commands: `train` runs one epoch (the recipe's default of 60 is for a GPU).
+The only change to the commands: `train` runs one epoch (the recipe's default of 60 is for a GPU);
+`view` opens no window here: the paths it would show are checked instead.
 """
 
 from __future__ import annotations
@@ -42,10 +43,15 @@ def recipe() -> list[list[str]]:
 
 def test_the_recipe_is_found():
     steps = [c[0] for c in recipe()]
-    assert steps == ["info", "pick-noise", "forward", "train", "predict", "cs2star"]
+    assert steps == ["info", "pick-noise", "forward", "train", "predict", "view", "cs2star"]
 
 
 def test_the_readme_recipe_runs_on_sample_data(tmp_path, monkeypatch, capsys):
+    from napari_cryoddm._napari import view
+
+    shown = []
+    monkeypatch.setattr(view, "show", lambda paths, overlay=False: shown.append((paths, overlay)))
+    monkeypatch.setenv("DISPLAY", ":0")
     sample = collect(
         generate_sample(tmp_path / "sample", SampleConfig(n_micrographs=3, width=768, height=768, particles=8, seed=3))
     )
@@ -68,6 +74,7 @@ def test_the_readme_recipe_runs_on_sample_data(tmp_path, monkeypatch, capsys):
         assert main(argv) == 0, (argv, capsys.readouterr().err[-2000:])
 
     assert Path("noise.txt").read_text().strip()
+    assert shown == [([Path("Micrographs"), Path("Denoised")], False)]
     assert Path("forward/forward.json").is_file() and Path("run/best.pt").is_file()
     denoised = sorted(Path("Denoised").glob("*.mrc"))
     assert [p.name for p in denoised] == names
