@@ -103,7 +103,7 @@ def train(data: list[dict[str, np.ndarray]], target: str, args: argparse.Namespa
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         n += len(x)
         if len(losses) % 200 == 0:
             print(f"  {target}: {n} samples, loss {np.mean(losses[-200:]):.4f}", flush=True)

@@ -1,4 +1,4 @@
-"""The workflow in one napari window: five dock widgets in order on the sample data, no dialogs."""
+"""The workflow in one napari window: five dock widgets in order on `cryoddm demo`'s sample data, no dialogs."""
 
 from __future__ import annotations
 
@@ -20,61 +20,18 @@ def _walk_module():
 
 @pytest.mark.viewer
 @pytest.mark.slow
-def test_walk_the_five_widgets(make_napari_viewer, tmp_path, monkeypatch):
-    pytest.importorskip("napari_cryoddm._napari.widgets.predict")
-    from napari_cryoddm.io.mrc import read_image
-    from napari_cryoddm.predict import PredictModel, denoise_array
-    from napari_cryoddm.simulation.sample_config import SampleConfig
-
-    monkeypatch.setenv("CRYODDM_CACHE_DIR", str(tmp_path / "cache"))
-    viewer = make_napari_viewer(show=True)
-    tiny = SampleConfig(n_micrographs=2, width=384, height=384, particles=3, seed=4)
-    out = _walk_module().walk(viewer, tmp_path / "walk", epochs=1, max_noise=6, sample_config=tiny)
-
-    # each step's inputs default to what the step before produced; no dock grew
-    raw, particles, d = out["raw_layer"], out["particles_layer"], out["defaults"]
-    assert d["picker"] == (raw, particles, True)
-    assert d["forward"][:3] == (raw, particles, out["noise_layer"])
-    assert d["forward"][3] == pytest.approx(particles.metadata["cryoddm"]["diameter_px"])
-    assert Path(d["train_forward"]) == Path(out["forward"].out)
-    assert Path(d["predict"][0]) == Path(out["checkpoint"]) and d["predict"][1] is raw
-    assert d["cs2star"][0] is raw
-    assert out["widths"].grown() == {}
-    # after Predict: side by side, the raw and the denoised stack only
-    assert out["grid"]["enabled"]
-    assert sorted(out["grid"]["visible"]) == sorted([raw.name, out["denoised_layer"].name])
-
-    # predict: the denoised layer is core predict's output for the checkpoint train made
-    raw_paths = [m["path"] for m in out["raw_layer"].metadata["cryoddm"]["micrographs"]]
-    layer = out["denoised_layer"]
-    data = layer.data[0] if layer.multiscale else layer.data
-    pm = PredictModel.from_checkpoint(out["checkpoint"])
-    for i, path in enumerate(raw_paths):
-        expected = denoise_array(pm, read_image(path), out["predict_config"])
-        got = np.asarray(data[i])[: expected.shape[0], : expected.shape[1]]
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-
-    # cs2star: the converted particles sit on the sample's true positions (within 1 px)
-    truth = np.asarray(out["particles_layer"].data)
-    got = np.asarray(out["cs2star_layer"].data)
-    assert len(got) == len(truth) == 6
-    for i in np.unique(truth[:, 0]):
-        t, g = truth[truth[:, 0] == i, 1:], got[got[:, 0] == i, 1:]
-        d = np.hypot(*(t[:, None, :] - g[None, :, :]).transpose(2, 0, 1))
-        assert d.min(axis=1).max() <= 1.0 and d.min(axis=0).max() <= 1.0
-
-
-@pytest.mark.viewer
-@pytest.mark.slow
-def test_walk_on_the_demos_output(make_napari_viewer, tmp_path, monkeypatch, capsys):
-    """`cryoddm demo` first (tiny), then the same five-dock walk on the sample folder it wrote:
-    the layers come from demo-out/sample's files, and every step hands over as before; the
-    demo's closing command opens its raw and denoised micrographs side by side."""
+def test_walk_the_five_widgets_on_the_demos_output(make_napari_viewer, tmp_path, monkeypatch, capsys):
+    """`cryoddm demo` first (tiny), then the five-dock walk on the sample folder it wrote: the
+    layers come from demo-out/sample's files, every step hands over to the next, the results
+    match the core's and the truth; then the demo's closing command shows raw and denoised side
+    by side."""
     import shlex
 
     import napari
 
     from napari_cryoddm.cli import main
+    from napari_cryoddm.io.mrc import read_image
+    from napari_cryoddm.predict import PredictModel, denoise_array
 
     demo = tmp_path / "demo-out"
     argv = ["demo", "--quick", "--micrographs", "2", "--size", "384", "--particles", "3", "--epochs", "1"]
@@ -87,20 +44,40 @@ def test_walk_on_the_demos_output(make_napari_viewer, tmp_path, monkeypatch, cap
     out = _walk_module().walk(viewer, tmp_path / "walk", epochs=1, max_noise=6, sample_folder=demo / "sample")
 
     raw, particles, d = out["raw_layer"], out["particles_layer"], out["defaults"]
-    paths = [Path(m["path"]) for m in raw.metadata["cryoddm"]["micrographs"]]
-    assert [p.parent for p in paths] == [demo / "sample" / "micrographs"] * 2  # the demo's own files
+    raw_paths = [m["path"] for m in raw.metadata["cryoddm"]["micrographs"]]
+    assert [Path(p).parent for p in raw_paths] == [demo / "sample" / "micrographs"] * 2  # the demo's files
     assert not (tmp_path / "cache").exists()  # nothing was generated again
+    # each step's inputs default to what the step before produced; no dock grew
     assert d["picker"] == (raw, particles, True)
     assert d["forward"][:3] == (raw, particles, out["noise_layer"])
+    assert d["forward"][3] == pytest.approx(particles.metadata["cryoddm"]["diameter_px"])
     assert Path(d["train_forward"]) == Path(out["forward"].out)
     assert Path(d["predict"][0]) == Path(out["checkpoint"]) and d["predict"][1] is raw
     assert d["cs2star"][0] is raw
     assert out["widths"].grown() == {}
+    # after Predict: side by side, the raw and the denoised stack only
     assert out["grid"]["enabled"]
     assert sorted(out["grid"]["visible"]) == sorted([raw.name, out["denoised_layer"].name])
-    assert len(out["cs2star_layer"].data) == len(particles.data) == 6
 
-    # the demo's last line, as printed
+    # predict: the denoised layer is core predict's output for the checkpoint train made
+    layer = out["denoised_layer"]
+    data = layer.data[0] if layer.multiscale else layer.data
+    pm = PredictModel.from_checkpoint(out["checkpoint"])
+    for i, path in enumerate(raw_paths):
+        expected = denoise_array(pm, read_image(path), out["predict_config"])
+        got = np.asarray(data[i])[: expected.shape[0], : expected.shape[1]]
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+    # cs2star: the converted particles sit on the sample's true positions (within 1 px)
+    truth = np.asarray(particles.data)
+    got = np.asarray(out["cs2star_layer"].data)
+    assert len(got) == len(truth) == 6
+    for i in np.unique(truth[:, 0]):
+        t, g = truth[truth[:, 0] == i, 1:], got[got[:, 0] == i, 1:]
+        dist = np.hypot(*(t[:, None, :] - g[None, :, :]).transpose(2, 0, 1))
+        assert dist.min(axis=1).max() <= 1.0 and dist.min(axis=0).max() <= 1.0
+
+    # the demo's last line, as printed: raw and denoised side by side
     assert hint[:2] == ["cryoddm", "view"]
     shown = make_napari_viewer(show=True)
     monkeypatch.setattr(napari, "Viewer", lambda **kw: shown)
