@@ -34,7 +34,8 @@ from napari_cryoddm.simulation import quality as q
 from napari_cryoddm.simulation.sample import iter_micrographs, molecule_for
 from napari_cryoddm.simulation.sample_config import SampleConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "scripts")]  # _machine; the reference run's held-out set
 from _machine import machine  # noqa: E402
 from train_reference import HELD_OUT, held_out  # noqa: E402
 
