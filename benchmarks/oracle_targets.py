@@ -12,7 +12,16 @@ input and the Gaussian/Wiener filters at the same pixel size).
 If the clean target beats the Gaussian at the CPU's budget, the budget is not what keeps the
 CryoDDM targets below their input; if Noise2Noise does too, a self-supervised target can.
 
+A third target, `chain-signal`, is CryoDDM's own signal target (`train --s2-target signal`) on
+an ideal forward chain: the reference schedule (β 0.1288, T 5, pair x_4 → x_3) run on the same
+random crops with fresh white noise as the noise patches. It separates the target from the
+forward folder's data (crops around particles, picked background patches): if it learns, the
+data are what fail; if not, the target is. It is scored through the chain estimator's input
+scaling (√V_k·x), as `predict --estimator chain` does. `chain-step` is the original's step
+target x_{k−1} on the same ideal chain, scored as the original predicts (one pass, `direct`).
+
     python benchmarks/oracle_targets.py --minutes 15 --targets clean noisy2 --out oracle.json
+    python benchmarks/oracle_targets.py --minutes 15 --targets chain-signal chain-step --out chain.json
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from napari_cryoddm.diffusion import schedule_coefficients
+from napari_cryoddm.estimators import chain_statistics, estimator_of, signal_target
 from napari_cryoddm.model import STRIDE, UDenoiseNet
 from napari_cryoddm.normalise import Normalisation, normalisation_stats
 from napari_cryoddm.simulation import quality as q
@@ -40,6 +51,34 @@ from _machine import machine  # noqa: E402
 from train_reference import HELD_OUT, held_out  # noqa: E402
 
 ROBUST = Normalisation()
+TARGETS = ("clean", "noisy2", "chain-signal", "chain-step")
+REFERENCE_CHAIN = (0.1288, 5, 4)  # β, T, the pair x_k → x_{k−1} trained (forward --preset reference)
+
+
+def chain_pair(
+    x0: torch.Tensor, rng: np.random.Generator, target: str = "chain-signal"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_k, target of pair k) for crops x0, with fresh white noise at every step: the signal
+    target, or the original's step target x_{k−1}."""
+    beta, steps, k = REFERENCE_CHAIN
+    coef = schedule_coefficients(beta, steps)
+    xs = [x0]
+    for j in range(k):
+        noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
+        xs.append(float(coef["x_coef"][j]) * xs[-1] + float(coef["noise_coef"][j]) * noise)
+    if target == "chain-step":
+        return xs[k], xs[k - 1]
+    lam, factor = signal_target(chain_statistics(beta, steps), k)
+    return xs[k], factor * (xs[k - 1] - lam * xs[k])
+
+
+def input_scale(target: str) -> float:
+    """What the input is multiplied by at prediction: √V_k for the chain's signal target, else 1
+    (the step target is scored as the original predicts: one pass on the micrograph)."""
+    if target != "chain-signal":
+        return 1.0
+    beta, steps, k = REFERENCE_CHAIN
+    return estimator_of(chain_statistics(beta, steps), k).scale
 
 
 def training_set(args: argparse.Namespace) -> list[dict[str, np.ndarray]]:
@@ -78,12 +117,13 @@ def batches(data: list[dict[str, np.ndarray]], target: str, window: int, batch: 
             y, x = rng.integers(0, h - window + 1), rng.integers(0, w - window + 1)
             k, flip = int(rng.integers(4)), bool(rng.integers(2))
             pair = []
-            for key in ("input", target):
+            for key in ("input", "input" if target.startswith("chain") else target):
                 c = np.rot90(d[key][y : y + window, x : x + window], k)
                 pair.append(np.ascontiguousarray(c[:, ::-1] if flip else c))
             xs.append(pair[0])
             ys.append(pair[1])
-        yield torch.from_numpy(np.stack(xs)[:, None]), torch.from_numpy(np.stack(ys)[:, None])
+        x, y = torch.from_numpy(np.stack(xs)[:, None]), torch.from_numpy(np.stack(ys)[:, None])
+        yield chain_pair(x, rng, target) if target.startswith("chain") else (x, y)
 
 
 def train(data: list[dict[str, np.ndarray]], target: str, args: argparse.Namespace) -> tuple[UDenoiseNet, dict]:
@@ -113,19 +153,20 @@ def train(data: list[dict[str, np.ndarray]], target: str, args: argparse.Namespa
 
 
 @torch.no_grad()
-def denoise(model: UDenoiseNet, image: np.ndarray) -> np.ndarray:
-    """The whole micrograph in one pass, normalised as in training, padded to the pooling stride."""
-    _, _, offset, scale = normalisation_stats(image, ROBUST)
+def denoise(model: UDenoiseNet, image: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """The whole micrograph in one pass, normalised as in training (× `scale`), padded to the
+    pooling stride."""
+    _, _, offset, scale_ = normalisation_stats(image, ROBUST)
     h, w = image.shape
     ph, pw = -h % STRIDE, -w % STRIDE
-    x = np.pad((image - offset) / scale, ((0, ph), (0, pw)), mode="reflect").astype(np.float32)
+    x = np.pad((image - offset) / scale_ * scale, ((0, ph), (0, pw)), mode="reflect").astype(np.float32)
     model.eval()
     return model(torch.from_numpy(x)[None, None])[0, 0, :h, :w].numpy()
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", nargs="+", default=["clean", "noisy2"], choices=("clean", "noisy2"))
+    ap.add_argument("--targets", nargs="+", default=["clean", "noisy2"], choices=TARGETS)
     ap.add_argument("--minutes", type=float, default=15.0, help="training budget per target")
     ap.add_argument("--micrographs", type=int, default=24)
     ap.add_argument("--particles", type=int, default=14)
@@ -158,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         model, info = train(data, target, args)
         report["train"][target] = info
         for s, (clean, raw) in tests.items():
-            report["scores"][s][f"U-Net, target {target}"] = q.score([denoise(model, im) for im in raw], clean).as_row()
+            report["scores"][s][f"U-Net, target {target}"] = q.score(
+                [denoise(model, im, input_scale(target)) for im in raw], clean
+            ).as_row()
     for s, rows in report["scores"].items():
         print(f"held-out '{s}' ({HELD_OUT[s]})")
         for name, row in rows.items():
