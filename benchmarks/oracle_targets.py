@@ -43,12 +43,11 @@ from napari_cryoddm.model import STRIDE, UDenoiseNet
 from napari_cryoddm.normalise import Normalisation, normalisation_stats
 from napari_cryoddm.simulation import quality as q
 from napari_cryoddm.simulation.sample import iter_micrographs, molecule_for
-from napari_cryoddm.simulation.sample_config import SampleConfig
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "scripts")]  # _machine; the reference run's held-out set
 from _machine import machine  # noqa: E402
-from train_reference import HELD_OUT, held_out  # noqa: E402
+from train_reference import HELD_OUT, held_out, training_sample  # noqa: E402
 
 ROBUST = Normalisation()
 TARGETS = ("clean", "noisy2", "chain-signal", "chain-step")
@@ -83,15 +82,7 @@ def input_scale(target: str) -> float:
 
 def training_set(args: argparse.Namespace) -> list[dict[str, np.ndarray]]:
     """Per micrograph: the normalised noisy input and the two targets on the same affine."""
-    cfg = SampleConfig(
-        n_micrographs=args.micrographs,
-        particles=args.particles,
-        snr=args.snr,
-        seed=args.data_seed,
-        pixel_size=args.pixel_size,
-        width=args.size,
-        height=args.size,
-    )
+    cfg = training_sample(args)
     rng = np.random.default_rng(args.seed + 1)
     out = []
     for sim in iter_micrographs(cfg, molecule_for(cfg)):

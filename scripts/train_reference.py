@@ -41,19 +41,11 @@ SAMPLE_NOTE = (
 )
 
 
-def build_data(root: Path, args: argparse.Namespace) -> Path:
-    """sample → pick → forward, once (reused when the forward folder is complete)."""
-    from napari_cryoddm.box_files import write_boxes
-    from napari_cryoddm.forward import ForwardConfig, run_forward
-    from napari_cryoddm.io.star import read_coordinates
-    from napari_cryoddm.picking import PickConfig, pick_noise
-    from napari_cryoddm.simulation.sample import generate_sample
+def training_sample(args: argparse.Namespace) -> Any:
+    """The training micrographs' `SampleConfig` (also `benchmarks/oracle_targets.py`'s)."""
     from napari_cryoddm.simulation.sample_config import SampleConfig
 
-    fwd = root / "forward"
-    if (fwd / "forward.json").is_file():
-        return fwd
-    scfg = SampleConfig(
+    return SampleConfig(
         n_micrographs=args.micrographs,
         particles=args.particles,
         snr=args.snr,
@@ -62,6 +54,20 @@ def build_data(root: Path, args: argparse.Namespace) -> Path:
         width=args.size,
         height=args.size,
     )
+
+
+def build_data(root: Path, args: argparse.Namespace) -> Path:
+    """sample → pick → forward, once (reused when the forward folder is complete)."""
+    from napari_cryoddm.box_files import write_boxes
+    from napari_cryoddm.forward import ForwardConfig, run_forward
+    from napari_cryoddm.io.star import read_coordinates
+    from napari_cryoddm.picking import PickConfig, pick_noise
+    from napari_cryoddm.simulation.sample import generate_sample
+
+    fwd = root / "forward"
+    if (fwd / "forward.json").is_file():
+        return fwd
+    scfg = training_sample(args)
     sample = collect(generate_sample(root / "sample", scfg, overwrite=True))
     d_px = float(scfg.diameter_px)
     pick = collect(
